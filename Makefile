@@ -1,0 +1,19 @@
+# The two commands of the README: `make demo` (the main job) and `make test`.
+# Both install what they need first (Debian packages, the Python package),
+# and build the lab images on first use (cached under ~/.cache/kvmvfio).
+PYTHON ?= python3
+
+.PHONY: deps demo test unit lab lint types bench
+
+deps:
+	./.ci/install-host-deps
+	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[dev]'
+
+demo: deps
+	$(PYTHON) -m kvmvfio lab demo
+
+test: deps
+	KVMVFIO_REQUIRE_HEADERS=1 $(PYTHON) -m tox run -e lint,types,unit,lab
+
+unit lint types lab: deps
+	$(PYTHON) -m tox run -e $@

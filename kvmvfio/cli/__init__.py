@@ -1,0 +1,62 @@
+"""The ``kvmvfio`` command line.
+
+Each command family lives in its own module with a ``register(subparsers)``
+function; :func:`make_parser` collects them, so documentation and tests can
+build the parser without running anything. :func:`run` is the one runner: it
+prints a :class:`~kvmvfio.errors.KvmvfioError` as a sentence on stderr and
+returns its exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from kvmvfio import __version__
+from kvmvfio.errors import KvmvfioError
+
+#: What a command's handler returns: the process exit status.
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"kvmvfio: error: {message}\n")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """Build the full ``kvmvfio`` argument parser."""
+    from kvmvfio.cli import host_cmds, lab_cmds
+
+    parser = _Parser(prog="kvmvfio", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"kvmvfio {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each decision to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for module in (host_cmds, lab_cmds):
+        module.register(sub)
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run the command, and return the exit status."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="kvmvfio: %(name)s: %(message)s",
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except KvmvfioError as err:
+        print(f"kvmvfio: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("kvmvfio: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1

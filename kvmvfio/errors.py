@@ -1,0 +1,209 @@
+"""The one error hierarchy of kvmvfio.
+
+Every error kvmvfio raises on purpose derives from :class:`KvmvfioError`.
+``str(err)`` is a sentence a user can act on; the attributes carry the same
+facts for programs (the device or group concerned, the kernel's errno, QEMU's
+own error class and words).
+
+A failed system call is also an :class:`OSError` (see :class:`KernelError`):
+``err.errno`` is the kernel's errno, ``err.filename`` the path of the file the
+call was made on, and ``err.op`` names the call (``"VFIO_GROUP_GET_STATUS"``).
+Errno is mapped once, where the call is made, and kept.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class KvmvfioError(Exception):
+    """Base of every error kvmvfio raises on purpose."""
+
+    #: Process exit status the CLI uses for this error.
+    exit_code = 1
+
+
+class UsageError(KvmvfioError):
+    """The caller asked for something malformed (bad argument, bad file)."""
+
+    exit_code = 2
+
+
+class InvalidAddress(UsageError, ValueError):
+    """Text that is not a PCI address in ``[domain:]bus:slot.func`` form."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        self.text = text
+        self.reason = reason
+        super().__init__(f"{text!r} is not a PCI address ({reason}); expected [DDDD:]BB:SS.F")
+
+
+class InvalidGroup(UsageError, ValueError):
+    """Text that is not an IOMMU group number."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        super().__init__(f"{text!r} is neither an IOMMU group number nor a PCI address")
+
+
+class NotFound(KvmvfioError):
+    """Something named by the caller does not exist on this host."""
+
+
+class DeviceNotFound(NotFound):
+    """No PCI device at this address."""
+
+    def __init__(self, address: str, root: str = "/sys") -> None:
+        self.address = address
+        self.root = root
+        super().__init__(f"no PCI device {address} on this host (looked in {root}/bus/pci/devices)")
+
+
+class GroupNotFound(NotFound):
+    """No IOMMU group with this number."""
+
+    def __init__(self, group: str, root: str = "/sys") -> None:
+        self.group = group
+        self.root = root
+        super().__init__(f"no IOMMU group {group} on this host (looked in {root}/kernel/iommu_groups)")
+
+
+class NoIommuGroup(KvmvfioError):
+    """The device is in no IOMMU group: the host has no (enabled) IOMMU for it."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        super().__init__(
+            f"PCI device {address} is in no IOMMU group: the host's IOMMU is off or absent "
+            "(enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on or amd_iommu=on)"
+        )
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """One member of an IOMMU group that keeps the group from being viable."""
+
+    address: str
+    driver: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.address} ({self.reason})"
+
+
+class GroupNotViable(KvmvfioError):
+    """An IOMMU group has a member bound to a host driver VFIO cannot share with."""
+
+    def __init__(self, group: str, blockers: Sequence[Blocker]) -> None:
+        self.group = group
+        self.blockers = tuple(blockers)
+        listed = "; ".join(str(b) for b in self.blockers) or "the kernel reports it not viable"
+        super().__init__(
+            f"IOMMU group {group} is not viable: {listed}. Every member must be bound to "
+            "vfio-pci (or to no driver) before the group can be used"
+        )
+
+
+class SysfsError(KvmvfioError):
+    """A sysfs file held something the kernel never writes there."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(f"unexpected contents in {path}: {detail}")
+
+
+class KernelError(KvmvfioError, OSError):
+    """A system call failed. Also an OSError: ``errno``, ``filename`` are set.
+
+    ``op`` names the call (an ioctl name such as ``VFIO_SET_IOMMU``, or
+    ``open``); ``subject`` names what it concerned, for the sentence.
+    """
+
+    def __init__(
+        self,
+        err: int,
+        op: str,
+        path: str | None = None,
+        subject: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        OSError.__init__(self, err, os.strerror(err), path)
+        self.op = op
+        self.subject = subject
+        self.hint = hint
+
+    def __str__(self) -> str:
+        name = _errno.errorcode.get(self.errno or 0, str(self.errno))
+        where = self.subject or self.filename or "the file"
+        text = f"{self.op} on {where} failed: {self.strerror} ({name})"
+        if self.hint:
+            text += f"; {self.hint}"
+        return text
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.errno, self.op, self.filename, self.subject, self.hint))
+
+
+class PermissionDenied(KernelError):
+    """EPERM/EACCES on a kvmvfio call, with what privilege was needed."""
+
+
+class Busy(KernelError):
+    """EBUSY: another process (``holder``, when found) has the group or device open."""
+
+    def __init__(
+        self,
+        err: int,
+        op: str,
+        path: str | None = None,
+        subject: str | None = None,
+        holder: str | None = None,
+    ) -> None:
+        hint = f"held by {holder}" if holder else "another process holds it"
+        super().__init__(err, op, path, subject, hint)
+        self.holder = holder
+
+
+class KernelUnsupported(KvmvfioError):
+    """The running kernel lacks a feature the caller asked for."""
+
+    def __init__(self, feature: str, hint: str) -> None:
+        self.feature = feature
+        self.hint = hint
+        super().__init__(f"this kernel does not support {feature}: {hint}")
+
+
+class CoherencyRefused(KvmvfioError):
+    """Policy ``require``: the IOMMU does not enforce DMA cache coherency."""
+
+    def __init__(self, subject: str, devices: Sequence[str]) -> None:
+        self.subject = subject
+        self.devices = tuple(devices)
+        super().__init__(
+            f"{subject} ({', '.join(self.devices)}) cannot have enforced DMA cache coherency: "
+            "the IOMMU does not enforce snooping, so the guest's non-coherent DMA would need "
+            "KVM to emulate WBINVD. Use --coherency=warn to accept that, or a host whose IOMMU "
+            "enforces snooping"
+        )
+
+
+class QemuError(KvmvfioError):
+    """Something went wrong talking to QEMU."""
+
+
+class QemuRefused(QemuError):
+    """QEMU answered a QMP command with an error; its class and words are kept."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(f"QEMU refused {command}: {desc} ({error_class})")
+
+
+class LabError(KvmvfioError):
+    """The nested lab could not be built, booted or used."""

@@ -1,0 +1,223 @@
+"""Boot the lab's L1 guest and run one command inside it.
+
+L1 is a q35 machine under QEMU TCG (software emulation) with an emulated
+IOMMU, so that it has real VFIO, real iommufd and real (nested) KVM although
+the host has none of them. The guest's init (``vm-images/rootfs/init``)
+mounts two 9p shares: the kvmvfio checkout read-only at ``/mnt/src``, and a
+per-run job folder read-write at ``/mnt/job``, from which it runs ``job.sh``
+and into which it writes the job's exit status (``rc``). The job's output
+comes back over a virtio console on QEMU's stdout and is streamed as it
+comes; the kernel's console goes to a log file, whose last lines are shown
+when the guest fails.
+
+The VM is always stopped: at the end of the job, on a timeout, on Ctrl-C
+(the task is cancelled), and when anything here fails. QEMU runs in its own
+session so no signal meant for us reaches it half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from kvmvfio.errors import LabError
+from kvmvfio.lab.images import LabImages
+from kvmvfio.lab.topology import Topology
+
+QEMU = "qemu-system-x86_64"
+#: Addresses of the lab's own devices on pcie.0, high enough to stay out of
+#: the way of topology devices (which may ask for any slot below 0x10).
+_INFRA_SLOTS = {"root": "0x10", "src": "0x11", "job": "0x12", "console": "0x13"}
+_GUEST_SRC = "/mnt/src"
+_GUEST_JOB = "/mnt/job"
+
+
+@dataclass(frozen=True)
+class LabRun:
+    """Everything that defines one boot of L1."""
+
+    topology: Topology
+    images: LabImages
+    checkout: Path
+    command: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    timeout: float = 1800.0
+    qemu: str = QEMU
+    extra_qemu_args: tuple[str, ...] = field(default=())
+
+
+def kernel_cmdline(topology: Topology) -> str:
+    """The L1 kernel command line for ``topology``."""
+    args = [
+        "console=ttyS0",
+        "root=/dev/vda",
+        "rw",
+        "init=/sbin/kvmvfio-init",
+        "quiet",
+        # A guest panic must end the run, not hang it until the timeout.
+        "panic=-1",
+        *topology.kernel_cmdline(),
+    ]
+    return " ".join(args)
+
+
+def qemu_argv(run: LabRun, job_dir: Path, console_log: Path) -> list[str]:
+    """The full QEMU command line for ``run`` (pure: easy to test)."""
+    topo = run.topology
+    argv = [
+        run.qemu,
+        "-machine", "q35",
+        # thread=single: L1 crashed early in boot in a few percent of boots
+        # with multi-threaded TCG, and never with it single (LAB.md).
+        "-accel", "tcg,thread=single",
+        "-cpu", "max",
+        "-smp", str(topo.smp),
+        "-m", str(topo.memory_mb),
+        "-nodefaults", "-no-user-config",
+        "-display", "none",
+        "-no-reboot",
+        "-serial", f"file:{console_log}",
+        "-kernel", str(run.images.kernel),
+        "-append", kernel_cmdline(topo),
+        # The vIOMMU comes before every PCI device so that all sit behind it.
+        "-device", topo.viommu_arg(),
+    ]  # fmt: skip
+    for dev in topo.devices:
+        argv += ["-device", dev.qemu_arg()]
+    slots = _INFRA_SLOTS
+    argv += [
+        "-drive", f"id=root,if=none,file={run.images.rootfs},format=raw,snapshot=on",
+        "-device", f"virtio-blk-pci,drive=root,addr={slots['root']}",
+        "-fsdev", f"local,id=src,path={run.checkout},security_model=none,readonly=on",
+        "-device", f"virtio-9p-pci,fsdev=src,mount_tag=src,addr={slots['src']}",
+        "-fsdev", f"local,id=job,path={job_dir},security_model=none",
+        "-device", f"virtio-9p-pci,fsdev=job,mount_tag=job,addr={slots['job']}",
+        "-chardev", "stdio,id=out,signal=off",
+        "-device", f"virtio-serial-pci,addr={slots['console']}",
+        "-device", "virtconsole,chardev=out",
+        *run.extra_qemu_args,
+    ]  # fmt: skip
+    return argv
+
+
+def job_script(run: LabRun) -> str:
+    """The shell script L1's init runs: environment, then the command."""
+    env = {
+        "PYTHONPATH": _GUEST_SRC,
+        # The checkout is read-only in the guest.
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "HOME": "/root",
+        "KVMVFIO_LAB_TOPOLOGY": run.topology.name,
+        "KVMVFIO_LAB_JOB": _GUEST_JOB,
+        **dict(run.env),
+    }
+    lines = ["#!/bin/sh", "# Written by kvmvfio lab; run by L1's init."]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    lines += [f"cd {_GUEST_SRC}", "exec " + shlex.join(run.command)]
+    return "\n".join(lines) + "\n"
+
+
+def _console_tail(log: Path, lines: int = 25) -> str:
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return "  (no console output)"
+    tail = [ln.rstrip() for ln in text.splitlines() if ln.strip()][-lines:]
+    return "\n".join(f"  | {ln}" for ln in tail) or "  (no console output)"
+
+
+async def run_in_lab(run: LabRun, out: BinaryIO | None = None, job_dir: Path | None = None) -> int:
+    """Boot L1 for ``run``, stream the command's output to ``out``, return its exit code.
+
+    ``job_dir``, when given, is the folder shared with the guest as
+    ``/mnt/job`` (the caller reads files the job leaves there); otherwise a
+    temporary one is used. Raises :class:`LabError` when QEMU is missing,
+    fails to start, the guest stops before the job ends (with the last
+    console lines), or the timeout passes; the VM is stopped in every case.
+    """
+    stream = out or sys.stdout.buffer
+    if shutil.which(run.qemu) is None:
+        raise LabError(
+            f"{run.qemu} not found on the host: install it with `apt-get install qemu-system-x86`"
+        )
+    for image in (run.images.kernel, run.images.rootfs):
+        if not image.is_file():
+            raise LabError(f"lab image {image} is missing: run `kvmvfio lab build`")
+    with contextlib.ExitStack() as stack:
+        if job_dir is None:
+            job_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvmvfio-job-")))
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "rc").unlink(missing_ok=True)
+        (job_dir / "job.sh").write_text(job_script(run))
+        console_log = job_dir / "console.log"
+        console_log.unlink(missing_ok=True)
+        argv = qemu_argv(run, job_dir, console_log)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as err:
+            raise LabError(f"cannot start {run.qemu}: {err.strerror}") from err
+        try:
+            async with asyncio.timeout(run.timeout):
+                stderr = await _pump(proc, stream)
+        except TimeoutError:
+            raise LabError(
+                f"the lab run on topology {run.topology.name} did not finish within "
+                f"{run.timeout:.0f} s; stopped it. Last console lines:\n{_console_tail(console_log)}"
+            ) from None
+        finally:
+            await _stop(proc)
+        rc_file = job_dir / "rc"
+        if not rc_file.exists():
+            detail = stderr.decode(errors="replace").strip()
+            qemu_said = f"\nQEMU said: {detail}" if detail else ""
+            raise LabError(
+                f"the L1 guest (topology {run.topology.name}) stopped before the job finished "
+                f"(QEMU exit {proc.returncode}){qemu_said}\nLast console lines:\n"
+                f"{_console_tail(console_log)}"
+            )
+        try:
+            return int(rc_file.read_text().strip())
+        except ValueError:
+            raise LabError(f"the L1 guest wrote a malformed exit status to {rc_file}") from None
+
+
+async def _pump(proc: asyncio.subprocess.Process, stream: BinaryIO) -> bytes:
+    assert proc.stdout is not None and proc.stderr is not None
+    err_task = asyncio.ensure_future(proc.stderr.read())
+    while chunk := await proc.stdout.read(4096):
+        stream.write(chunk.replace(b"\r\n", b"\n"))
+        stream.flush()
+    await proc.wait()
+    return await err_task
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """Stop QEMU (its whole session): TERM, then KILL after a grace period."""
+    if proc.returncode is not None:
+        return
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 30.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            # Shielded: this also runs while our task is being cancelled (Ctrl-C).
+            await asyncio.shield(asyncio.wait_for(proc.wait(), grace))
+            return
+        except (TimeoutError, asyncio.CancelledError):
+            continue

@@ -1,0 +1,99 @@
+"""The lab tier: these tests run inside the L1 guest, via `kvmvfio lab test`.
+
+Outside the lab (no ``--lab-topology``) every test here is skipped with a
+reason; inside, the tests whose ``topology(...)`` marker leaves out the
+booted topology are skipped too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmvfio.lab import topology as topo_mod
+from kvmvfio.lab.topology import Topology
+
+SYSFS_PCI = Path("/sys/bus/pci")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--lab-topology",
+        default=None,
+        help="name of the lab topology L1 was booted with (set by kvmvfio lab test)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    name = config.getoption("--lab-topology")
+    for item in items:
+        if item.get_closest_marker("lab") is None:
+            continue
+        if name is None:
+            item.add_marker(pytest.mark.skip(reason="lab test: runs inside L1, see `kvmvfio lab test`"))
+            continue
+        marker = item.get_closest_marker("topology")
+        if marker is not None and name not in marker.args:
+            item.add_marker(pytest.mark.skip(reason=f"not for topology {name}"))
+
+
+@pytest.fixture(scope="session")
+def topology(pytestconfig: pytest.Config) -> Topology:
+    name = pytestconfig.getoption("--lab-topology")
+    assert name, "lab fixtures are only usable inside the lab"
+    assert os.environ.get("KVMVFIO_LAB_TOPOLOGY") == name, "booted topology and --lab-topology differ"
+    return topo_mod.load(name)
+
+
+def _write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def bind_vfio(addr: str) -> str | None:
+    """Move ``addr`` to vfio-pci with plain sysfs writes; return its old driver.
+
+    The lab's own minimal helper, used until kvmvfio's binding layer exists
+    and kept as the independent reference the binding tests compare with.
+    """
+    dev = SYSFS_PCI / "devices" / addr
+    old = dev / "driver"
+    previous = os.path.basename(os.readlink(old)) if old.exists() else None
+    if previous == "vfio-pci":
+        return previous
+    if previous is not None:
+        _write(old / "unbind", addr)
+    _write(dev / "driver_override", "vfio-pci")
+    _write(SYSFS_PCI / "drivers_probe", addr)
+    assert os.path.basename(os.readlink(dev / "driver")) == "vfio-pci"
+    return previous
+
+
+def unbind_vfio(addr: str, previous: str | None) -> None:
+    """Undo :func:`bind_vfio`: back to ``previous`` (or no driver)."""
+    dev = SYSFS_PCI / "devices" / addr
+    if (dev / "driver").exists():
+        _write(dev / "driver" / "unbind", addr)
+    _write(dev / "driver_override", "\n")
+    if previous is not None:
+        _write(SYSFS_PCI / "drivers_probe", addr)
+
+
+@pytest.fixture
+def vfio_bound() -> Iterator[list[str]]:
+    """Bind devices to vfio-pci for one test (``vfio_bound.append(addr)``-style via bind)."""
+    bound: list[tuple[str, str | None]] = []
+
+    class Binder(list[str]):
+        def bind(self, *addrs: str) -> None:
+            for addr in addrs:
+                bound.append((addr, bind_vfio(addr)))
+                self.append(addr)
+
+    binder = Binder()
+    yield binder
+    for addr, previous in reversed(bound):
+        unbind_vfio(addr, previous)

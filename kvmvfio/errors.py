@@ -68,7 +68,9 @@ class GroupNotFound(NotFound):
     def __init__(self, group: str, root: str = "/sys") -> None:
         self.group = group
         self.root = root
-        super().__init__(f"no IOMMU group {group} on this host (looked in {root}/kernel/iommu_groups)")
+        super().__init__(
+            f"no IOMMU group {group} on this host (looked in {root}/kernel/iommu_groups)"
+        )
 
 
 class NoIommuGroup(KvmvfioError):
@@ -166,6 +168,160 @@ class Busy(KernelError):
         hint = f"held by {holder}" if holder else "another process holds it"
         super().__init__(err, op, path, subject, hint)
         self.holder = holder
+
+
+class NoInterruptRemapping(KernelError):
+    """EPERM from VFIO_SET_IOMMU / VFIO_DEVICE_BIND_IOMMUFD: MSIs cannot be isolated."""
+
+    def __init__(self, op: str, path: str | None, subject: str) -> None:
+        super().__init__(
+            _errno.EPERM,
+            op,
+            path,
+            subject,
+            "the IOMMU has no interrupt remapping, so a device could forge interrupts; enable "
+            "interrupt remapping (intel_iommu=on with x2APIC, intremap=on for a vIOMMU), or accept "
+            "the risk with vfio_iommu_type1.allow_unsafe_interrupts=1 / "
+            "iommufd.allow_unsafe_interrupts=1",
+        )
+
+
+class NotADeviceOfGroup(KvmvfioError):
+    """VFIO_GROUP_GET_DEVICE_FD was given a name that is not a member of the group."""
+
+    def __init__(self, address: str, group: int) -> None:
+        self.address = address
+        self.group = group
+        super().__init__(f"{address} is not a device of IOMMU group {group}")
+
+
+class DeviceNotBoundToVfio(KvmvfioError):
+    """A device a VFIO session needs is not on vfio-pci."""
+
+    def __init__(self, address: str, driver: str | None) -> None:
+        self.address = address
+        self.driver = driver
+        where = f"bound to {driver}" if driver else "bound to no driver"
+        super().__init__(
+            f"PCI device {address} is {where}, not vfio-pci: prepare it first "
+            f"(kvmvfio prepare {address})"
+        )
+
+
+class NoIommuRefused(KvmvfioError):
+    """A no-IOMMU group was asked for without the caller allowing it."""
+
+    def __init__(self, group: int, address: str) -> None:
+        self.group = group
+        self.address = address
+        super().__init__(
+            f"IOMMU group {group} ({address}) is a no-IOMMU group: the device could DMA anywhere "
+            "in host memory and the kernel taints itself; allow it explicitly (--allow-noiommu) "
+            "only if you accept that"
+        )
+
+
+class SessionStateError(KvmvfioError):
+    """A method was called in a state where it cannot run (e.g. open twice)."""
+
+    def __init__(self, action: str, state: str) -> None:
+        self.action = action
+        self.state = state
+        super().__init__(f"cannot {action} a session that is {state}")
+
+
+class KvmRefusedFile(KernelError):
+    """EINVAL from ``KVM_DEV_VFIO_FILE_ADD``: the file is not a VFIO group or device file."""
+
+    def __init__(
+        self,
+        err: int,
+        op: str,
+        path: str | None = None,
+        subject: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(
+            err,
+            op,
+            path,
+            subject,
+            hint
+            or "KVM refused the file: it is not a VFIO group (/dev/vfio/N) or VFIO device file",
+        )
+
+
+class AlreadyAssociated(KernelError):
+    """EEXIST from ``KVM_DEV_VFIO_FILE_ADD``: KVM holds this file already."""
+
+    def __init__(
+        self,
+        err: int,
+        op: str,
+        path: str | None = None,
+        subject: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(
+            err, op, path, subject, hint or "the file was added to this VM's kvm-vfio device before"
+        )
+
+
+class NotAssociated(KernelError):
+    """ENOENT from ``KVM_DEV_VFIO_FILE_DEL``: KVM does not hold this file."""
+
+    def __init__(
+        self,
+        err: int,
+        op: str,
+        path: str | None = None,
+        subject: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(
+            err,
+            op,
+            path,
+            subject,
+            hint or "the file was never added to this VM's kvm-vfio device, or was removed already",
+        )
+
+
+class KvmVfioDeviceExists(Busy):
+    """EBUSY from ``KVM_CREATE_DEVICE(KVM_DEV_TYPE_VFIO)``: the VM has its kvm-vfio device."""
+
+    def __init__(
+        self,
+        err: int,
+        op: str,
+        path: str | None = None,
+        subject: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        KernelError.__init__(
+            self,
+            err,
+            op,
+            path,
+            subject,
+            hint
+            or "a VM has at most one kvm-vfio device and this VM has one already (QEMU creates "
+            "its own as soon as it has a VFIO device); add files through that device instead",
+        )
+        self.holder = None
+
+
+class KvmClosed(SessionStateError):
+    """A KVM VM or kvm-vfio device was used after ``close()`` or after its fd was handed over."""
+
+    def __init__(self, action: str, subject: str) -> None:
+        self.action = action
+        self.state = "closed"
+        self.subject = subject
+        KvmvfioError.__init__(self, f"cannot {action}: {subject} is closed (or was handed over)")
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.action, self.subject))
 
 
 class KernelUnsupported(KvmvfioError):

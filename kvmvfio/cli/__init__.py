@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 def make_parser() -> argparse.ArgumentParser:
     """Build the full ``kvmvfio`` argument parser."""
-    from kvmvfio.cli import host_cmds, lab_cmds
+    from kvmvfio.cli import host_cmds, lab_cmds  # noqa: PLC0415 (cli/__init__ is imported by them)
 
     parser = _Parser(prog="kvmvfio", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"kvmvfio {__version__}")

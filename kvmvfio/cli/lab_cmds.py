@@ -30,19 +30,29 @@ def register(sub: Any) -> None:
     labsub = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND", parser_class=type(lab))
     labsub.required = True
 
-    build = labsub.add_parser("build", help="build the kernel and root filesystem images, or reuse the cached ones")
-    build.add_argument("--rebuild", action="store_true", help="build even when the cache is current")
+    build = labsub.add_parser(
+        "build", help="build the kernel and root filesystem images, or reuse the cached ones"
+    )
+    build.add_argument(
+        "--rebuild", action="store_true", help="build even when the cache is current"
+    )
     build.set_defaults(handler=_build)
 
     topos = labsub.add_parser("topologies", help="list the built-in topologies")
     topos.set_defaults(handler=_topologies)
 
-    run = labsub.add_parser("run", help="boot L1 with a topology, run CMD inside, return its exit status")
+    run = labsub.add_parser(
+        "run", help="boot L1 with a topology, run CMD inside, return its exit status"
+    )
     _common(run)
-    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command to run in L1")
+    run.add_argument(
+        "cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command to run in L1"
+    )
     run.set_defaults(handler=_run)
 
-    test = labsub.add_parser("test", help="run the lab test tier (pytest in L1, one boot per topology)")
+    test = labsub.add_parser(
+        "test", help="run the lab test tier (pytest in L1, one boot per topology)"
+    )
     test.add_argument(
         "--topology",
         action="append",
@@ -53,16 +63,25 @@ def register(sub: Any) -> None:
     test.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST_ARGS")
     test.set_defaults(handler=_test)
 
-    demo = labsub.add_parser("demo", help="boot the default topology and show what kvmvfio does, step by step")
-    demo.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds before the VM is stopped")
+    demo = labsub.add_parser(
+        "demo", help="boot the default topology and show what kvmvfio does, step by step"
+    )
+    demo.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds before the VM is stopped"
+    )
     demo.set_defaults(handler=_demo)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--topology", default="default", metavar="NAME|FILE", help="built-in topology name or a .toml file"
+        "--topology",
+        default="default",
+        metavar="NAME|FILE",
+        help="built-in topology name or a .toml file",
     )
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds before the VM is stopped")
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds before the VM is stopped"
+    )
 
 
 def _strip_dashes(items: list[str]) -> list[str]:
@@ -84,11 +103,19 @@ def _topologies(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     cmd = _strip_dashes(args.cmd)
     if not cmd:
-        raise UsageError("kvmvfio lab run needs a command after --, e.g. `kvmvfio lab run -- kvmvfio inventory`")
+        raise UsageError(
+            "kvmvfio lab run needs a command after --, e.g. `kvmvfio lab run -- kvmvfio inventory`"
+        )
     topology = topo_mod.load(args.topology)
     builder = ImageBuilder()
     images = builder.ensure()
-    run = LabRun(topology=topology, images=images, checkout=builder.checkout, command=tuple(cmd), timeout=args.timeout)
+    run = LabRun(
+        topology=topology,
+        images=images,
+        checkout=builder.checkout,
+        command=tuple(cmd),
+        timeout=args.timeout,
+    )
     return asyncio.run(run_in_lab(run))
 
 
@@ -98,7 +125,9 @@ def _test(args: argparse.Namespace) -> int:
     builder = ImageBuilder()
     images = builder.ensure()
     results = asyncio.run(
-        run_tier(topologies, images, builder.checkout, _strip_dashes(args.pytest_args), args.timeout)
+        run_tier(
+            topologies, images, builder.checkout, _strip_dashes(args.pytest_args), args.timeout
+        )
     )
     for r in results:
         state = "ok" if r.ok else "FAILED"

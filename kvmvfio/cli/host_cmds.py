@@ -1,0 +1,294 @@
+"""``kvmvfio inventory`` and ``kvmvfio group``: the host model on the command line.
+
+Both read only; ``--sysfs-root`` and ``--dev-root`` point them at another
+tree (a fake one in tests, a chroot's). ``--json`` prints the stable schema
+documented in ``docs/cli-json.md``; the functions that build it
+(:func:`device_json`, :func:`group_json`, :func:`inventory_json`) are
+the one definition of that schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvmvfio.errors import InvalidGroup, UsageError
+from kvmvfio.host import (
+    Host,
+    HostSupport,
+    Inventory,
+    IommuGroup,
+    PciAddress,
+    PciDevice,
+    blocker_of,
+)
+
+#: Version of the ``--json`` schema; bumped only when a field changes
+#: meaning or goes away (adding fields does not bump it).
+SCHEMA = 1
+
+_GROUP_NUMBER = re.compile(r"[0-9]{1,10}")
+
+JsonObject = dict[str, object]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``inventory`` and ``group`` to the top-level subparsers."""
+    inv = sub.add_parser(
+        "inventory",
+        help="list PCI functions, their drivers and IOMMU groups, and what the host supports",
+        description=(
+            "List every PCI function with its IDs, class, driver, IOMMU group, whether "
+            "that group is viable for VFIO, and its VFIO device cdev; then say which "
+            "VFIO, iommufd and KVM files the host has. Reads only."
+        ),
+    )
+    _common(inv)
+    inv.set_defaults(handler=_inventory)
+
+    grp = sub.add_parser(
+        "group",
+        help="show an IOMMU group's members and whether VFIO can use it",
+        description=(
+            "Show the IOMMU group numbered N, or the group of the PCI function at ADDR: "
+            "its members, their drivers, and whether the group is viable (every member "
+            "on vfio-pci or a variant, pci-stub, pcieport, or no driver), naming each "
+            "member in the way and why. Exit status: 0 viable, 1 not viable or not "
+            "found, 2 malformed argument."
+        ),
+    )
+    grp.add_argument(
+        "target",
+        metavar="ADDR|N",
+        help="a PCI address ([DDDD:]BB:SS.F, e.g. 0000:01:00.0) or an IOMMU group number",
+    )
+    _common(grp)
+    grp.set_defaults(handler=_group)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON (schema in docs/cli-json.md) instead of text",
+    )
+    parser.add_argument(
+        "--sysfs-root", metavar="DIR", default="/sys", help="sysfs to read (default: /sys)"
+    )
+    parser.add_argument(
+        "--dev-root", metavar="DIR", default="/dev", help="/dev to look in (default: /dev)"
+    )
+
+
+def _host(args: argparse.Namespace) -> Host:
+    for flag, value in (("--sysfs-root", args.sysfs_root), ("--dev-root", args.dev_root)):
+        if not Path(value).is_dir():
+            raise UsageError(f"{flag} {value}: not a directory")
+    return Host(args.sysfs_root, args.dev_root)
+
+
+# -- JSON -------------------------------------------------------------------
+
+
+def _hex(value: int | None, digits: int) -> str | None:
+    return None if value is None else f"0x{value:0{digits}x}"
+
+
+def device_json(dev: PciDevice) -> JsonObject:
+    """One PCI function as the ``--json`` schema has it."""
+    return {
+        "address": str(dev.address),
+        "vendor": _hex(dev.vendor, 4),
+        "device": _hex(dev.device, 4),
+        "subsystem_vendor": _hex(dev.subsystem_vendor, 4),
+        "subsystem_device": _hex(dev.subsystem_device, 4),
+        "class": _hex(dev.class_code, 6),
+        "class_name": dev.class_name,
+        "is_bridge": dev.is_bridge,
+        "driver": dev.driver,
+        "driver_override": dev.driver_override,
+        "iommu_group": dev.iommu_group,
+        "numa_node": dev.numa_node,
+        "reset_methods": list(dev.reset_methods),
+        "physfn": None if dev.physfn is None else str(dev.physfn),
+        "virtfns": [str(a) for a in dev.virtfns],
+        "sriov_totalvfs": dev.sriov_totalvfs,
+        "sriov_numvfs": dev.sriov_numvfs,
+        "vfio_cdev": dev.vfio_cdev,
+        "boot_vga": dev.boot_vga,
+    }
+
+
+def group_json(group: IommuGroup, devfs: str | Path) -> JsonObject:
+    """One IOMMU group as the ``--json`` schema has it (members by address)."""
+    blockers = group.blockers
+    return {
+        "number": group.number,
+        "noiommu": group.noiommu,
+        "viable": not blockers,
+        "dev_node": str(group.dev_node(devfs)),
+        "members": [str(m.address) for m in group.members],
+        "other_members": [{"name": f.name, "driver": f.driver} for f in group.foreign],
+        "blockers": [
+            {"address": b.address, "driver": b.driver, "reason": b.reason} for b in blockers
+        ],
+    }
+
+
+def support_json(support: HostSupport) -> JsonObject:
+    """What the host supports, as the ``--json`` schema has it."""
+    return {**support.as_dict(), "missing": list(support.missing())}
+
+
+def inventory_json(inv: Inventory, devfs: str | Path) -> JsonObject:
+    """The whole ``inventory --json`` document."""
+    return {
+        "schema": SCHEMA,
+        "host": support_json(inv.support),
+        "devices": [device_json(d) for d in inv.devices],
+        "groups": [group_json(g, devfs) for g in inv.groups],
+    }
+
+
+def group_document(group: IommuGroup, devfs: str | Path) -> JsonObject:
+    """The whole ``group --json`` document."""
+    return {
+        "schema": SCHEMA,
+        "group": group_json(group, devfs),
+        "devices": [device_json(d) for d in group.members],
+    }
+
+
+def _print_json(doc: JsonObject) -> None:
+    json.dump(doc, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+# -- text -------------------------------------------------------------------
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _notes(dev: PciDevice, group: IommuGroup | None) -> str:
+    notes = []
+    if dev.sriov_totalvfs is not None:
+        notes.append(f"PF {dev.sriov_numvfs}/{dev.sriov_totalvfs} VFs")
+    if dev.physfn is not None:
+        notes.append(f"VF of {dev.physfn}")
+    if dev.driver_override is not None:
+        notes.append(f"override={dev.driver_override}")
+    if dev.boot_vga:
+        notes.append("boot VGA")
+    if group is not None and group.noiommu:
+        notes.append("no-IOMMU")
+    return ", ".join(notes)
+
+
+def _viable(group: IommuGroup | None) -> str:
+    if group is None:
+        return "-"
+    return "yes" if group.viable else "no"
+
+
+def render_inventory(inv: Inventory) -> str:
+    """The human table of ``kvmvfio inventory``, then the host support sentence."""
+    groups = inv.groups_by_number()
+    rows = [("ADDRESS", "IDS", "CLASS", "DRIVER", "GROUP", "VIABLE", "CDEV", "NOTES")]
+    for dev in inv.devices:
+        group = None if dev.iommu_group is None else groups.get(dev.iommu_group)
+        rows.append(
+            (
+                str(dev.address),
+                dev.ids,
+                dev.class_name,
+                dev.driver or "-",
+                "-" if dev.iommu_group is None else str(dev.iommu_group),
+                _viable(group),
+                dev.vfio_cdev or "-",
+                _notes(dev, group),
+            )
+        )
+    text = _table(rows) if inv.devices else "No PCI functions found."
+    return f"{text}\n\n{inv.support.explain()}"
+
+
+def render_group(group: IommuGroup, devfs: str | Path) -> str:
+    """The human text of ``kvmvfio group``."""
+    state = "viable" if group.viable else "NOT viable"
+    kind = "no-IOMMU group" if group.noiommu else "IOMMU group"
+    head = f"{kind} {group.number} ({group.dev_node(devfs)}): {state}"
+    rows = [("MEMBER", "IDS", "CLASS", "DRIVER", "STATUS")]
+    for dev in group.members:
+        blocker = blocker_of(dev)
+        rows.append(
+            (
+                str(dev.address),
+                dev.ids,
+                dev.class_name,
+                dev.driver or "-",
+                f"blocks: {blocker.reason}" if blocker else "ok",
+            )
+        )
+    foreign = {b.address: b for b in group.blockers}
+    for f in group.foreign:
+        b = foreign.get(f.name)
+        rows.append(
+            (f.name, "-", "non-PCI device", f.driver or "-", f"blocks: {b.reason}" if b else "ok")
+        )
+    lines = [head, _table(rows)]
+    if group.noiommu:
+        lines.append(
+            "No IOMMU isolates this group: a device in it can DMA anywhere in host memory."
+        )
+    if not group.viable:
+        lines.append(
+            f"{len(group.blockers)} member(s) keep the group from VFIO; every member must be "
+            "on vfio-pci (or a variant), pci-stub, pcieport, or no driver."
+        )
+    return "\n".join(lines)
+
+
+# -- handlers ---------------------------------------------------------------
+
+
+def _inventory(args: argparse.Namespace) -> int:
+    host = _host(args)
+    inv = host.inventory()
+    if args.json:
+        _print_json(inventory_json(inv, host.devfs))
+    else:
+        print(render_inventory(inv))
+    return 0
+
+
+def resolve_group(host: Host, target: str) -> IommuGroup:
+    """The group ``target`` names: a group number, or a PCI address whose group it is.
+
+    Raise :class:`~kvmvfio.errors.InvalidAddress` /
+    :class:`~kvmvfio.errors.InvalidGroup` for malformed text,
+    :class:`~kvmvfio.errors.NotFound` subclasses or
+    :class:`~kvmvfio.errors.NoIommuGroup` for what the host lacks.
+    """
+    if _GROUP_NUMBER.fullmatch(target):
+        return host.group(target)
+    if ":" in target or "." in target:
+        return host.group_of(PciAddress.parse(target))
+    raise InvalidGroup(target)
+
+
+def _group(args: argparse.Namespace) -> int:
+    host = _host(args)
+    group = resolve_group(host, args.target)
+    if args.json:
+        _print_json(group_document(group, host.devfs))
+    else:
+        print(render_group(group, host.devfs))
+    return 0 if group.viable else 1

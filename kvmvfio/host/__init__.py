@@ -1,0 +1,41 @@
+"""The host as sysfs and /dev show it: PCI functions, IOMMU groups, support.
+
+Pure reads. :class:`Host` takes the sysfs and /dev roots as values (the real
+``/sys`` and ``/dev`` by default, a fake tree in tests) and returns frozen
+snapshots:
+
+- :class:`PciAddress`: ``[domain:]bus:slot.function``, parsed strictly;
+- :class:`PciDevice`: one function (IDs, class, driver, IOMMU group, NUMA
+  node, reset methods, SR-IOV links, VFIO cdev);
+- :class:`IommuGroup`: its members and viability as the kernel decides it,
+  with a :class:`~kvmvfio.errors.Blocker` per member in the way;
+- :class:`HostSupport`: which VFIO / iommufd / KVM files exist.
+"""
+
+from kvmvfio.host.address import PciAddress
+from kvmvfio.host.context import Host, Inventory, parse_group_number
+from kvmvfio.host.iommu import ForeignMember, IommuGroup, blocker_of
+from kvmvfio.host.pci import (
+    PciDevice,
+    class_name,
+    driver_managed_dma,
+    is_vfio_driver,
+    read_device,
+)
+from kvmvfio.host.support import HostSupport
+
+__all__ = [
+    "ForeignMember",
+    "Host",
+    "HostSupport",
+    "Inventory",
+    "IommuGroup",
+    "PciAddress",
+    "PciDevice",
+    "blocker_of",
+    "class_name",
+    "driver_managed_dma",
+    "is_vfio_driver",
+    "parse_group_number",
+    "read_device",
+]

@@ -1,0 +1,268 @@
+"""The host: where its sysfs and /dev are, and what they hold.
+
+:class:`Host` is the one entry point of :mod:`kvmvfio.host`. Like pyudev's
+``Context``, it carries the roots as values, so the same code reads the
+real ``/sys`` and ``/dev`` and the fake trees the tests build. Every method
+reads the files afresh and returns frozen values: a snapshot, never a live
+view. Nothing here writes to the host.
+"""
+
+from __future__ import annotations
+
+import errno
+import operator
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmvfio.errors import (
+    DeviceNotFound,
+    GroupNotFound,
+    InvalidAddress,
+    InvalidGroup,
+    KernelError,
+    NoIommuGroup,
+    SysfsError,
+)
+from kvmvfio.host.address import PciAddress
+from kvmvfio.host.iommu import NOIOMMU_NAME, ForeignMember, IommuGroup
+from kvmvfio.host.pci import (
+    PciDevice,
+    decode_text,
+    driver_from_link,
+    group_from_link,
+    read_device,
+    read_file,
+    vfio_cdev_map,
+)
+from kvmvfio.host.support import HostSupport
+
+_ADDRESS_KEY = operator.attrgetter("domain", "bus", "slot", "function")
+_DEVICE_KEY = operator.attrgetter(
+    "address.domain", "address.bus", "address.slot", "address.function"
+)
+_GROUP_NUMBER = re.compile(r"[0-9]{1,10}")
+_MAX_GROUP = 2**31 - 1
+_GONE = frozenset({errno.ENOENT, errno.ENODEV, errno.ENOTDIR})
+
+
+def _listdir(path: str) -> list[str] | None:
+    """The names in directory ``path``; None when it does not exist (or no longer)."""
+    try:
+        return os.listdir(path)
+    except OSError as err:
+        if err.errno in _GONE:
+            return None
+        raise KernelError(err.errno or errno.EIO, "listdir", path) from err
+
+
+def parse_group_number(value: int | str) -> int:
+    """Return the IOMMU group number ``value`` names (decimal text or an int).
+
+    Raise :class:`~kvmvfio.errors.InvalidGroup` for anything else.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise InvalidGroup(repr(value))
+    if isinstance(value, str):
+        if not _GROUP_NUMBER.fullmatch(value):
+            raise InvalidGroup(value)
+        number = int(value)
+    else:
+        number = value
+    if not 0 <= number <= _MAX_GROUP:
+        raise InvalidGroup(str(value))
+    return number
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """Every PCI function and IOMMU group of the host, and what it supports."""
+
+    devices: tuple[PciDevice, ...]
+    groups: tuple[IommuGroup, ...]
+    support: HostSupport
+
+    def groups_by_number(self) -> dict[int, IommuGroup]:
+        """The groups keyed by number."""
+        return {g.number: g for g in self.groups}
+
+
+class Host:
+    """A host's PCI devices, IOMMU groups and VFIO/KVM support, read from its files."""
+
+    def __init__(self, sysfs: str | Path = "/sys", devfs: str | Path = "/dev") -> None:
+        """Read devices from ``sysfs`` and device files from ``devfs`` (nothing is read yet)."""
+        self.sysfs = Path(sysfs)
+        self.devfs = Path(devfs)
+        self._bus = f"{self.sysfs}/bus/pci/devices"
+        self._groups = f"{self.sysfs}/kernel/iommu_groups"
+
+    def __repr__(self) -> str:
+        return f"Host(sysfs={str(self.sysfs)!r}, devfs={str(self.devfs)!r})"
+
+    # -- devices ----------------------------------------------------------
+
+    def addresses(self) -> list[PciAddress]:
+        """The addresses of every PCI function, sorted.
+
+        An empty list when the host has no PCI bus. Raise
+        :class:`~kvmvfio.errors.SysfsError` for an entry that is not a PCI
+        address (the kernel names each one after its address).
+        """
+        out = []
+        for name in _listdir(self._bus) or ():
+            try:
+                out.append(PciAddress.parse(name))
+            except InvalidAddress as err:
+                # repr: the name may hold anything, even undecodable bytes.
+                raise SysfsError(
+                    self._bus, f"entry {name!r} is not a PCI address: {err.reason}"
+                ) from None
+        out.sort(key=_ADDRESS_KEY)
+        return out
+
+    def devices(self) -> list[PciDevice]:
+        """Read every PCI function, sorted by address; skip any that vanish meanwhile."""
+        cdevs = vfio_cdev_map(str(self.sysfs))
+        out = []
+        for addr in self.addresses():
+            dev = read_device(f"{self._bus}/{addr}", addr, cdevs)
+            if dev is not None:
+                out.append(dev)
+        return out
+
+    def device(self, addr: str | PciAddress) -> PciDevice:
+        """Read the function at ``addr``.
+
+        Raise :class:`~kvmvfio.errors.InvalidAddress` for a malformed
+        address, :class:`~kvmvfio.errors.DeviceNotFound` when there is no
+        such function.
+        """
+        address = PciAddress.coerce(addr)
+        dev = read_device(f"{self._bus}/{address}", address)
+        if dev is None:
+            raise DeviceNotFound(str(address), str(self.sysfs))
+        return dev
+
+    # -- groups -----------------------------------------------------------
+
+    def group_numbers(self) -> list[int]:
+        """The numbers of every IOMMU group, sorted; empty without an IOMMU."""
+        out = []
+        for name in _listdir(self._groups) or ():
+            if not _GROUP_NUMBER.fullmatch(name):
+                raise SysfsError(self._groups, f"entry {name!r} is not an IOMMU group number")
+            out.append(int(name))
+        out.sort()
+        return out
+
+    def groups(self) -> list[IommuGroup]:
+        """Read every IOMMU group with its members, sorted by number."""
+        return self._all_groups({d.address: d for d in self.devices()})
+
+    def _all_groups(self, known: dict[PciAddress, PciDevice]) -> list[IommuGroup]:
+        # Members already read (``known``) are not read again; a group that
+        # vanishes between the listing and the read is skipped.
+        out = []
+        for number in self.group_numbers():
+            group = self._read_group(number, known)
+            if group is not None:
+                out.append(group)
+        return out
+
+    def group(self, number: int | str) -> IommuGroup:
+        """Read IOMMU group ``number``.
+
+        Raise :class:`~kvmvfio.errors.InvalidGroup` when ``number`` is not a
+        group number, :class:`~kvmvfio.errors.GroupNotFound` when there is
+        no such group.
+        """
+        n = parse_group_number(number)
+        group = self._read_group(n, {})
+        if group is None:
+            raise GroupNotFound(str(n), str(self.sysfs))
+        return group
+
+    def group_of(self, addr: str | PciAddress) -> IommuGroup:
+        """Read the IOMMU group of the function at ``addr``.
+
+        Raise :class:`~kvmvfio.errors.DeviceNotFound` when there is no such
+        function, :class:`~kvmvfio.errors.NoIommuGroup` when it is in no
+        group (no IOMMU, or one that has not taken the device).
+        """
+        address = PciAddress.coerce(addr)
+        path = f"{self._bus}/{address}"
+        try:
+            target = os.readlink(f"{path}/iommu_group")
+        except OSError as err:
+            if err.errno not in _GONE:
+                raise KernelError(
+                    err.errno or errno.EIO, "readlink", f"{path}/iommu_group"
+                ) from err
+            if not os.path.isdir(path):
+                raise DeviceNotFound(str(address), str(self.sysfs)) from None
+            raise NoIommuGroup(str(address)) from None
+        number = group_from_link(target, f"{path}/iommu_group")
+        group = self._read_group(number, {})
+        if group is None:  # the group went away with its last device
+            raise DeviceNotFound(str(address), str(self.sysfs))
+        return group
+
+    def _read_group(self, number: int, known: dict[PciAddress, PciDevice]) -> IommuGroup | None:
+        base = f"{self._groups}/{number}"
+        names = _listdir(f"{base}/devices")
+        if names is None:
+            return None
+        members: list[PciDevice] = []
+        foreign: list[ForeignMember] = []
+        for name in names:
+            try:
+                addr = PciAddress.parse(name)
+            except InvalidAddress:
+                member = self._foreign(f"{base}/devices/{name}", name)
+                if member is not None:
+                    foreign.append(member)
+                continue
+            dev = known.get(addr)
+            if dev is None:
+                dev = read_device(f"{base}/devices/{name}", addr)
+            if dev is not None:
+                members.append(dev)
+        members.sort(key=_DEVICE_KEY)
+        foreign.sort(key=lambda f: f.name)
+        return IommuGroup(number, tuple(members), self._noiommu(base), tuple(foreign))
+
+    @staticmethod
+    def _noiommu(base: str) -> bool:
+        path = f"{base}/name"
+        if not os.access(path, os.F_OK):  # the usual case, and no exception to build
+            return False
+        raw = read_file(path)
+        return raw is not None and decode_text(raw, path) == NOIOMMU_NAME
+
+    @staticmethod
+    def _foreign(path: str, name: str) -> ForeignMember | None:
+        if not name.isprintable():
+            raise SysfsError(path.rpartition("/")[0], f"a member named {name!r}")
+        if not os.path.exists(path):
+            return None
+        try:
+            target = os.readlink(f"{path}/driver")
+        except OSError as err:
+            if err.errno in _GONE:
+                return ForeignMember(name, None)
+            raise KernelError(err.errno or errno.EIO, "readlink", f"{path}/driver") from err
+        return ForeignMember(name, driver_from_link(target, f"{path}/driver"))
+
+    # -- support ----------------------------------------------------------
+
+    def support(self) -> HostSupport:
+        """What the host offers for VFIO, iommufd and KVM (see :class:`HostSupport`)."""
+        return HostSupport.probe(self.sysfs, self.devfs)
+
+    def inventory(self) -> Inventory:
+        """Read devices, groups and support in one pass over sysfs."""
+        devices = self.devices()
+        groups = self._all_groups({d.address: d for d in devices})
+        return Inventory(tuple(devices), tuple(groups), self.support())

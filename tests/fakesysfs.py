@@ -1,0 +1,366 @@
+"""Fake sysfs and /dev trees, built from a declarative topology.
+
+The tree is laid out as Linux lays out the real one, symlinks included::
+
+    sys/devices/pci0000:00/0000:00:01.0/                a bridge (root port)
+    sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0/   a function behind it
+        vendor device class subsystem_* driver_override numa_node reset_method
+        driver -> ../../../../bus/pci/drivers/<name>
+        iommu_group -> ../../../../kernel/iommu_groups/<N>
+        sriov_totalvfs sriov_numvfs virtfn<i> -> ../<vf>    (physical function)
+        physfn -> ../<pf>                                   (virtual function)
+        vfio-dev/vfio<k>/dev                                (bound to a VFIO driver)
+    sys/bus/pci/devices/<addr> -> ../../../devices/...
+    sys/bus/pci/drivers/<name>/<addr> -> ../../../../devices/...
+    sys/kernel/iommu_groups/<N>/devices/<addr> -> ../../../../devices/...
+    sys/kernel/iommu_groups/<N>/name                    ("vfio-noiommu", no-IOMMU only)
+    sys/class/iommu/dmar0, sys/class/vfio-dev/vfio<k> -> ...
+    dev/vfio/vfio dev/iommu dev/kvm dev/vfio/<N> dev/vfio/devices/vfio<k>
+
+Device nodes are plain files: the host model only checks that they exist.
+VFs sit next to their PF (the kernel puts them under the PF's parent), at
+routing ID ``PF + vf_offset + i * vf_stride`` as SR-IOV places them.
+
+Example::
+
+    sysfs, devfs = Topology(devices=[
+        Dev("0000:00:01.0", bridge=True, driver="pcieport", group=1, children=[
+            Dev("0000:01:00.0", driver="e1000e", group=1),
+        ]),
+        Dev("0000:00:03.0", vendor=0x1234, device=0x11E8, cls=0x00FF00,
+            driver="vfio-pci", group=3),
+        Dev("0000:02:00.0", vfs=4, vf_group=10, vf_driver="vfio-pci", group=9),
+    ]).build(tmp_path)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmvfio.host import PciAddress, is_vfio_driver
+
+#: Files and directories a real PCI function has that the host model does
+#: not read; they make directory listings as long as the kernel's.
+_FILLER_FILES = (
+    "ari_enabled",
+    "broken_parity_status",
+    "config",
+    "consistent_dma_mask_bits",
+    "current_link_speed",
+    "current_link_width",
+    "d3cold_allowed",
+    "dma_mask_bits",
+    "enable",
+    "irq",
+    "local_cpulist",
+    "local_cpus",
+    "max_link_speed",
+    "max_link_width",
+    "modalias",
+    "msi_bus",
+    "power_state",
+    "remove",
+    "rescan",
+    "resource",
+    "resource0",
+    "revision",
+    "uevent",
+)
+_FILLER_DIRS = ("power", "msi_irqs", "link")
+
+
+@dataclass
+class Dev:
+    """One PCI function; a bridge lists the functions behind it as ``children``."""
+
+    address: str
+    vendor: int = 0x8086
+    device: int = 0x10D3
+    #: 24-bit class code; default Ethernet, or PCI bridge with ``bridge=True``.
+    cls: int | None = None
+    subsystem_vendor: int | None = None
+    subsystem_device: int = 0x0000
+    driver: str | None = None
+    driver_override: str | None = None
+    group: int | None = None
+    numa_node: int = -1
+    #: Written to ``reset_method``; empty: no such file (cannot be reset).
+    reset_methods: tuple[str, ...] = ("flr", "bus")
+    bridge: bool = False
+    children: Sequence[Dev] = ()
+    #: SR-IOV: VFs enabled now; ``totalvfs`` defaults to ``vfs`` (None: not SR-IOV).
+    vfs: int = 0
+    totalvfs: int | None = None
+    vf_offset: int = 0x80
+    vf_stride: int = 1
+    vf_device: int | None = None
+    vf_driver: str | None = None
+    #: Group of the first VF; VF ``i`` is in ``vf_group + i`` (None: no groups).
+    vf_group: int | None = None
+    boot_vga: bool | None = None
+    #: Raw file contents that replace (or, with None, remove) what is written.
+    files: Mapping[str, bytes | None] = field(default_factory=dict)
+
+    @property
+    def pci_address(self) -> PciAddress:
+        return PciAddress.parse(self.address)
+
+    @property
+    def class_code(self) -> int:
+        if self.cls is not None:
+            return self.cls
+        return 0x060400 if self.bridge else 0x020000
+
+    def vf_addresses(self) -> list[PciAddress]:
+        pf = self.pci_address
+        return [
+            PciAddress.from_rid(pf.domain, pf.rid + self.vf_offset + i * self.vf_stride)
+            for i in range(self.vfs)
+        ]
+
+    def virtual_functions(self) -> list[Dev]:
+        """The VFs this PF has enabled, as functions of their own."""
+        return [
+            Dev(
+                str(addr),
+                vendor=self.vendor,
+                device=self.vf_device if self.vf_device is not None else self.device,
+                cls=self.class_code,
+                driver=self.vf_driver,
+                group=None if self.vf_group is None else self.vf_group + i,
+                numa_node=self.numa_node,
+                reset_methods=("flr",),
+            )
+            for i, addr in enumerate(self.vf_addresses())
+        ]
+
+
+@dataclass
+class Foreign:
+    """A member of an IOMMU group that is not a PCI function (a platform device)."""
+
+    name: str
+    group: int
+    driver: str | None = None
+
+
+DEFAULT_NODES = frozenset({"vfio", "iommu", "kvm"})
+
+
+@dataclass
+class Topology:
+    """A host: its PCI functions, groups, drivers, and which /dev nodes exist."""
+
+    devices: Sequence[Dev] = ()
+    foreign: Sequence[Foreign] = ()
+    noiommu_groups: Collection[int] = ()
+    #: Of ``vfio`` (/dev/vfio/vfio), ``iommu`` (/dev/iommu), ``kvm`` (/dev/kvm).
+    dev_nodes: Collection[str] = DEFAULT_NODES
+    #: An IOMMU in /sys/class/iommu.
+    iommu: bool = True
+    #: The kernel has VFIO device cdevs (``vfio-dev/vfioN/dev``, /dev/vfio/devices).
+    cdev: bool = True
+    #: Drivers registered whether or not a device is bound to them.
+    drivers: Collection[str] = ("vfio-pci",)
+    #: Also write the files the model does not read, as a real tree has them.
+    filler: bool = True
+
+    def all_devices(self) -> Iterator[tuple[Dev, PciAddress | None]]:
+        """Every function, VFs included, with the address of its PF if it is a VF."""
+        stack = list(reversed(self.devices))
+        while stack:
+            dev = stack.pop()
+            yield dev, None
+            for vf in dev.virtual_functions():
+                yield vf, dev.pci_address
+            stack.extend(reversed(dev.children))
+
+    def build(self, root: str | Path) -> tuple[Path, Path]:
+        """Write the tree under ``root``; return ``(sysfs, devfs)``."""
+        return _Builder(self, Path(root)).build()
+
+
+def _link(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(os.path.relpath(target, link.parent), link)
+
+
+def _uevent(dev: Dev, addr: PciAddress, sub_vendor: int) -> bytes:
+    """The ``uevent`` of a PCI function, as dev_uevent and pci_uevent write it."""
+    cls = dev.class_code
+    lines = [f"DRIVER={dev.driver}"] if dev.driver is not None else []
+    lines += [
+        f"PCI_CLASS={cls:04X}",
+        f"PCI_ID={dev.vendor:04X}:{dev.device:04X}",
+        f"PCI_SUBSYS_ID={sub_vendor:04X}:{dev.subsystem_device:04X}",
+        f"PCI_SLOT_NAME={addr}",
+        f"MODALIAS=pci:v{dev.vendor:08X}d{dev.device:08X}sv{sub_vendor:08X}"
+        f"sd{dev.subsystem_device:08X}bc{cls >> 16:02X}sc{cls >> 8 & 0xFF:02X}i{cls & 0xFF:02X}",
+    ]
+    return "".join(f"{line}\n" for line in lines).encode()
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+class _Builder:
+    def __init__(self, topo: Topology, root: Path) -> None:
+        self.topo = topo
+        self.sys = root / "sys"
+        self.dev = root / "dev"
+        self.paths: dict[PciAddress, Path] = {}
+        self.cdevs = 0
+
+    def build(self) -> tuple[Path, Path]:
+        for d in ("devices", "bus/pci/devices", "bus/pci/drivers", "kernel/iommu_groups"):
+            (self.sys / d).mkdir(parents=True, exist_ok=True)
+        (self.sys / "class" / "iommu").mkdir(parents=True)
+        (self.sys / "class" / "vfio-dev").mkdir(parents=True)
+        (self.dev / "vfio").mkdir(parents=True)
+        for name in self.topo.drivers:
+            self._driver_dir(name)
+        if self.topo.iommu:
+            (self.sys / "class" / "iommu" / "dmar0").mkdir()
+        for node, path in (("vfio", "vfio/vfio"), ("iommu", "iommu"), ("kvm", "kvm")):
+            if node in self.topo.dev_nodes:
+                _write(self.dev / path, b"")
+        for dev in self.topo.devices:
+            parent = (
+                self.sys / "devices" / f"pci{dev.pci_address.domain:04x}:{dev.pci_address.bus:02x}"
+            )
+            self._function(dev, parent, None)
+        for f in self.topo.foreign:
+            self._foreign(f)
+        return self.sys, self.dev
+
+    def _driver_dir(self, name: str) -> Path:
+        path = self.sys / "bus" / "pci" / "drivers" / name
+        if not path.exists():
+            path.mkdir(parents=True)
+            for f in ("bind", "unbind", "new_id", "remove_id", "uevent"):
+                _write(path / f, b"")
+        return path
+
+    def _group_dir(self, number: int) -> Path:
+        path = self.sys / "kernel" / "iommu_groups" / str(number)
+        if not path.exists():
+            (path / "devices").mkdir(parents=True)
+            _write(path / "type", b"DMA\n")
+            _write(path / "reserved_regions", b"")
+            if number in self.topo.noiommu_groups:
+                _write(path / "name", b"vfio-noiommu\n")
+        return path
+
+    def _function(self, dev: Dev, parent: Path, physfn: PciAddress | None) -> None:
+        addr = dev.pci_address
+        if addr in self.paths:
+            raise ValueError(f"{addr} appears twice in the topology")
+        path = parent / str(addr)
+        path.mkdir(parents=True)
+        self.paths[addr] = path
+        sub_vendor = dev.vendor if dev.subsystem_vendor is None else dev.subsystem_vendor
+        files: dict[str, bytes] = {
+            "uevent": _uevent(dev, addr, sub_vendor),
+            "vendor": b"0x%04x\n" % dev.vendor,
+            "device": b"0x%04x\n" % dev.device,
+            "class": b"0x%06x\n" % dev.class_code,
+            "subsystem_vendor": b"0x%04x\n" % sub_vendor,
+            "subsystem_device": b"0x%04x\n" % dev.subsystem_device,
+            "driver_override": (dev.driver_override or "(null)").encode() + b"\n",
+            "numa_node": b"%d\n" % dev.numa_node,
+        }
+        if dev.reset_methods:
+            files["reset_method"] = " ".join(dev.reset_methods).encode() + b"\n"
+        totalvfs = dev.totalvfs if dev.totalvfs is not None else (dev.vfs or None)
+        if totalvfs is not None:
+            files["sriov_totalvfs"] = b"%d\n" % totalvfs
+            files["sriov_numvfs"] = b"%d\n" % dev.vfs
+        if dev.boot_vga is not None:
+            files["boot_vga"] = b"1\n" if dev.boot_vga else b"0\n"
+        if self.topo.filler:
+            for name in _FILLER_FILES:
+                files.setdefault(name, b"")
+            for name in _FILLER_DIRS:
+                (path / name).mkdir()
+            _link(path / "subsystem", self.sys / "bus" / "pci")
+        for name, data in dev.files.items():
+            if data is None:
+                files.pop(name, None)
+            else:
+                files[name] = data
+        for name, data in files.items():
+            _write(path / name, data)
+
+        _link(self.sys / "bus" / "pci" / "devices" / str(addr), path)
+        if dev.driver is not None:
+            drv = self._driver_dir(dev.driver)
+            _link(path / "driver", drv)
+            _link(drv / str(addr), path)
+        if dev.group is not None:
+            group = self._group_dir(dev.group)
+            _link(path / "iommu_group", group)
+            _link(group / "devices" / str(addr), path)
+            if is_vfio_driver(dev.driver):
+                node = (
+                    f"noiommu-{dev.group}"
+                    if dev.group in self.topo.noiommu_groups
+                    else str(dev.group)
+                )
+                _write(self.dev / "vfio" / node, b"")
+        if is_vfio_driver(dev.driver):
+            self._vfio_device(path)
+        if physfn is not None:
+            _link(path / "physfn", self.paths[physfn])
+        for i, vf in enumerate(dev.virtual_functions()):
+            self._function(vf, parent, addr)
+            _link(path / f"virtfn{i}", self.paths[vf.pci_address])
+        for child in dev.children:
+            self._function(child, path, None)
+
+    def _vfio_device(self, path: Path) -> None:
+        name = f"vfio{self.cdevs}"
+        node = path / "vfio-dev" / name
+        node.mkdir(parents=True)
+        _write(node / "uevent", b"")
+        if self.topo.cdev:
+            _write(node / "dev", b"511:%d\n" % self.cdevs)
+            (self.dev / "vfio" / "devices").mkdir(exist_ok=True)
+            _write(self.dev / "vfio" / "devices" / name, b"")
+        _link(self.sys / "class" / "vfio-dev" / name, node)
+        self.cdevs += 1
+
+    def _foreign(self, f: Foreign) -> None:
+        path = self.sys / "devices" / "platform" / f.name
+        path.mkdir(parents=True)
+        _write(path / "uevent", b"")
+        if f.driver is not None:
+            drv = self.sys / "bus" / "platform" / "drivers" / f.driver
+            drv.mkdir(parents=True, exist_ok=True)
+            _link(path / "driver", drv)
+        group = self._group_dir(f.group)
+        _link(group / "devices" / f.name, path)
+        _link(path / "iommu_group", group)
+
+
+# -- changing a built tree (hotplug, corruption) ----------------------------
+
+
+def device_dir(sysfs: Path, addr: str) -> Path:
+    """The real directory of function ``addr`` (through its bus symlink)."""
+    return (sysfs / "bus" / "pci" / "devices" / addr).resolve()
+
+
+def write_attr(sysfs: Path, addr: str, name: str, data: bytes) -> None:
+    """Overwrite one file of function ``addr``."""
+    (device_dir(sysfs, addr) / name).write_bytes(data)
+
+
+def unplug(sysfs: Path, addr: str) -> None:
+    """Remove the function's directory but leave the links to it, as a scan racing
+    with hot unplug sees it: listed, then gone."""
+    shutil.rmtree(device_dir(sysfs, addr))

@@ -1,0 +1,284 @@
+"""``kvmvfio inventory`` and ``kvmvfio group``: output, JSON schema, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fakesysfs import Dev, Foreign, Topology
+
+from kvmvfio.cli import run
+from kvmvfio.host import Host
+
+BuildHost = Callable[[Topology], Host]
+REPO = Path(__file__).resolve().parents[2]
+DOC = REPO / "docs" / "cli-json.md"
+
+TOPOLOGY = Topology(
+    devices=[
+        Dev(
+            "0000:00:1c.0",
+            bridge=True,
+            device=0xA110,
+            subsystem_device=0x7270,
+            driver="pcieport",
+            group=1,
+            reset_methods=(),
+            children=[Dev("0000:01:00.0", driver="e1000e", group=1)],
+        ),
+        Dev("0000:00:02.0", cls=0x030000, boot_vga=True, group=2, driver_override="vfio-pci"),
+        Dev("0000:00:03.0", vendor=0x1234, device=0x11E8, cls=0x00FF00, driver="vfio-pci", group=3),
+        Dev("0000:3b:00.0", driver="i40e", group=4, vfs=2, totalvfs=8, vf_group=5, numa_node=1,
+            vf_driver="vfio-pci", vf_offset=0x10),
+        Dev("0000:00:1f.0", driver="lpc_ich"),  # in no group
+    ],
+    foreign=[Foreign("soc:dma@0", group=3)],
+)  # fmt: skip
+
+
+def _roots(host: Host) -> list[str]:
+    return ["--sysfs-root", str(host.sysfs), "--dev-root", str(host.devfs)]
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = run(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- inventory ----------------------------------------------------------------
+
+
+def test_inventory_table(build_host: BuildHost, capsys: pytest.CaptureFixture[str]) -> None:
+    host = build_host(TOPOLOGY)
+    code, out, err = _run(["inventory", *_roots(host)], capsys)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "ADDRESS", "IDS", "CLASS", "DRIVER", "GROUP", "VIABLE", "CDEV", "NOTES",
+    ]  # fmt: skip
+    rows = {line.split()[0]: line for line in lines[1:8]}
+    assert list(rows) == [
+        "0000:00:02.0", "0000:00:03.0", "0000:00:1c.0", "0000:00:1f.0",
+        "0000:01:00.0", "0000:3b:00.0", "0000:3b:02.0",
+    ]  # fmt: skip
+    assert re.fullmatch(
+        r"0000:00:03\.0 +1234:11e8 +unclassified device +vfio-pci +3 +yes +vfio0",
+        rows["0000:00:03.0"],
+    )
+    assert re.fullmatch(
+        r"0000:01:00\.0 +8086:10d3 +Ethernet controller +e1000e +1 +no +-", rows["0000:01:00.0"]
+    )
+    assert re.fullmatch(r"0000:00:1f\.0 .* lpc_ich +- +- +-", rows["0000:00:1f.0"])
+    assert rows["0000:00:02.0"].endswith("override=vfio-pci, boot VGA")
+    assert rows["0000:3b:00.0"].endswith("PF 2/8 VFs")
+    assert rows["0000:3b:02.0"].endswith("VF of 0000:3b:00.0")
+    assert lines[-1] == (
+        "Host can assign devices via: group + container, group on iommufd, device cdev."
+    )  # fmt: skip
+
+
+def test_inventory_json_follows_the_documented_schema(
+    build_host: BuildHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = build_host(TOPOLOGY)
+    code, out, _ = _run(["inventory", "--json", *_roots(host)], capsys)
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["schema"] == 1
+    assert set(doc) == {"schema", "host", "devices", "groups"}
+    documented = _documented_fields()
+    assert set(doc["host"]) == documented["Host object"]
+    for dev in doc["devices"]:
+        assert set(dev) == documented["Device object"]
+    for group in doc["groups"]:
+        assert set(group) == documented["Group object"]
+    assert [d["address"] for d in doc["devices"]][:3] == [
+        "0000:00:02.0",
+        "0000:00:03.0",
+        "0000:00:1c.0",
+    ]
+    assert [g["number"] for g in doc["groups"]] == [1, 2, 3, 4, 5, 6]
+    pf = next(d for d in doc["devices"] if d["address"] == "0000:3b:00.0")
+    assert pf["virtfns"] == ["0000:3b:02.0", "0000:3b:02.1"]
+    assert (pf["sriov_totalvfs"], pf["sriov_numvfs"], pf["numa_node"]) == (8, 2, 1)
+    assert (pf["vendor"], pf["class"], pf["driver"]) == ("0x8086", "0x020000", "i40e")
+    group3 = doc["groups"][2]
+    assert group3["members"] == ["0000:00:03.0"]
+    assert group3["other_members"] == [{"name": "soc:dma@0", "driver": None}]
+    assert group3["dev_node"] == str(host.devfs / "vfio" / "3")
+    assert doc["host"]["missing"] == []
+
+
+def _documented_fields() -> dict[str, set[str]]:
+    """The field names in each ``### ... object`` table of docs/cli-json.md."""
+    out: dict[str, set[str]] = {}
+    section = None
+    for line in DOC.read_text().splitlines():
+        if line.startswith("### "):
+            section = line[4:].strip()
+            out[section] = set()
+        elif section and (m := re.match(r"\| `([a-z_]+)` \|", line)):
+            out[section].add(m[1])
+    return out
+
+
+def test_the_documented_example_is_what_the_command_prints(
+    build_host: BuildHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = build_host(Topology(devices=[TOPOLOGY.devices[0]]))
+    code, out, _ = _run(["group", "1", "--json", *_roots(host)], capsys)
+    assert code == 1
+    printed = json.loads(out.replace(str(host.devfs), "/dev"))
+    example = DOC.read_text().split("## Example", 1)[1].split("```json\n", 1)[1].split("```")[0]
+    assert printed == json.loads(example)
+
+
+# -- group --------------------------------------------------------------------
+
+
+def test_group_viable_by_number_exits_0(
+    build_host: BuildHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = build_host(TOPOLOGY)
+    code, out, err = _run(["group", "5", *_roots(host)], capsys)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0] == f"IOMMU group 5 ({host.devfs}/vfio/5): viable"
+    assert re.search(r"^0000:3b:02\.0 +8086:10d3 +Ethernet controller +vfio-pci +ok$", out, re.M)
+
+
+def test_group_not_viable_by_address_exits_1_with_reasons(
+    build_host: BuildHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = build_host(TOPOLOGY)
+    code, out, err = _run(["group", "01:00.0", *_roots(host)], capsys)
+    assert (code, err) == (1, "")
+    lines = out.splitlines()
+    assert lines[0] == f"IOMMU group 1 ({host.devfs}/vfio/1): NOT viable"
+    assert re.fullmatch(r"0000:00:1c\.0 .* pcieport +ok", lines[2])
+    assert re.fullmatch(
+        r"0000:01:00\.0 .* e1000e +blocks: bound to e1000e, a host driver that does DMA; "
+        r"rebind it to vfio-pci",
+        lines[3],
+    )
+    assert lines[4].startswith("1 member(s) keep the group from VFIO")
+
+
+def test_group_json_exit_status_follows_viability(
+    build_host: BuildHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = build_host(TOPOLOGY)
+    code, out, _ = _run(["group", "0000:00:1c.0", "--json", *_roots(host)], capsys)
+    doc = json.loads(out)
+    assert code == 1
+    assert doc["group"]["viable"] is False
+    assert doc["group"]["blockers"][0]["driver"] == "e1000e"
+    assert [d["address"] for d in doc["devices"]] == ["0000:00:1c.0", "0000:01:00.0"]
+
+
+@pytest.mark.parametrize(
+    ("target", "code", "message"),
+    [
+        ("../x", 2, "'../x' is not a PCI address (contains a path separator or NUL)"),
+        ("abc", 2, "'abc' is neither an IOMMU group number nor a PCI address"),
+        ("-1", 2, "'-1' is neither an IOMMU group number nor a PCI address"),
+        ("0000:00:20.0", 2, "slot 0x20 is above 0x1f"),
+        ("99", 1, "no IOMMU group 99 on this host"),
+        ("0000:00:04.0", 1, "no PCI device 0000:00:04.0 on this host"),
+        ("0000:00:1f.0", 1, "0000:00:1f.0 is in no IOMMU group"),
+    ],
+)
+def test_group_bad_arguments(
+    build_host: BuildHost,
+    capsys: pytest.CaptureFixture[str],
+    target: str,
+    code: int,
+    message: str,
+) -> None:
+    host = build_host(TOPOLOGY)
+    got, out, err = _run(["group", target, *_roots(host)], capsys)
+    assert got == code
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith("kvmvfio: ")
+    assert message in err
+
+
+def test_a_root_that_is_not_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(["inventory", "--sysfs-root", str(tmp_path / "nope")], capsys)
+    assert (code, out) == (2, "")
+    assert err == f"kvmvfio: --sysfs-root {tmp_path / 'nope'}: not a directory\n"
+
+
+def test_a_broken_tree_is_one_line_not_a_traceback(
+    build_host: BuildHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = build_host(TOPOLOGY)
+    (host.sysfs / "bus/pci/devices/0000:00:03.0/numa_node").write_bytes(b"\xff\n")
+    code, _, err = _run(["inventory", *_roots(host)], capsys)
+    assert code == 1
+    assert err.startswith("kvmvfio: unexpected contents in ")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "where", ["bus/pci/devices", "kernel/iommu_groups", "kernel/iommu_groups/1/devices"]
+)
+def test_undecodable_names_in_sysfs_print_as_one_line(
+    build_host: BuildHost, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    host = build_host(TOPOLOGY)
+    os.symlink(b".", os.fsencode(host.sysfs / where) + b"/\xff\x1b[2J")
+    code, out, err = _run(["inventory", *_roots(host)], capsys)
+    assert (code, out) == (1, "")
+    assert "'\\udcff\\x1b[2J'" in err  # escaped, not sent to the terminal
+    assert err.count("\n") == 1
+
+
+def test_missing_argument_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        run(["group"])
+    assert info.value.code == 2
+    assert "the following arguments are required: ADDR|N" in capsys.readouterr().err
+
+
+def test_help_states_the_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run(["group", "--help"])
+    assert "0 viable, 1 not viable or not found, 2 malformed argument" in " ".join(
+        capsys.readouterr().out.split()
+    )
+
+
+def test_empty_host(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(
+        ["inventory", "--sysfs-root", str(tmp_path), "--dev-root", str(tmp_path)], capsys
+    )
+    assert code == 0
+    assert out.startswith("No PCI functions found.\n\nHost cannot assign devices to VMs.")
+
+
+def test_python_m_kvmvfio_group_bad_address_exits_2_without_traceback() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvmvfio", "group", "../x"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr == (
+        "kvmvfio: '../x' is not a PCI address (contains a path separator or NUL); "
+        "expected [DDDD:]BB:SS.F\n"
+    )

@@ -12,6 +12,7 @@ and the elapsed time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -117,7 +118,9 @@ class ImageBuilder:
         or a build fails (with the end of its log).
         """
         folders = {kind: self._ensure_one(kind, rebuild) for kind in ("kernel", "rootfs")}
-        return LabImages(kernel=folders["kernel"] / "bzImage", rootfs=folders["rootfs"] / "rootfs.img")
+        return LabImages(
+            kernel=folders["kernel"] / "bzImage", rootfs=folders["rootfs"] / "rootfs.img"
+        )
 
     def _ensure_one(self, kind: str, rebuild: bool) -> Path:
         target = self.path_for(kind)
@@ -180,7 +183,8 @@ class ImageBuilder:
         )
         stop = threading.Event()
         heartbeat = threading.Thread(
-            target=_heartbeat, args=(stop, lambda: self._say(f"{kind}: still working [{stamp()}]"), last_line),
+            target=_heartbeat,
+            args=(stop, lambda: self._say(f"{kind}: still working [{stamp()}]"), last_line),
             daemon=True,
         )
         heartbeat.start()
@@ -222,8 +226,6 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=10)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
         proc.wait()

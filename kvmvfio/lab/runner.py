@@ -25,7 +25,6 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -179,7 +178,8 @@ async def run_in_lab(run: LabRun, out: BinaryIO | None = None, job_dir: Path | N
         except TimeoutError:
             raise LabError(
                 f"the lab run on topology {run.topology.name} did not finish within "
-                f"{run.timeout:.0f} s; stopped it. Last console lines:\n{_console_tail(console_log)}"
+                f"{run.timeout:.0f} s; stopped it. Last console lines:\n"
+                f"{_console_tail(console_log)}"
             ) from None
         finally:
             await _stop(proc)
@@ -199,7 +199,8 @@ async def run_in_lab(run: LabRun, out: BinaryIO | None = None, job_dir: Path | N
 
 
 async def _pump(proc: asyncio.subprocess.Process, stream: BinaryIO) -> bytes:
-    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout is not None
+    assert proc.stderr is not None
     err_task = asyncio.ensure_future(proc.stderr.read())
     while chunk := await proc.stdout.read(4096):
         stream.write(chunk.replace(b"\r\n", b"\n"))

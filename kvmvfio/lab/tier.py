@@ -48,7 +48,10 @@ def read_junit(path: Path, topology: str, exit_code: int) -> TierResult:
     except (OSError, ET.ParseError):
         return TierResult(topology, exit_code)
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    total = {k: sum(int(s.get(k, "0")) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    total = {
+        k: sum(int(s.get(k, "0")) for s in suites)
+        for k in ("tests", "failures", "errors", "skipped")
+    }
     passed = total["tests"] - total["failures"] - total["errors"] - total["skipped"]
     return TierResult(
         topology,
@@ -78,7 +81,9 @@ async def run_tier(
                 "-p", "no:cacheprovider", "--junitxml=/mnt/job/junit.xml",
                 f"--lab-topology={topo.name}", *pytest_args,
             )  # fmt: skip
-            run = LabRun(topology=topo, images=images, checkout=checkout, command=command, timeout=timeout)
+            run = LabRun(
+                topology=topo, images=images, checkout=checkout, command=command, timeout=timeout
+            )
             try:
                 code = await run_in_lab(run, job_dir=job)
             except LabError as err:

@@ -129,7 +129,7 @@ _BRIDGES = {"pcie-pci-bridge", "pci-bridge", "pcie-root-port", "ioh3420", "x3130
 
 
 def _slot(addr: str) -> int:
-    return int(addr.split(".")[0], 0)
+    return int(addr.split(".", maxsplit=1)[0], 0)
 
 
 def builtin_names() -> list[str]:
@@ -158,7 +158,9 @@ def load(name_or_path: str) -> Topology:
             "or give the path of a .toml file"
         )
     res = resources.files("kvmvfio.lab") / "topologies" / f"{name_or_path}.toml"
-    return parse(res.read_text(encoding="utf-8"), name=name_or_path, source=f"built-in {name_or_path}")
+    return parse(
+        res.read_text(encoding="utf-8"), name=name_or_path, source=f"built-in {name_or_path}"
+    )
 
 
 def parse(text: str, *, name: str, source: str) -> Topology:
@@ -197,11 +199,17 @@ class _Checker:
         return value
 
     def topology(self, name: str, data: dict[str, object]) -> Topology:
-        self.keys("top level", data, {"description", "viommu", "device", "kernel-args", "memory-mb", "smp"})
+        self.keys(
+            "top level",
+            data,
+            {"description", "viommu", "device", "kernel-args", "memory-mb", "smp"},
+        )
         description = self.string("description", data.get("description", ""))
         viommu = data.get("viommu")
         if not isinstance(viommu, dict):
-            raise self.fail("viommu", "missing [viommu] table (model = one of " + ", ".join(VIOMMU_MODELS) + ")")
+            raise self.fail(
+                "viommu", "missing [viommu] table (model = one of " + ", ".join(VIOMMU_MODELS) + ")"
+            )
         self.keys("[viommu]", viommu, {"model", "snoop-control"})
         model = self.string("viommu.model", viommu.get("model"))
         if model not in VIOMMU_MODELS:
@@ -222,13 +230,17 @@ class _Checker:
         for i, dev in enumerate(devices):
             # QEMU creates devices in order: a bus must exist before its children.
             if dev.bus is not None and dev.bus not in seen:
-                raise self.fail(f"device[{i}].bus", f"{dev.bus!r} is not the id of a device above it")
+                raise self.fail(
+                    f"device[{i}].bus", f"{dev.bus!r} is not the id of a device above it"
+                )
             if dev.id is not None:
                 seen.add(dev.id)
         raw_args = data.get("kernel-args", [])
         if not isinstance(raw_args, list):
             raise self.fail("kernel-args", "must be an array of strings")
-        kernel_args = tuple(self.string(f"kernel-args[{i}]", a, _KARG) for i, a in enumerate(raw_args))
+        kernel_args = tuple(
+            self.string(f"kernel-args[{i}]", a, _KARG) for i, a in enumerate(raw_args)
+        )
         return Topology(
             name=name,
             description=description,
@@ -268,4 +280,6 @@ class _Checker:
             else:
                 text = self.string(f"{where}.props.{key}", value, _VALUE)
             props.append((key, text))
-        return LabDevice(driver=driver, id=opt["id"], bus=opt["bus"], addr=opt["addr"], props=tuple(props))
+        return LabDevice(
+            driver=driver, id=opt["id"], bus=opt["bus"], addr=opt["addr"], props=tuple(props)
+        )

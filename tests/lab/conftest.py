@@ -8,7 +8,7 @@ booted topology are skipped too.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.get_closest_marker("lab") is None:
             continue
         if name is None:
-            item.add_marker(pytest.mark.skip(reason="lab test: runs inside L1, see `kvmvfio lab test`"))
+            item.add_marker(
+                pytest.mark.skip(reason="lab test: runs inside L1, see `kvmvfio lab test`")
+            )
             continue
         marker = item.get_closest_marker("topology")
         if marker is not None and name not in marker.args:
@@ -44,7 +46,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def topology(pytestconfig: pytest.Config) -> Topology:
     name = pytestconfig.getoption("--lab-topology")
     assert name, "lab fixtures are only usable inside the lab"
-    assert os.environ.get("KVMVFIO_LAB_TOPOLOGY") == name, "booted topology and --lab-topology differ"
+    assert os.environ.get("KVMVFIO_LAB_TOPOLOGY") == name, (
+        "booted topology and --lab-topology differ"
+    )
     return topo_mod.load(name)
 
 
@@ -83,17 +87,14 @@ def unbind_vfio(addr: str, previous: str | None) -> None:
 
 
 @pytest.fixture
-def vfio_bound() -> Iterator[list[str]]:
-    """Bind devices to vfio-pci for one test (``vfio_bound.append(addr)``-style via bind)."""
+def vfio_bind() -> Iterator[Callable[..., None]]:
+    """``vfio_bind(addr, ...)`` moves devices to vfio-pci for one test, and back after it."""
     bound: list[tuple[str, str | None]] = []
 
-    class Binder(list[str]):
-        def bind(self, *addrs: str) -> None:
-            for addr in addrs:
-                bound.append((addr, bind_vfio(addr)))
-                self.append(addr)
+    def bind(*addrs: str) -> None:
+        for addr in addrs:
+            bound.append((addr, bind_vfio(addr)))
 
-    binder = Binder()
-    yield binder
+    yield bind
     for addr, previous in reversed(bound):
         unbind_vfio(addr, previous)

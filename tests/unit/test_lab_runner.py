@@ -27,9 +27,12 @@ from kvmvfio.lab.tier import read_junit, summary
 def test_builtin_topologies_cover_the_issue() -> None:
     assert {"default", "coherent", "virtio-iommu"} <= set(topo_mod.builtin_names())
     default = topo_mod.load("default")
-    assert default.viommu == "intel-iommu" and not default.snoop_control
+    assert default.viommu == "intel-iommu"
+    assert not default.snoop_control
     drivers = [d.driver for d in default.devices]
-    assert drivers.count("edu") == 4 and "e1000e" in drivers and "pcie-pci-bridge" in drivers
+    assert drivers.count("edu") == 4
+    assert "e1000e" in drivers
+    assert "pcie-pci-bridge" in drivers
     assert topo_mod.load("coherent").snoop_control is True
     assert topo_mod.load("virtio-iommu").viommu == "virtio-iommu"
 
@@ -55,7 +58,10 @@ def test_unknown_topology_names_the_choices() -> None:
         ('[viommu]\nmodel = "amd-iommu"\n', r"viommu.model: 'amd-iommu' is not one of"),
         ('colour = 1\n[viommu]\nmodel = "intel-iommu"\n', r"top level: unknown field 'colour'"),
         ("description = 3\n", r"description: must be a string"),
-        ('[viommu]\nmodel = "intel-iommu"\n[[device]]\nid = "x"\n', r"device\[0\]: missing field 'driver'"),
+        (
+            '[viommu]\nmodel = "intel-iommu"\n[[device]]\nid = "x"\n',
+            r"device\[0\]: missing field 'driver'",
+        ),
         (
             '[viommu]\nmodel = "intel-iommu"\n[[device]]\ndriver = "edu,id=evil"\n',
             r"device\[0\].driver: 'edu,id=evil' is not allowed",
@@ -64,7 +70,10 @@ def test_unknown_topology_names_the_choices() -> None:
             '[viommu]\nmodel = "intel-iommu"\n[[device]]\ndriver = "edu"\nbus = "br9"\n',
             r"device\[0\].bus: 'br9' is not the id of a device above it",
         ),
-        ('[viommu]\nmodel = "virtio-iommu"\nsnoop-control = true\n', r"only intel-iommu has snoop-control"),
+        (
+            '[viommu]\nmodel = "virtio-iommu"\nsnoop-control = true\n',
+            r"only intel-iommu has snoop-control",
+        ),
         ('smp = 0\n[viommu]\nmodel = "intel-iommu"\n', r"smp: must be an integer from 1 to 8"),
         ("[viommu\n", r"not valid TOML"),
     ],
@@ -122,7 +131,8 @@ def test_qemu_command_line(tmp_path: Path) -> None:
     assert f"local,id=src,path={tmp_path},security_model=none,readonly=on" in argv
     assert "snapshot=on" in joined
     cmdline = kernel_cmdline(topo)
-    assert "panic=-1" in cmdline and "intel_iommu=on" in cmdline
+    assert "panic=-1" in cmdline
+    assert "intel_iommu=on" in cmdline
     assert "init=/sbin/kvmvfio-init" in cmdline
 
 
@@ -204,25 +214,35 @@ async def test_crashed_guest_shows_console_tail(
     tmp_path: Path, fake_qemu: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_QEMU_MODE", "panic")
-    with pytest.raises(LabError, match=r"stopped before the job finished[\s\S]*Unable to mount root fs"):
+    with pytest.raises(
+        LabError, match=r"stopped before the job finished[\s\S]*Unable to mount root fs"
+    ):
         await run_in_lab(_fake_run(tmp_path, fake_qemu, ("true",)), out=io.BytesIO())
 
 
-async def test_timeout_stops_the_vm(tmp_path: Path, fake_qemu: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_timeout_stops_the_vm(
+    tmp_path: Path, fake_qemu: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FAKE_QEMU_MODE", "hang")
     job = tmp_path / "job"
     with pytest.raises(LabError, match=r"did not finish within 1 s[\s\S]*Linux version"):
-        await run_in_lab(_fake_run(tmp_path, fake_qemu, ("true",), timeout=1), out=io.BytesIO(), job_dir=job)
+        await run_in_lab(
+            _fake_run(tmp_path, fake_qemu, ("true",), timeout=1), out=io.BytesIO(), job_dir=job
+        )
     pid = int((job / "pid").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 
 
-async def test_cancel_stops_the_vm(tmp_path: Path, fake_qemu: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_cancel_stops_the_vm(
+    tmp_path: Path, fake_qemu: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Ctrl-C cancels the task: the VM must not outlive it."""
     monkeypatch.setenv("FAKE_QEMU_MODE", "hang")
     job = tmp_path / "job"
-    task = asyncio.ensure_future(run_in_lab(_fake_run(tmp_path, fake_qemu, ("true",)), out=io.BytesIO(), job_dir=job))
+    task = asyncio.ensure_future(
+        run_in_lab(_fake_run(tmp_path, fake_qemu, ("true",)), out=io.BytesIO(), job_dir=job)
+    )
     for _ in range(100):
         if (job / "pid").exists() and (job / "pid").read_text():
             break
@@ -236,7 +256,9 @@ async def test_cancel_stops_the_vm(tmp_path: Path, fake_qemu: str, monkeypatch: 
 
 
 async def test_missing_qemu_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(LabError, match=r"no-such-qemu not found on the host.*apt-get install qemu-system-x86"):
+    with pytest.raises(
+        LabError, match=r"no-such-qemu not found on the host.*apt-get install qemu-system-x86"
+    ):
         await run_in_lab(_fake_run(tmp_path, "no-such-qemu", ("true",)))
 
 
@@ -275,10 +297,13 @@ def test_no_disk_space_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monk
         builder.ensure()
 
 
-def test_build_caches_by_recipe_and_reports_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_caches_by_recipe_and_reports_failures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     checkout = _fake_checkout(
         tmp_path,
-        'echo "step one"; for f in bzImage rootfs.img; do echo x > "$1/$f"; done; echo built >> "$2/count"\n',
+        'echo "step one"; for f in bzImage rootfs.img; do echo x > "$1/$f"; done; '
+        'echo built >> "$2/count"\n',
     )
     monkeypatch.setattr("kvmvfio.lab.images._inputs", lambda _k: b"")
     monkeypatch.setattr("kvmvfio.lab.images.os.geteuid", lambda: 0)
@@ -290,8 +315,12 @@ def test_build_caches_by_recipe_and_reports_failures(tmp_path: Path, monkeypatch
     assert "step one" in log.getvalue()
     builder.ensure()  # cached: the recipe does not run again
     assert (tmp_path / "cache" / "work" / "kernel" / "count").read_text() == "built\n"
-    (checkout / "vm-images" / "kernel" / "build.sh").write_text('echo "oops: no compiler" >&2; exit 3\n')
-    with pytest.raises(LabError, match=r"building the kernel image failed \(exit 3\)[\s\S]*oops: no compiler"):
+    (checkout / "vm-images" / "kernel" / "build.sh").write_text(
+        'echo "oops: no compiler" >&2; exit 3\n'
+    )
+    with pytest.raises(
+        LabError, match=r"building the kernel image failed \(exit 3\)[\s\S]*oops: no compiler"
+    ):
         builder.ensure()
     # The failed build left no half-made image behind, and the old one is kept.
     assert not list((tmp_path / "cache").glob("kernel-*.tmp-*"))
@@ -300,7 +329,8 @@ def test_build_caches_by_recipe_and_reports_failures(tmp_path: Path, monkeypatch
 def test_junit_summary(tmp_path: Path) -> None:
     report = tmp_path / "junit.xml"
     report.write_text(
-        '<testsuites><testsuite tests="7" failures="1" errors="1" skipped="2"></testsuite></testsuites>'
+        '<testsuites><testsuite tests="7" failures="1" errors="1" skipped="2">'
+        "</testsuite></testsuites>"
     )
     result = read_junit(report, "default", 1)
     assert (result.passed, result.failed, result.errors, result.skipped) == (3, 1, 1, 2)

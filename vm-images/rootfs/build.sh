@@ -22,7 +22,10 @@ cleanup() {
 }
 trap cleanup EXIT
 cleanup
-rm -rf "$root"
+if [ -e "$root" ]; then
+    echo "rootfs: removing the previous tree"
+    rm -rf "$root"
+fi
 mkdir -p "$root" "$out"
 echo "rootfs: debootstrap trixie (minbase)"
 debootstrap --variant=minbase trixie "$root" "$mirror" >"$work/debootstrap.log" 2>&1 ||

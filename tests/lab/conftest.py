@@ -57,27 +57,32 @@ def _write(path: Path, text: str) -> None:
         f.write(text)
 
 
-def bind_vfio(addr: str) -> str | None:
-    """Move ``addr`` to vfio-pci with plain sysfs writes; return its old driver.
+def bind_driver(addr: str, driver: str = "vfio-pci") -> str | None:
+    """Move ``addr`` to ``driver`` with plain sysfs writes; return its old driver.
 
-    The lab's own minimal helper, used until kvmvfio's binding layer exists
-    and kept as the independent reference the binding tests compare with.
+    The lab's own minimal helper, independent of kvmvfio's binding layer, so
+    that tests of kvmvfio have a reference to compare with.
     """
     dev = SYSFS_PCI / "devices" / addr
     old = dev / "driver"
     previous = os.path.basename(os.readlink(old)) if old.exists() else None
-    if previous == "vfio-pci":
+    if previous == driver:
         return previous
     if previous is not None:
         _write(old / "unbind", addr)
-    _write(dev / "driver_override", "vfio-pci")
+    _write(dev / "driver_override", driver)
     _write(SYSFS_PCI / "drivers_probe", addr)
-    assert os.path.basename(os.readlink(dev / "driver")) == "vfio-pci"
+    assert os.path.basename(os.readlink(dev / "driver")) == driver
     return previous
 
 
+def bind_vfio(addr: str) -> str | None:
+    """Move ``addr`` to vfio-pci; return its old driver."""
+    return bind_driver(addr, "vfio-pci")
+
+
 def unbind_vfio(addr: str, previous: str | None) -> None:
-    """Undo :func:`bind_vfio`: back to ``previous`` (or no driver)."""
+    """Undo :func:`bind_driver`: back to ``previous`` (or no driver)."""
     dev = SYSFS_PCI / "devices" / addr
     if (dev / "driver").exists():
         _write(dev / "driver" / "unbind", addr)
@@ -88,12 +93,17 @@ def unbind_vfio(addr: str, previous: str | None) -> None:
 
 @pytest.fixture
 def vfio_bind() -> Iterator[Callable[..., None]]:
-    """``vfio_bind(addr, ...)`` moves devices to vfio-pci for one test, and back after it."""
+    """``vfio_bind(addr, ..., driver="vfio-pci")`` moves devices for one test, and back after it.
+
+    A device bound twice is restored to what it had before the first bind.
+    """
     bound: list[tuple[str, str | None]] = []
 
-    def bind(*addrs: str) -> None:
+    def bind(*addrs: str, driver: str = "vfio-pci") -> None:
         for addr in addrs:
-            bound.append((addr, bind_vfio(addr)))
+            previous = bind_driver(addr, driver)
+            if all(a != addr for a, _ in bound):
+                bound.append((addr, previous))
 
     yield bind
     for addr, previous in reversed(bound):

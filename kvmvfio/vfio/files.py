@@ -1,0 +1,186 @@
+"""File descriptors with one owner, and opening VFIO's device nodes.
+
+Every fd kvmvfio opens is held by exactly one :class:`OwnedFd`. Closing is
+idempotent; handing the fd to someone else is explicit (:meth:`OwnedFd.detach`),
+never a copy of the integer. Everything is opened with ``O_CLOEXEC`` so no
+child process inherits a device by accident.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Self
+
+from kvmvfio.errors import Busy, KernelError, KvmvfioError, PermissionDenied
+
+log = logging.getLogger(__name__)
+
+
+class FdClosed(KvmvfioError):
+    """An operation was asked of an fd that was already closed or handed over."""
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+        super().__init__(f"{subject} is closed (or was handed over); open it again")
+
+
+class OwnedFd:
+    """One open file descriptor and the path it was opened from."""
+
+    __slots__ = ("_fd", "path", "subject")
+
+    def __init__(self, fd: int, path: str, subject: str) -> None:
+        self._fd: int | None = fd
+        self.path = path
+        self.subject = subject
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def fileno(self) -> int:
+        """The fd number. Raises :class:`FdClosed` once closed or detached."""
+        if self._fd is None:
+            raise FdClosed(self.subject)
+        return self._fd
+
+    def detach(self) -> int:
+        """Give up ownership: return the fd, which the caller must now close."""
+        fd = self.fileno()
+        self._fd = None
+        return fd
+
+    def close(self) -> None:
+        """Close the fd; safe to call twice."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"OwnedFd({self._fd}, {self.path!r})"
+
+
+def holders(*paths: str | Path, proc: str | Path = "/proc") -> list[str]:
+    """Other processes that have any of ``paths`` open, as ``"pid N (comm)"`` (best effort).
+
+    Reads ``/proc/*/fd``; processes we may not inspect are skipped.
+    """
+    targets = {str(p) for p in paths}
+    found = []
+    me = os.getpid()
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        if int(pid) == me:
+            continue
+        fd_dir = os.path.join(proc, pid, "fd")
+        try:
+            links = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in links:
+            try:
+                if os.readlink(os.path.join(fd_dir, fd)) in targets:
+                    break
+            except OSError:
+                continue
+        else:
+            continue
+        try:
+            with open(os.path.join(proc, pid, "comm")) as f:
+                comm = f.read().strip()
+        except OSError:
+            comm = "?"
+        found.append(f"pid {pid} ({comm})")
+    return found
+
+
+def open_node(
+    path: str | Path,
+    subject: str,
+    *,
+    missing_hint: str | None = None,
+    related: Sequence[str | Path] = (),
+) -> OwnedFd:
+    """Open a device node read-write with ``O_CLOEXEC``.
+
+    Raises :class:`Busy` on EBUSY, naming the processes it finds in /proc
+    holding ``path`` or one of the ``related`` nodes (the kernel makes a
+    group and its devices' cdevs exclusive of each other),
+    :class:`PermissionDenied` on EACCES/EPERM, and :class:`KernelError`
+    otherwise; ``missing_hint`` explains an ENOENT.
+    """
+    text = str(path)
+    try:
+        fd = os.open(text, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as err:
+        code = err.errno or errno.EIO
+        if code == errno.EBUSY:
+            who = holders(text, *related)
+            raise Busy(code, "open", text, subject, holder=", ".join(who) or None) from err
+        if code in (errno.EACCES, errno.EPERM):
+            raise PermissionDenied(
+                code, "open", text, subject, "kvmvfio needs root (or access to it)"
+            ) from err
+        hint = missing_hint if code == errno.ENOENT else None
+        raise KernelError(code, "open", text, subject, hint) from err
+    log.debug("opened %s as fd %d (%s)", text, fd, subject)
+    return OwnedFd(fd, text, subject)
+
+
+class FdObject:
+    """Base of the objects that own one kernel file: context managers, close, fileno.
+
+    Usable as ``with`` and ``async with``; :meth:`close` is idempotent.
+    Subclasses put their release steps in :meth:`_release`, which runs once,
+    before the fd is closed.
+    """
+
+    def __init__(self, fd: OwnedFd) -> None:
+        self._file = fd
+
+    @property
+    def path(self) -> str:
+        return self._file.path
+
+    @property
+    def subject(self) -> str:
+        return self._file.subject
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def fileno(self) -> int:
+        """The fd; raises :class:`FdClosed` after :meth:`close`."""
+        return self._file.fileno()
+
+    def _release(self) -> None:
+        """Undo what this object did to the kernel beyond opening its file."""
+
+    def close(self) -> None:
+        """Release and close; safe to call twice."""
+        if self._file.closed:
+            return
+        try:
+            self._release()
+        finally:
+            self._file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

@@ -13,6 +13,7 @@ and the elapsed time.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -129,6 +130,19 @@ class ImageBuilder:
             return target
         self._check_host(kind)
         self.cache.mkdir(parents=True, exist_ok=True)
+        # One build of a kind at a time: the work folder is shared between
+        # builds, and a second `kvmvfio lab ...` started meanwhile waits and
+        # then reuses what the first one built.
+        with open(self.cache / f"{kind}.lock", "a") as lock:
+            if not _try_lock(lock):
+                self._say(f"{kind}: another kvmvfio is building it; waiting")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.cached(kind) and not rebuild:
+                self._say(f"{kind}: reusing {target}")
+                return target
+            return self._build_one(kind, target)
+
+    def _build_one(self, kind: str, target: Path) -> Path:
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         work = self.cache / "work" / kind
@@ -213,6 +227,14 @@ class ImageBuilder:
 
     def _say(self, text: str) -> None:
         print(f"lab: {text}", file=self.out, flush=True)
+
+
+def _try_lock(lock: TextIO) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _heartbeat(stop: threading.Event, say: Callable[[], None], last_line: list[float]) -> None:

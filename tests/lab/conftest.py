@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from vfiokit import fd_table
 
+from kvmvfio.kvm import KvmVfioDevice, KvmVm
 from kvmvfio.lab import topology as topo_mod
 from kvmvfio.lab.topology import Topology
 
@@ -108,3 +110,31 @@ def vfio_bind() -> Iterator[Callable[..., None]]:
     yield bind
     for addr, previous in reversed(bound):
         unbind_vfio(addr, previous)
+
+
+@pytest.fixture
+def no_fd_leak() -> Iterator[None]:
+    """Fail the test if it leaves an fd open that was not open before."""
+    before = fd_table()
+    yield
+    # pytest-asyncio's event loop (an epoll fd and a socketpair) may outlive
+    # this fixture; everything else must be as it was.
+    leaked = {
+        fd: path
+        for fd, path in fd_table().items()
+        if before.get(fd) != path and not path.startswith(("socket:", "anon_inode:[eventpoll]"))
+    }
+    assert leaked == {}, f"fds left open: {leaked}"
+
+
+@pytest.fixture
+def edu0(topology: Topology, vfio_bind: Callable[..., None]) -> str:
+    addr = topology.guest_address("edu0")
+    vfio_bind(addr)
+    return addr
+
+
+@pytest.fixture
+def kvm() -> Iterator[KvmVfioDevice]:
+    with KvmVm() as vm, vm.vfio_device() as device:
+        yield device

@@ -12,19 +12,23 @@ when the guest fails.
 
 The VM is always stopped: at the end of the job, on a timeout, on Ctrl-C
 (the task is cancelled), and when anything here fails. QEMU runs in its own
-session so no signal meant for us reaches it half-way.
+session so no signal meant for us reaches it half-way, and with a parent
+death signal (``PR_SET_PDEATHSIG``), so that even when this process is
+killed outright (SIGKILL, an OOM kill) the kernel kills QEMU with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import shlex
 import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -169,6 +173,7 @@ async def run_in_lab(run: LabRun, out: BinaryIO | None = None, job_dir: Path | N
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
+                preexec_fn=_die_with_parent(os.getpid()),
             )
         except OSError as err:
             raise LabError(f"cannot start {run.qemu}: {err.strerror}") from err
@@ -207,6 +212,21 @@ async def _pump(proc: asyncio.subprocess.Process, stream: BinaryIO) -> bytes:
         stream.flush()
     await proc.wait()
     return await err_task
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when ``parent`` dies."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+
+    def setup() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return setup
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:

@@ -11,8 +11,10 @@ import asyncio
 import io
 import os
 import shutil
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -251,6 +253,45 @@ async def test_cancel_stops_the_vm(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+_KILLED_RUNNER = """
+import asyncio, io, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from test_lab_runner import _fake_run
+from kvmvfio.lab.runner import run_in_lab
+tmp = Path(sys.argv[1])
+run = _fake_run(tmp, sys.argv[2], ("true",))
+asyncio.run(run_in_lab(run, out=io.BytesIO(), job_dir=tmp / "job"))
+"""
+
+
+def test_a_killed_runner_takes_the_vm_with_it(
+    tmp_path: Path, fake_qemu: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL leaves no chance to clean up: the kernel must stop QEMU (PR_SET_PDEATHSIG)."""
+    monkeypatch.setenv("FAKE_QEMU_MODE", "hang")
+    runner = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_RUNNER, str(tmp_path), fake_qemu, str(Path(__file__).parent)]
+    )
+    job = tmp_path / "job"
+    for _ in range(200):
+        if (job / "pid").exists() and (job / "pid").read_text():
+            break
+        time.sleep(0.05)
+    pid = int((job / "pid").read_text())
+    os.kill(pid, 0)  # the fake QEMU runs
+    runner.kill()
+    runner.wait()
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 

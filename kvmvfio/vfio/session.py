@@ -35,6 +35,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from kvmvfio.errors import (
     DeviceNotBoundToVfio,
     GroupNotViable,
     KernelUnsupported,
+    NoIommuGroup,
     NoIommuRefused,
     SessionStateError,
     UsageError,
@@ -108,14 +110,16 @@ class SessionReport:
 
 def choose_backend(requested: Backend, host: Host, devices: Sequence[PciDevice]) -> Backend:
     """Resolve ``auto`` and check that the kernel has what ``requested`` needs."""
-    support = host.support()
-    cdev_ok = support.iommufd and all(d.vfio_cdev for d in devices)
+    # Two stats, not a full HostSupport probe: this runs at every session open.
+    has_iommufd = os.path.exists(host.devfs / "iommu")
+    has_container = os.path.exists(host.devfs / "vfio" / "vfio")
+    cdev_ok = has_iommufd and all(d.vfio_cdev for d in devices)
     if requested is Backend.AUTO:
         if cdev_ok:
             return Backend.CDEV
-        if support.vfio_container:
+        if has_container:
             return Backend.GROUP
-        if support.iommufd:
+        if has_iommufd:
             return Backend.GROUP_IOMMUFD
         raise KernelUnsupported(
             "VFIO", "neither /dev/vfio/vfio nor /dev/iommu exists; load vfio / vfio-pci"
@@ -123,16 +127,16 @@ def choose_backend(requested: Backend, host: Host, devices: Sequence[PciDevice])
     if requested is Backend.CDEV and not cdev_ok:
         missing = (
             "/dev/iommu (CONFIG_IOMMUFD)"
-            if not support.iommufd
+            if not has_iommufd
             else "VFIO device cdevs (CONFIG_VFIO_DEVICE_CDEV)"
         )
         raise KernelUnsupported("the cdev path", f"the kernel has no {missing}; use --path group")
-    if requested is Backend.GROUP and not support.vfio_container:
+    if requested is Backend.GROUP and not has_container:
         raise KernelUnsupported(
             "the group + container path",
             "no /dev/vfio/vfio (CONFIG_VFIO_CONTAINER); use --path cdev",
         )
-    if requested is Backend.GROUP_IOMMUFD and not support.iommufd:
+    if requested is Backend.GROUP_IOMMUFD and not has_iommufd:
         raise KernelUnsupported(
             "the group-on-iommufd path", "no /dev/iommu (CONFIG_IOMMUFD); use --path group"
         )
@@ -281,10 +285,19 @@ class VfioSession:
     def _resolve(self) -> list[PciDevice]:
         devices = []
         for addr in self.addresses:
-            dev = self.host.device(addr)
+            # The group's members are read anyway: take the device from them.
+            try:
+                group = self.host.group_of(addr)
+            except NoIommuGroup:
+                # virtio-iommu gives a device its group only once a driver
+                # binds it; say what is wrong with the device first.
+                dev = self.host.device(addr)
+                if not is_vfio_driver(dev.driver):
+                    raise DeviceNotBoundToVfio(addr, dev.driver) from None
+                raise
+            dev = next(m for m in group.members if str(m.address) == addr)
             if not is_vfio_driver(dev.driver):
                 raise DeviceNotBoundToVfio(addr, dev.driver)
-            group = self.host.group_of(addr)
             if group.noiommu:
                 if not self.allow_noiommu:
                     raise NoIommuRefused(group.number, addr)

@@ -361,5 +361,82 @@ class QemuRefused(QemuError):
         super().__init__(f"QEMU refused {command}: {desc} ({error_class})")
 
 
+class QemuPeerMismatch(QemuError):
+    """The process behind a QMP socket is not the QEMU the caller named."""
+
+    def __init__(self, socket: str, expected: int, peer: int, uid: int) -> None:
+        self.socket = socket
+        self.expected = expected
+        self.peer = peer
+        self.uid = uid
+        super().__init__(
+            f"the QMP socket {socket} belongs to pid {peer} (uid {uid}), not to QEMU pid "
+            f"{expected}: refusing to hand it any file descriptor"
+        )
+
+
+class QemuGone(QemuError):
+    """QEMU closed the QMP connection (or died) in the middle of a step."""
+
+    def __init__(self, step: str, detail: str = "") -> None:
+        self.step = step
+        more = f" ({detail})" if detail else ""
+        super().__init__(
+            f"QEMU went away during {step}{more}; kvmvfio released everything it had opened"
+        )
+
+
+class NoHotplugPort(QemuError):
+    """The VM has no free PCIe port a device could be hot-plugged into."""
+
+    def __init__(self, address: str, busy: Sequence[str]) -> None:
+        self.address = address
+        self.busy = tuple(busy)
+        taken = f" (taken: {', '.join(self.busy)})" if self.busy else ""
+        super().__init__(
+            f"the VM has no free hotpluggable port for {address}{taken}: QEMU's q35 root bus "
+            "does not take hotplugged devices; start QEMU with one "
+            "`-device pcie-root-port,id=rpN,chassis=N` per device to plug, or name a bus"
+        )
+
+
+class DetachTimeout(QemuError):
+    """The guest did not release a device within the time given."""
+
+    def __init__(self, address: str, qdev_id: str, timeout: float) -> None:
+        self.address = address
+        self.qdev_id = qdev_id
+        self.timeout = timeout
+        super().__init__(
+            f"the guest did not release {address} (QEMU device {qdev_id}) within {timeout:g} s; "
+            "it stays attached as QEMU has it (nothing was yanked). The guest must answer the "
+            "PCIe hot-unplug request: retry later, or shut the guest down"
+        )
+
+
+class NotAttached(QemuError):
+    """A device kvmvfio was asked to detach is not one it attached to that QEMU."""
+
+    def __init__(self, address: str, qdev_id: str) -> None:
+        self.address = address
+        self.qdev_id = qdev_id
+        super().__init__(f"{address} is not attached to this QEMU by kvmvfio (no device {qdev_id})")
+
+
+class MemlockTooLow(QemuError):
+    """QEMU may not lock enough memory for VFIO to pin the guest's RAM."""
+
+    def __init__(self, pid: int, limit: int, needed: int, why: str) -> None:
+        self.pid = pid
+        self.limit = limit
+        self.needed = needed
+        super().__init__(
+            f"QEMU pid {pid} may lock {limit >> 20} MiB but VFIO pins all guest RAM "
+            f"({needed >> 20} MiB with margin) and {why}: raise it with "
+            f"`prlimit --pid {pid} --memlock={needed}:{needed}` (as root), or start QEMU "
+            "with that limit (LimitMEMLOCK= in systemd, ulimit -l)"
+        )
+
+
 class LabError(KvmvfioError):
     """The nested lab could not be built, booted or used."""

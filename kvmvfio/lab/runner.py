@@ -123,12 +123,23 @@ def job_script(run: LabRun) -> str:
         "HOME": "/root",
         "KVMVFIO_LAB_TOPOLOGY": run.topology.name,
         "KVMVFIO_LAB_JOB": _GUEST_JOB,
+        # L1's own kernel, for the L2 guests the QEMU handoff tests boot.
+        "KVMVFIO_LAB_KERNEL": f"{_GUEST_JOB}/bzImage",
         **dict(run.env),
     }
     lines = ["#!/bin/sh", "# Written by kvmvfio lab; run by L1's init."]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     lines += [f"cd {_GUEST_SRC}", "exec " + shlex.join(run.command)]
     return "\n".join(lines) + "\n"
+
+
+def _share_kernel(kernel: Path, target: Path) -> None:
+    """Put L1's kernel in the job folder (a hard link where it can be), for L2 guests."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(kernel, target)
+    except OSError:
+        shutil.copyfile(kernel, target)
 
 
 def _console_tail(log: Path, lines: int = 25) -> str:
@@ -163,6 +174,7 @@ async def run_in_lab(run: LabRun, out: BinaryIO | None = None, job_dir: Path | N
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "rc").unlink(missing_ok=True)
         (job_dir / "job.sh").write_text(job_script(run))
+        _share_kernel(run.images.kernel, job_dir / "bzImage")
         console_log = job_dir / "console.log"
         console_log.unlink(missing_ok=True)
         argv = qemu_argv(run, job_dir, console_log)

@@ -143,6 +143,65 @@ def choose_backend(requested: Backend, host: Host, devices: Sequence[PciDevice])
     return requested
 
 
+def check_devices(
+    host: Host, addresses: Sequence[str], *, allow_noiommu: bool = False
+) -> tuple[list[PciDevice], dict[int, IommuGroup], list[str]]:
+    """Check from sysfs that each device can be opened; return devices, groups, warnings.
+
+    Raises :class:`DeviceNotBoundToVfio`, :class:`GroupNotViable` (naming
+    the members in the way), :class:`NoIommuRefused`, and the host model's
+    errors (:class:`~kvmvfio.errors.DeviceNotFound`, ...). Changes nothing.
+    """
+    devices: list[PciDevice] = []
+    groups: dict[int, IommuGroup] = {}
+    unsafe: list[str] = []
+    for addr in addresses:
+        # The group's members are read anyway: take the device from them.
+        try:
+            group = host.group_of(addr)
+        except NoIommuGroup:
+            # virtio-iommu gives a device its group only once a driver
+            # binds it; say what is wrong with the device first.
+            dev = host.device(addr)
+            if not is_vfio_driver(dev.driver):
+                raise DeviceNotBoundToVfio(str(dev.address), dev.driver) from None
+            raise
+        canonical = str(PciAddress.coerce(addr))
+        dev = next(m for m in group.members if str(m.address) == canonical)
+        if not is_vfio_driver(dev.driver):
+            raise DeviceNotBoundToVfio(canonical, dev.driver)
+        if group.noiommu:
+            if not allow_noiommu:
+                raise NoIommuRefused(group.number, canonical)
+            unsafe.append(f"IOMMU group {group.number} is a no-IOMMU group: no DMA isolation")
+        if not group.viable:
+            raise GroupNotViable(str(group.number), group.blockers)
+        groups[group.number] = group
+        devices.append(dev)
+    return devices, groups, unsafe
+
+
+def probe_cdev_coherency(host: Host, dev: PciDevice, related: Sequence[Path] = ()) -> bool:
+    """Whether the IOMMU enforces DMA cache coherency for ``dev`` (on vfio-pci, with a cdev).
+
+    Binds the device to a scratch iommufd and IOAS, asks, and lets go of
+    everything: afterwards the device is as unopened as before.
+    """
+    if dev.vfio_cdev is None:
+        raise KernelUnsupported(
+            f"a VFIO device cdev for {dev.address}", "the kernel lacks CONFIG_VFIO_DEVICE_CDEV"
+        )
+    with (
+        Iommufd(host.devfs) as scratch,
+        Device.open_cdev(str(dev.address), dev.vfio_cdev, host.devfs, related=related) as probe,
+    ):
+        probe.bind_iommufd(scratch.fileno())
+        ioas = scratch.alloc_ioas()
+        probe.attach(ioas)
+        scratch.set_compat_ioas(ioas)
+        return scratch.enforces_coherency()
+
+
 class VfioSession:
     """The VFIO files one VM needs for a set of devices, opened in order.
 
@@ -283,31 +342,11 @@ class VfioSession:
         raise KeyError(addr)
 
     def _resolve(self) -> list[PciDevice]:
-        devices = []
-        for addr in self.addresses:
-            # The group's members are read anyway: take the device from them.
-            try:
-                group = self.host.group_of(addr)
-            except NoIommuGroup:
-                # virtio-iommu gives a device its group only once a driver
-                # binds it; say what is wrong with the device first.
-                dev = self.host.device(addr)
-                if not is_vfio_driver(dev.driver):
-                    raise DeviceNotBoundToVfio(addr, dev.driver) from None
-                raise
-            dev = next(m for m in group.members if str(m.address) == addr)
-            if not is_vfio_driver(dev.driver):
-                raise DeviceNotBoundToVfio(addr, dev.driver)
-            if group.noiommu:
-                if not self.allow_noiommu:
-                    raise NoIommuRefused(group.number, addr)
-                self.unsafe.append(
-                    f"IOMMU group {group.number} is a no-IOMMU group: no DMA isolation"
-                )
-            if not group.viable:
-                raise GroupNotViable(str(group.number), group.blockers)
-            self._members[group.number] = group
-            devices.append(dev)
+        devices, groups, unsafe = check_devices(
+            self.host, self.addresses, allow_noiommu=self.allow_noiommu
+        )
+        self._members.update(groups)
+        self.unsafe.extend(unsafe)
         return devices
 
     def _open(self) -> None:
@@ -403,19 +442,7 @@ class VfioSession:
         return self.iommufd
 
     def _probe_cdev_coherency(self, dev: PciDevice, related: Sequence[Path]) -> bool:
-        """Bind ``dev`` to a scratch iommufd and IOAS, ask, and let go of everything."""
-        assert dev.vfio_cdev is not None
-        with (
-            Iommufd(self.host.devfs) as scratch,
-            Device.open_cdev(
-                str(dev.address), dev.vfio_cdev, self.host.devfs, related=related
-            ) as probe,
-        ):
-            probe.bind_iommufd(scratch.fileno())
-            ioas = scratch.alloc_ioas()
-            probe.attach(ioas)
-            scratch.set_compat_ioas(ioas)
-            return scratch.enforces_coherency()
+        return probe_cdev_coherency(self.host, dev, related)
 
     def _open_cdev(self, devices: Sequence[PciDevice]) -> None:
         related = {

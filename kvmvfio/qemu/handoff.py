@@ -1,0 +1,505 @@
+"""Hand VFIO devices to a running QEMU, and take them back.
+
+The point: QEMU runs without any access to ``/dev/vfio`` or ``/dev/iommu``.
+kvmvfio, holding the privilege, checks the devices, opens what is needed
+and passes QEMU file descriptors over its QMP socket.
+
+iommufd path (QEMU >= 9 with its ``iommufd`` object; a kernel with
+``/dev/iommu`` and VFIO device cdevs)::
+
+    getfd      kvmvfio-iommufd-XXXX   <- /dev/iommu            (once per VM)
+    object-add iommufd id=kvmvfio-iommufd fd=kvmvfio-iommufd-XXXX
+    getfd      kvmvfio-XXXX           <- /dev/vfio/devices/vfioN (unbound)
+    device_add vfio-pci id=kvmvfio-DDDD-BB-SS-F iommufd=kvmvfio-iommufd fd=kvmvfio-XXXX bus=PORT
+
+QEMU binds the cdev and makes the KVM association itself, in the right
+order; kvmvfio must not bind the cdev before handing it over. A failed
+``device_add`` consumes the fd name, so every attempt sends its own fd
+under a fresh name.
+
+Legacy path (no iommufd in QEMU or the kernel): QEMU refuses passed fds
+there ("Use FD passing only with iommufd backend") and keeps a refused
+device fd open, holding the group busy, so kvmvfio never sends one.
+Instead it grants QEMU's uid access to exactly the group node it needs
+(a POSIX ACL entry), runs ``device_add vfio-pci,host=ADDR``, and revokes
+the entry on detach.
+
+Detach: ``device_del``, then wait for ``DEVICE_DELETED``. A guest must
+answer the PCIe hot-unplug request; one that never does gets a
+:class:`~kvmvfio.errors.DetachTimeout` and the device stays as QEMU has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import logging
+import os
+import re
+import resource
+import secrets
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+from qemu.qmp import EventListener
+
+from kvmvfio.errors import (
+    CoherencyRefused,
+    DetachTimeout,
+    KernelError,
+    KernelUnsupported,
+    MemlockTooLow,
+    NoHotplugPort,
+    NotAttached,
+    QemuError,
+    QemuRefused,
+    UsageError,
+)
+from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice
+from kvmvfio.qemu.qmp import JsonObject, Qemu
+from kvmvfio.vfio import Coherency, VfioSession
+from kvmvfio.vfio.files import open_node
+from kvmvfio.vfio.session import check_devices, probe_cdev_coherency
+
+log = logging.getLogger(__name__)
+
+#: The one iommufd object kvmvfio creates per VM, shared by its devices.
+IOMMUFD_OBJECT = "kvmvfio-iommufd"
+#: Port types a device can be hot-plugged into (PCIe native hotplug).
+HOTPLUG_PORTS = frozenset({"pcie-root-port", "ioh3420", "xio3130-downstream"})
+#: What VFIO may pin beyond the guest's RAM (libvirt adds 1 GiB too).
+MEMLOCK_MARGIN = 1 << 30
+_PERIPHERALS = ("/machine/peripheral", "/machine/peripheral-anon")
+_CHILD = re.compile(r"child<(.+)>")
+
+
+class HandoffPath(enum.StrEnum):
+    """How the devices reach QEMU."""
+
+    AUTO = "auto"
+    IOMMUFD = "iommufd"
+    LEGACY = "legacy"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One device kvmvfio attached to a QEMU."""
+
+    address: str
+    qdev_id: str
+    bus: str | None
+    path: HandoffPath
+    group: int
+    coherent: bool | None
+    unsafe: tuple[str, ...] = ()
+
+
+def qdev_id(address: str | PciAddress) -> str:
+    """The QEMU device id kvmvfio gives ``address`` (``kvmvfio-0000-00-03-0``)."""
+    a = PciAddress.coerce(address)
+    return f"kvmvfio-{a.domain:04x}-{a.bus:02x}-{a.slot:02x}-{a.function:x}"
+
+
+# -- what QEMU and the kernel offer ------------------------------------------------
+
+
+async def qemu_has_iommufd(qemu: Qemu) -> bool:
+    """Whether this QEMU's vfio-pci takes ``iommufd=`` and ``fd=`` (QEMU >= 9)."""
+    try:
+        props = await qemu.execute("device-list-properties", {"typename": "vfio-pci"})
+    except QemuRefused:
+        return False
+    names = {str(p.get("name")) for p in cast(list[JsonObject], props)}
+    return {"iommufd", "fd"} <= names
+
+
+async def choose_path(
+    qemu: Qemu, host: Host, devices: Sequence[PciDevice], requested: HandoffPath
+) -> tuple[HandoffPath, str]:
+    """Resolve ``auto`` from QEMU's and the kernel's capabilities; say why."""
+    in_qemu = await qemu_has_iommufd(qemu)
+    in_kernel = os.path.exists(host.devfs / "iommu") and all(d.vfio_cdev for d in devices)
+    if requested is HandoffPath.LEGACY:
+        return requested, "asked for"
+    if in_qemu and in_kernel:
+        return HandoffPath.IOMMUFD, "QEMU has the iommufd backend and the kernel has cdevs"
+    missing = []
+    if not in_qemu:
+        missing.append("QEMU's vfio-pci has no iommufd/fd properties (QEMU < 9)")
+    if not in_kernel:
+        missing.append("the kernel has no /dev/iommu or no VFIO device cdevs")
+    if requested is HandoffPath.IOMMUFD:
+        raise KernelUnsupported("the iommufd handoff", "; ".join(missing))
+    return HandoffPath.LEGACY, "; ".join(missing)
+
+
+async def free_ports(qemu: Qemu) -> tuple[list[str], list[str]]:
+    """The hotpluggable ports with nothing plugged in, and the taken ones, by QEMU id."""
+    ports: list[str] = []
+    occupied: set[str] = set()
+    for container in _PERIPHERALS:
+        for item in await qemu.qom_list(container):
+            match = _CHILD.fullmatch(str(item.get("type", "")))
+            if match is None:
+                continue
+            name = str(item["name"])
+            path = f"{container}/{name}"
+            is_port = container == _PERIPHERALS[0] and match.group(1) in HOTPLUG_PORTS
+            if is_port and await _hotplug_enabled(qemu, path):
+                ports.append(name)
+            bus = await qemu.qom_get(path, "parent_bus")
+            if isinstance(bus, str) and bus:
+                occupied.add(bus.rstrip("/").rpartition("/")[2])
+    ports.sort(key=lambda name: (len(name), name))  # rp2 before rp10
+    free = [p for p in ports if p not in occupied]
+    return free, [p for p in ports if p in occupied]
+
+
+async def _hotplug_enabled(qemu: Qemu, path: str) -> bool:
+    try:
+        return bool(await qemu.qom_get(path, "hotplug"))
+    except QemuRefused:
+        return True  # older QEMU: no switch, hotplug on
+
+
+# -- limits and access ----------------------------------------------------------------
+
+
+def memlock_limit(pid: int) -> int:
+    """The soft RLIMIT_MEMLOCK of ``pid`` in bytes (``resource.RLIM_INFINITY`` = no limit)."""
+    soft, _ = resource.prlimit(pid, resource.RLIMIT_MEMLOCK)
+    return soft
+
+
+async def ensure_memlock(qemu: Qemu, *, raise_it: bool = True) -> int:
+    """Make sure QEMU may lock its RAM plus :data:`MEMLOCK_MARGIN`; return the limit.
+
+    Raises the limit of QEMU's process (as ``prlimit`` does) when
+    ``raise_it`` and kvmvfio may; otherwise :class:`MemlockTooLow`, which
+    says exactly what to change.
+    """
+    summary = cast(JsonObject, await qemu.execute("query-memory-size-summary"))
+    ram = int(cast(int, summary.get("base-memory", 0))) + int(
+        cast(int, summary.get("plugged-memory", 0) or 0)
+    )
+    needed = ram + MEMLOCK_MARGIN
+    soft, hard = resource.prlimit(qemu.pid, resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    if not raise_it:
+        raise MemlockTooLow(qemu.pid, soft, needed, "kvmvfio was told not to raise it")
+    new_hard = hard if hard == resource.RLIM_INFINITY or hard >= needed else needed
+    try:
+        resource.prlimit(qemu.pid, resource.RLIMIT_MEMLOCK, (needed, new_hard))
+    except OSError as err:
+        raise MemlockTooLow(
+            qemu.pid, soft, needed, f"kvmvfio could not raise it ({err.strerror})"
+        ) from err
+    log.info("raised RLIMIT_MEMLOCK of QEMU pid %d from %d to %d", qemu.pid, soft, needed)
+    return needed
+
+
+def _setfacl(args: list[str], node: Path) -> None:
+    tool = shutil.which("setfacl")
+    if tool is None:
+        raise KernelUnsupported(
+            "POSIX ACLs on the VFIO group node", "setfacl is missing: apt-get install acl"
+        )
+    done = subprocess.run([tool, *args, str(node)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise KernelError(errno.EPERM, "setfacl", str(node), None, done.stderr.strip())
+
+
+def grant(node: Path, uid: int) -> bool:
+    """Let ``uid`` open ``node`` (an ACL entry); False when nothing was needed (root)."""
+    if uid == 0:
+        return False
+    _setfacl(["-m", f"u:{uid}:rw"], node)
+    log.info("granted uid %d access to %s", uid, node)
+    return True
+
+
+def revoke(node: Path, uid: int) -> None:
+    """Take back what :func:`grant` gave (no-op for root, or if the node is gone)."""
+    if uid == 0 or not node.exists():
+        return
+    _setfacl(["-x", f"u:{uid}"], node)
+    log.info("revoked uid %d's access to %s", uid, node)
+
+
+# -- attach ------------------------------------------------------------------------------
+
+
+def _apply_policy(policy: Coherency, coherent: bool, subject: str, members: list[str]) -> str:
+    if coherent or policy is Coherency.IGNORE:
+        return ""
+    if policy is Coherency.REQUIRE:
+        raise CoherencyRefused(subject, members)
+    return f"{subject}: the IOMMU does not enforce DMA cache coherency"
+
+
+async def _ensure_iommufd_object(qemu: Qemu, host: Host) -> bool:
+    """Create the VM's iommufd object from our /dev/iommu fd; False if it existed."""
+    objects = {str(o["name"]) for o in await qemu.qom_list("/objects")}
+    if IOMMUFD_OBJECT in objects:
+        return False
+    name = f"kvmvfio-iommufd-{secrets.token_hex(4)}"
+    fd = open_node(host.devfs / "iommu", "iommufd (/dev/iommu)")
+    try:
+        await qemu.send_fd(fd, name)
+    finally:
+        fd.close()  # QEMU has its own copy now, or nothing
+    try:
+        await qemu.execute("object-add", {"qom-type": "iommufd", "id": IOMMUFD_OBJECT, "fd": name})
+    except QemuRefused:
+        await qemu.close_fd(name)
+        raise
+    log.info("created iommufd object %s in QEMU pid %d", IOMMUFD_OBJECT, qemu.pid)
+    return True
+
+
+async def _attach_fd(
+    qemu: Qemu, host: Host, dev: PciDevice, group: IommuGroup, bus: str | None
+) -> None:
+    assert dev.vfio_cdev is not None
+    addr = str(dev.address)
+    name = f"kvmvfio-{secrets.token_hex(4)}"
+    cdev = host.devfs / "vfio" / "devices" / dev.vfio_cdev
+    fd = open_node(cdev, f"device {addr} ({dev.vfio_cdev})", related=[group.dev_node(host.devfs)])
+    try:
+        await qemu.send_fd(fd, name)
+    finally:
+        fd.close()  # QEMU has its own copy now, or nothing
+    args: JsonObject = {
+        "driver": "vfio-pci",
+        "id": qdev_id(addr),
+        "iommufd": IOMMUFD_OBJECT,
+        "fd": name,
+    }
+    if bus is not None:
+        args["bus"] = bus
+    try:
+        await qemu.execute("device_add", args)
+    except QemuRefused:
+        await qemu.close_fd(name)  # QEMU consumes it on failure; in case it did not
+        raise
+
+
+async def _attach_legacy(
+    qemu: Qemu, host: Host, dev: PciDevice, group: IommuGroup, bus: str | None
+) -> None:
+    addr = str(dev.address)
+    node = group.dev_node(host.devfs)
+    container = host.devfs / "vfio" / "vfio"
+    if container.exists() and os.stat(container).st_mode & 0o006 != 0o006:
+        grant(container, qemu.uid)  # it grants no device by itself; left in place
+    granted = grant(node, qemu.uid)
+    args: JsonObject = {"driver": "vfio-pci", "id": qdev_id(addr), "host": addr}
+    if bus is not None:
+        args["bus"] = bus
+    try:
+        await qemu.execute("device_add", args)
+    except BaseException:
+        if granted:
+            revoke(node, qemu.uid)
+        raise
+
+
+async def attach(
+    qemu: Qemu,
+    addresses: Sequence[str | PciAddress],
+    *,
+    path: HandoffPath | str = HandoffPath.AUTO,
+    coherency: Coherency | str = Coherency.WARN,
+    buses: Sequence[str] | None = None,
+    allow_noiommu: bool = False,
+    raise_memlock: bool = True,
+    host: Host | None = None,
+) -> list[Attachment]:
+    """Attach the devices at ``addresses`` to the QEMU behind ``qemu``.
+
+    Checks first, hands over after: each device must be on vfio-pci in a
+    viable group, the coherency policy holds, QEMU's memlock limit covers
+    its RAM (raised if kvmvfio may), and a free hotpluggable port waits for
+    each device (or ``buses`` names them). Then the devices go over one by
+    one; on a failure the ones already attached stay attached (they are
+    listed in the log) and the error propagates. Raises the errors of
+    :func:`kvmvfio.vfio.session.check_devices`, :class:`CoherencyRefused`,
+    :class:`MemlockTooLow`, :class:`NoHotplugPort`,
+    :class:`~kvmvfio.errors.QemuRefused` (QEMU's own words) and
+    :class:`~kvmvfio.errors.QemuGone`.
+    """
+    host = host or Host()
+    policy = Coherency(coherency)
+    addrs = [str(PciAddress.coerce(a)) for a in addresses]
+    if len(set(addrs)) != len(addrs):
+        raise UsageError(f"a device is named twice: {', '.join(addrs)}")
+    if buses is not None and len(buses) != len(addrs):
+        raise UsageError(f"{len(addrs)} devices but {len(buses)} buses")
+    devices, groups, unsafe = check_devices(host, addrs, allow_noiommu=allow_noiommu)
+    chosen, why = await choose_path(qemu, host, devices, HandoffPath(path))
+    log.info("attaching %s to QEMU pid %d by %s (%s)", ", ".join(addrs), qemu.pid, chosen, why)
+    by_addr = {str(d.address): d for d in devices}
+    group_of = {str(m.address): g for g in groups.values() for m in g.members}
+    coherent: dict[str, bool | None] = {}
+    notes: dict[str, list[str]] = {a: list(unsafe) for a in addrs}
+    for addr in addrs:
+        answer: bool | None = None
+        if policy is not Coherency.IGNORE:
+            if chosen is HandoffPath.IOMMUFD:
+                answer = probe_cdev_coherency(host, by_addr[addr])
+            else:
+                with VfioSession([addr], backend="group", coherency="ignore", host=host) as s:
+                    answer = s.container is not None and s.container.enforces_coherency()
+            note = _apply_policy(policy, answer, f"device {addr}", [addr])
+            if note:
+                notes[addr].append(note)
+                log.warning("%s", note)
+        coherent[addr] = answer
+    await ensure_memlock(qemu, raise_it=raise_memlock)
+    if buses is None:
+        free, taken = await free_ports(qemu)
+        if len(free) < len(addrs):
+            raise NoHotplugPort(addrs[len(free)], taken)
+        chosen_buses: list[str | None] = list(free[: len(addrs)])
+    else:
+        chosen_buses = list(buses)
+    created_object = False
+    if chosen is HandoffPath.IOMMUFD:
+        created_object = await _ensure_iommufd_object(qemu, host)
+    done: list[Attachment] = []
+    try:
+        for addr, bus in zip(addrs, chosen_buses, strict=True):
+            group = group_of[addr]
+            if chosen is HandoffPath.IOMMUFD:
+                await _attach_fd(qemu, host, by_addr[addr], group, bus)
+            else:
+                await _attach_legacy(qemu, host, by_addr[addr], group, bus)
+            done.append(
+                Attachment(
+                    address=addr,
+                    qdev_id=qdev_id(addr),
+                    bus=bus,
+                    path=chosen,
+                    group=group.number,
+                    coherent=coherent[addr],
+                    unsafe=tuple(notes[addr]),
+                )
+            )
+            log.info("attached %s to QEMU pid %d as %s on %s", addr, qemu.pid, qdev_id(addr), bus)
+    except BaseException:
+        if done:
+            log.warning("attached before the failure: %s", ", ".join(a.address for a in done))
+        elif created_object and qemu.alive():
+            await _drop_object(qemu)
+        raise
+    return done
+
+
+async def _drop_object(qemu: Qemu) -> None:
+    try:
+        await qemu.execute("object-del", {"id": IOMMUFD_OBJECT})
+    except QemuError as err:  # in use, or QEMU gone: nothing more to do here
+        log.info("kept iommufd object %s: %s", IOMMUFD_OBJECT, err)
+
+
+# -- detach ------------------------------------------------------------------------------
+
+
+async def _kvmvfio_devices(qemu: Qemu) -> dict[str, str]:
+    """kvmvfio's vfio-pci devices in QEMU: qdev id -> their iommufd link ("" = legacy)."""
+    found = {}
+    for item in await qemu.qom_list(_PERIPHERALS[0]):
+        name = str(item["name"])
+        if name.startswith("kvmvfio-") and str(item.get("type")) == "child<vfio-pci>":
+            link = await qemu.qom_get(f"{_PERIPHERALS[0]}/{name}", "iommufd")
+            found[name] = str(link or "")
+    return found
+
+
+async def detach(
+    qemu: Qemu,
+    addresses: Sequence[str | PciAddress],
+    *,
+    timeout: float = 30.0,
+    host: Host | None = None,
+) -> list[str]:
+    """Detach devices kvmvfio attached: ``device_del``, wait for ``DEVICE_DELETED``.
+
+    Then revoke the legacy path's access grant, and remove the iommufd
+    object once no kvmvfio device uses it. Returns the QEMU ids detached.
+    Raises :class:`NotAttached` for a device kvmvfio did not attach there,
+    and :class:`DetachTimeout` when the guest does not let go in time (the
+    device stays attached as QEMU has it).
+    """
+    host = host or Host()
+    addrs = [str(PciAddress.coerce(a)) for a in addresses]
+    present = await _kvmvfio_devices(qemu)
+    for addr in addrs:
+        if qdev_id(addr) not in present:
+            raise NotAttached(addr, qdev_id(addr))
+    gone = []
+    for addr in addrs:
+        ident = qdev_id(addr)
+        await _device_del(qemu, addr, ident, timeout)
+        gone.append(ident)
+        if not present[ident]:  # legacy: QEMU opened the group node through our grant
+            revoke(host.group_of(addr).dev_node(host.devfs), qemu.uid)
+        log.info("detached %s (%s) from QEMU pid %d", addr, ident, qemu.pid)
+    remaining = await _kvmvfio_devices(qemu)
+    if not any(remaining.values()):
+        objects = {str(o["name"]) for o in await qemu.qom_list("/objects")}
+        if IOMMUFD_OBJECT in objects:
+            await _drop_object(qemu)
+    return gone
+
+
+async def _device_del(qemu: Qemu, addr: str, ident: str, timeout: float) -> None:
+    listener = EventListener("DEVICE_DELETED")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    with qemu.client.listen(listener):
+        while True:
+            try:
+                await qemu.execute("device_del", {"id": ident})
+                break
+            except QemuRefused as err:
+                # QEMU refuses while the guest still handles a previous hotplug
+                # event of that slot (a just-plugged device): ask again shortly.
+                if "guest is busy" not in err.desc or loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+        async def deleted() -> None:
+            async for event in listener:
+                data = cast(JsonObject, event.get("data") or {})
+                if data.get("device") == ident:
+                    return
+
+        try:
+            await asyncio.wait_for(deleted(), max(deadline - loop.time(), 0.1))
+        except TimeoutError:
+            raise DetachTimeout(addr, ident, timeout) from None
+
+
+__all__ = [
+    "HOTPLUG_PORTS",
+    "IOMMUFD_OBJECT",
+    "Attachment",
+    "HandoffPath",
+    "attach",
+    "choose_path",
+    "detach",
+    "ensure_memlock",
+    "free_ports",
+    "grant",
+    "memlock_limit",
+    "qdev_id",
+    "qemu_has_iommufd",
+    "revoke",
+]

@@ -1,0 +1,167 @@
+"""A running QEMU, reached over its QMP socket, whose identity is checked first.
+
+kvmvfio holds the privilege to open VFIO files and QEMU does not; before
+a single file descriptor crosses the socket, the peer must be the QEMU
+process the caller named. The socket is connected here, its peer
+credentials (``SO_PEERCRED``: the pid, uid and gid of the process that
+created the listening socket, i.e. QEMU) compared with the expected pid,
+and only then handed to ``qemu.qmp``'s :class:`~qemu.qmp.QMPClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import Self, cast
+
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
+
+from kvmvfio.errors import QemuError, QemuGone, QemuPeerMismatch, QemuRefused, UsageError
+from kvmvfio.vfio.files import OwnedFd
+
+log = logging.getLogger(__name__)
+
+_UCRED = struct.Struct("3i")
+
+JsonObject = dict[str, object]
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """``SO_PEERCRED`` of a connected UNIX socket: (pid, uid, gid)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def read_pidfile(path: str | Path) -> int:
+    """The pid in QEMU's ``-pidfile``; :class:`UsageError` when unreadable or malformed."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as err:
+        raise UsageError(f"cannot read the pid file {path}: {err.strerror}") from None
+    if not text.isdigit() or int(text) <= 0:
+        raise UsageError(f"the pid file {path} holds {text[:20]!r}, not a pid")
+    return int(text)
+
+
+class Qemu:
+    """A QMP connection to one QEMU process (async context manager).
+
+    ``pid`` is the QEMU the caller means (from its launcher, or
+    :func:`read_pidfile`); ``None`` accepts any peer and is meant for tests
+    and for callers that verified the socket otherwise. :attr:`pid`,
+    :attr:`uid` and :attr:`gid` are the peer's, as the kernel reports them.
+    """
+
+    def __init__(self, socket_path: str | Path, pid: int | None = None) -> None:
+        self.socket_path = str(socket_path)
+        self.expected_pid = pid
+        self.pid = 0
+        self.uid = 0
+        self.gid = 0
+        self.client = QMPClient("kvmvfio")
+        self._connected = False
+
+    async def connect(self) -> Self:
+        """Connect, verify the peer, and negotiate QMP.
+
+        Raises :class:`QemuError` when the socket cannot be reached,
+        :class:`QemuPeerMismatch` (nothing sent) when its peer is another
+        process than ``pid``.
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.socket_path)
+            self.pid, self.uid, self.gid = peer_credentials(sock)
+            if self.expected_pid is not None and self.pid != self.expected_pid:
+                raise QemuPeerMismatch(self.socket_path, self.expected_pid, self.pid, self.uid)
+        except OSError as err:
+            sock.close()
+            raise QemuError(
+                f"cannot connect to the QMP socket {self.socket_path}: {err.strerror}"
+            ) from None
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            await self.client.connect(sock)
+        except ConnectError as err:
+            sock.close()
+            raise QemuError(f"QMP negotiation on {self.socket_path} failed: {err}") from err
+        self._connected = True
+        log.info("connected to QEMU pid %d (uid %d) at %s", self.pid, self.uid, self.socket_path)
+        return self
+
+    async def close(self) -> None:
+        """Disconnect; safe to call twice."""
+        if self._connected:
+            self._connected = False
+            try:
+                await self.client.disconnect()
+            except Exception as err:  # QEMU died first: what broke was reported already
+                log.debug("QMP disconnect from pid %d: %r", self.pid, err)
+
+    async def __aenter__(self) -> Self:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def execute(self, command: str, arguments: JsonObject | None = None) -> object:
+        """Run a QMP command; :class:`QemuRefused` keeps QEMU's error class and words.
+
+        :class:`QemuGone` when the connection drops meanwhile.
+        """
+        log.debug("qmp %s %s", command, arguments or "")
+        try:
+            return await self.client.execute(command, arguments)
+        except ExecuteError as err:
+            raise QemuRefused(command, err.error_class, str(err)) from err
+        except (
+            ExecInterruptedError,
+            StateError,
+            EOFError,
+            ConnectionError,
+            asyncio.IncompleteReadError,
+        ) as err:
+            raise QemuGone(command, str(err) or type(err).__name__) from err
+
+    async def send_fd(self, fd: OwnedFd, name: str) -> None:
+        """Pass ``fd`` to QEMU with SCM_RIGHTS and name it there (``getfd``).
+
+        QEMU receives its own copy; ``fd`` stays ours to close.
+        """
+        try:
+            self.client.send_fd_scm(fd.fileno())
+        except OSError as err:
+            raise QemuGone(f"passing {fd.subject}", err.strerror or "") from err
+        await self.execute("getfd", {"fdname": name})
+        log.info("passed %s to QEMU pid %d as %r", fd.subject, self.pid, name)
+
+    async def close_fd(self, name: str) -> None:
+        """``closefd``: drop a passed fd QEMU did not consume (best effort)."""
+        with contextlib.suppress(QemuRefused):  # consumed or already gone
+            await self.execute("closefd", {"fdname": name})
+
+    async def qom_list(self, path: str) -> list[JsonObject]:
+        """``qom-list`` of ``path``: its properties, as QEMU lists them."""
+        return cast(list[JsonObject], await self.execute("qom-list", {"path": path}))
+
+    async def qom_get(self, path: str, prop: str) -> object:
+        """``qom-get``."""
+        return await self.execute("qom-get", {"path": path, "property": prop})
+
+    def alive(self) -> bool:
+        """Whether the QEMU process still exists."""
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True

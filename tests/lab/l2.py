@@ -1,0 +1,161 @@
+"""L2 QEMUs for the handoff tests: unprivileged, with KVM, paused or running a tiny guest.
+
+QEMU runs as ``nobody`` (uid 65534), which cannot open ``/dev/vfio`` or
+``/dev/iommu``: every VFIO file it gets comes from kvmvfio. It may open
+``/dev/kvm`` (an ACL entry, what udev's ``kvm`` group would give it).
+The running guest is L1's own kernel with a busybox initramfs written
+here; ``-global ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off`` makes
+q35 use native PCIe hotplug, which the lab kernel has (pciehp), so the
+guest answers hot-unplug requests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+NOBODY = 65534
+READY = "KVMVFIO-L2-READY"
+
+_INIT = f"""#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sys /sys
+/bin/busybox mount -t devtmpfs dev /dev
+echo {READY} > /dev/ttyS0
+while true; do /bin/busybox sleep 3600; done
+"""
+
+
+def _cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> bytes:
+    fields = [
+        0,  # ino
+        mode,
+        0,  # uid
+        0,  # gid
+        1,  # nlink
+        0,  # mtime
+        len(data),
+        0,  # devmajor
+        0,  # devminor
+        rdev[0],
+        rdev[1],
+        len(name) + 1,
+        0,  # check
+    ]
+    header = b"070701" + b"".join(f"{v:08x}".encode() for v in fields)
+    out = header + name.encode() + b"\0"
+    out += b"\0" * (-len(out) % 4)
+    out += data + b"\0" * (-len(data) % 4)
+    return out
+
+
+def build_initramfs(target: Path) -> Path:
+    """A newc initramfs with busybox and an init that reports readiness on ttyS0."""
+    busybox = shutil.which("busybox")
+    assert busybox, "busybox-static is part of the lab rootfs"
+    entries = [_cpio_entry(d, stat.S_IFDIR | 0o755) for d in ("bin", "dev", "proc", "sys")]
+    entries.append(_cpio_entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)))
+    entries.append(_cpio_entry("bin/busybox", stat.S_IFREG | 0o755, Path(busybox).read_bytes()))
+    entries.append(_cpio_entry("init", stat.S_IFREG | 0o755, _INIT.encode()))
+    entries.append(_cpio_entry("TRAILER!!!", 0))
+    target.write_bytes(b"".join(entries))
+    return target
+
+
+class L2Qemu:
+    """One L2 QEMU process as ``nobody``, with a QMP socket and a pid file."""
+
+    def __init__(
+        self,
+        *,
+        ports: int = 4,
+        guest: bool = False,
+        extra: Sequence[str] = (),
+        pass_fds: Sequence[int] = (),
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="kvmvfio-l2-"))
+        os.chmod(self.dir, 0o777)
+        self.qmp = self.dir / "qmp.sock"
+        self.pidfile = self.dir / "qemu.pid"
+        self.serial = self.dir / "serial.log"
+        self.guest = guest
+        subprocess.run(["setfacl", "-m", f"u:{NOBODY}:rw", "/dev/kvm"], check=True)
+        argv = [
+            "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+            "qemu-system-x86_64",
+            "-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "256",
+            "-nodefaults", "-display", "none", "-no-user-config",
+            "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
+            "-qmp", f"unix:{self.qmp},server=on,wait=off",
+            "-pidfile", str(self.pidfile),
+            "-serial", f"file:{self.serial}",
+        ]  # fmt: skip
+        for i in range(ports):
+            argv += ["-device", f"pcie-root-port,id=rp{i},chassis={i + 1}"]
+        if guest:
+            # A copy nobody may read (the job share is root's only).
+            kernel = self.dir / "bzImage"
+            shutil.copyfile(os.environ["KVMVFIO_LAB_KERNEL"], kernel)
+            initrd = build_initramfs(self.dir / "initramfs.cpio")
+            for path in (kernel, initrd):
+                os.chmod(path, 0o644)
+            argv += ["-kernel", str(kernel), "-initrd", str(initrd)]
+            argv += ["-append", "console=ttyS0 panic=-1 quiet"]
+        else:
+            argv.append("-S")
+        argv += list(extra)
+        self.stderr = self.dir / "stderr.log"
+        with open(self.stderr, "wb") as err:
+            self.proc = subprocess.Popen(
+                argv,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                pass_fds=tuple(pass_fds),
+                preexec_fn=preexec_fn,  # noqa: PLW1509 (tests: no threads)
+            )
+        self._wait_for(lambda: self.qmp.exists() and self.pidfile.exists(), 60, "QMP socket")
+        self.pid = int(self.pidfile.read_text().strip())
+
+    def _wait_for(self, ready: object, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if callable(ready) and ready():
+                return
+            if self.proc.poll() is not None:
+                err = self.stderr.read_text(errors="replace")
+                raise RuntimeError(f"L2 QEMU exited ({self.proc.returncode}): {err}")
+            time.sleep(0.1)
+        raise TimeoutError(f"L2 QEMU: no {what} within {timeout} s")
+
+    def wait_guest(self, timeout: float = 300) -> None:
+        """Wait until the guest's init reported on the serial port (slow under TCG)."""
+        self._wait_for(
+            lambda: self.serial.exists() and READY in self.serial.read_text(errors="replace"),
+            timeout,
+            "guest boot",
+        )
+
+    def fds(self) -> list[str]:
+        """What QEMU has open, as /proc shows it."""
+        fd_dir = f"/proc/{self.pid}/fd"
+        out = []
+        for name in os.listdir(fd_dir):
+            try:
+                out.append(os.readlink(f"{fd_dir}/{name}"))
+            except OSError:
+                continue
+        return out
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        shutil.rmtree(self.dir, ignore_errors=True)

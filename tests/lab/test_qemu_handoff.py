@@ -1,0 +1,234 @@
+"""Handing devices to an unprivileged L2 QEMU, and taking them back, for real.
+
+QEMU runs as ``nobody`` and cannot open any VFIO file itself. The tests
+check what QEMU holds (``/proc/PID/fd``), what QOM shows, what kvmvfio's
+own process holds afterwards, and that the kernel lets a newcomer have the
+device once it is back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+
+import pytest
+from l2 import NOBODY, L2Qemu
+from vfiokit import assert_released, cdev_of, fd_table, group_of, raw_cdev_bind
+
+from kvmvfio.errors import NoHotplugPort, NotAttached, QemuError, QemuPeerMismatch
+from kvmvfio.lab.topology import Topology
+from kvmvfio.qemu import Qemu, attach, coldplug, detach, qdev_id
+from kvmvfio.qemu.handoff import IOMMUFD_OBJECT, memlock_limit
+
+pytestmark = [pytest.mark.lab, pytest.mark.topology("default", "coherent")]
+
+
+@pytest.fixture
+def edus(topology: Topology, vfio_bind: Callable[..., None]) -> tuple[str, str]:
+    a, b = topology.guest_address("edu0"), topology.guest_address("edu1")
+    vfio_bind(a, b)
+    return a, b
+
+
+@pytest.fixture
+def paused() -> Iterator[L2Qemu]:
+    """A paused L2 QEMU (no guest): enough for everything but unplug."""
+    qemu = L2Qemu(ports=2)
+    yield qemu
+    qemu.kill()
+
+
+@pytest.fixture(scope="module")
+def running() -> Iterator[L2Qemu]:
+    """An L2 QEMU with a booted guest that answers hotplug (one boot per module)."""
+    qemu = L2Qemu(ports=2, guest=True)
+    try:
+        qemu.wait_guest()
+        yield qemu
+    finally:
+        qemu.kill()
+
+
+_VFIO_FILES = ("/dev/vfio", "/dev/iommu", "anon_inode:[vfio", "anon_inode:kvm-vfio")
+
+
+def _vfio(fds: list[str]) -> list[str]:
+    """The VFIO, iommufd and kvm-vfio files among ``fds``."""
+    return sorted(f for f in fds if f.startswith(_VFIO_FILES))
+
+
+def _ours() -> dict[int, str]:
+    """This process's files, less sockets (the QMP connection) and the event loop's."""
+    return {
+        fd: path
+        for fd, path in fd_table().items()
+        if not path.startswith(("socket:", "anon_inode:[eventpoll]"))
+    }
+
+
+async def test_the_wrong_pid_is_refused_and_nothing_is_sent(paused: L2Qemu) -> None:
+    with pytest.raises(QemuPeerMismatch) as refused:
+        await Qemu(paused.qmp, pid=os.getpid()).connect()
+    assert f"belongs to pid {paused.pid} (uid {NOBODY})" in str(refused.value)
+    assert _vfio(paused.fds()) == []
+
+
+async def test_unprivileged_qemu_cannot_open_vfio_itself(
+    paused: L2Qemu, edus: tuple[str, str]
+) -> None:
+    """The premise: without kvmvfio, this QEMU has no way to the device."""
+    async with Qemu(paused.qmp, pid=paused.pid) as qemu:
+        with pytest.raises(QemuError, match="Permission denied"):
+            await qemu.execute(
+                "device_add", {"driver": "vfio-pci", "host": edus[0], "bus": "rp0", "id": "x"}
+            )
+
+
+async def test_attach_two_by_fd_and_detach_from_a_running_guest(
+    running: L2Qemu, edus: tuple[str, str]
+) -> None:
+    ours = _ours()
+    async with Qemu(running.qmp, pid=running.pid) as qemu:
+        done = await attach(qemu, edus)
+        assert [a.path for a in done] == ["iommufd", "iommufd"]
+        assert sorted(a.bus or "" for a in done) == ["rp0", "rp1"]
+        peripherals = {i["name"]: i["type"] for i in await qemu.qom_list("/machine/peripheral")}
+        for addr in edus:
+            assert peripherals[qdev_id(addr)] == "child<vfio-pci>"
+        held = running.fds()
+        assert "/dev/iommu" in held
+        for addr in edus:
+            assert cdev_of(addr) in held
+        assert "anon_inode:kvm-vfio" in held  # QEMU made the KVM association itself
+        # QEMU binds the cdevs: nobody else may bind them meanwhile.
+        with pytest.raises(OSError):  # noqa: PT011
+            raw_cdev_bind(edus[0])
+        assert memlock_limit(running.pid) >= (256 << 20) + (1 << 30)
+        # kvmvfio keeps nothing of what it passed.
+        assert _ours() == ours
+
+        gone = await detach(qemu, edus, timeout=120)
+        assert gone == [qdev_id(a) for a in edus]
+        peripherals = {i["name"] for i in await qemu.qom_list("/machine/peripheral")}
+        assert not {qdev_id(a) for a in edus} & peripherals
+        objects = {o["name"] for o in await qemu.qom_list("/objects")}
+        assert IOMMUFD_OBJECT not in objects
+        held = running.fds()
+        assert not {cdev_of(a) for a in edus} & set(held)
+        # QEMU never closes an iommufd it was given by fd= (backends/iommufd.c:
+        # such a backend is not "owned"), so the empty one stays until QEMU exits.
+        assert held.count("/dev/iommu") == 1
+        for addr in edus:
+            assert_released(addr)
+        # ...and it can go back in at once.
+        again = await attach(qemu, edus[:1])
+        assert again[0].qdev_id == qdev_id(edus[0])
+        await detach(qemu, edus[:1], timeout=120)
+    assert _ours() == ours
+
+
+async def test_legacy_path_grants_and_revokes_the_group_node(
+    running: L2Qemu, edus: tuple[str, str]
+) -> None:
+    node = f"/dev/vfio/{group_of(edus[0])}"
+    async with Qemu(running.qmp, pid=running.pid) as qemu:
+        (done,) = await attach(qemu, edus[:1], path="legacy")
+        assert done.path == "legacy"
+        assert node in running.fds()  # QEMU opened the group itself, through the grant
+        acl = subprocess.run(["getfacl", "-n", node], capture_output=True, text=True, check=True)
+        assert f"user:{NOBODY}:rw-" in acl.stdout
+        await detach(qemu, edus[:1], timeout=120)
+        assert node not in running.fds()
+    acl = subprocess.run(["getfacl", "-n", node], capture_output=True, text=True, check=True)
+    assert f"user:{NOBODY}:" not in acl.stdout
+    assert_released(edus[0])
+
+
+async def test_detach_of_what_was_not_attached(paused: L2Qemu, edus: tuple[str, str]) -> None:
+    async with Qemu(paused.qmp, pid=paused.pid) as qemu:
+        with pytest.raises(NotAttached, match=qdev_id(edus[0])):
+            await detach(qemu, edus[:1])
+
+
+async def test_no_free_port_is_said_plainly(edus: tuple[str, str]) -> None:
+    bare = L2Qemu(ports=0)
+    try:
+        async with Qemu(bare.qmp, pid=bare.pid) as qemu:
+            with pytest.raises(NoHotplugPort, match="pcie-root-port"):
+                await attach(qemu, edus[:1])
+        assert cdev_of(edus[0]) not in bare.fds()
+    finally:
+        bare.kill()
+    assert_released(edus[0])
+
+
+# The QMP commands of one fd attach, in order; QEMU is killed before each.
+_STEPS = [
+    "device-list-properties",
+    "query-memory-size-summary",
+    "qom-list",  # /machine/peripheral: the ports
+    "qom-list",  # /machine/peripheral-anon
+    "qom-list",  # /objects: is the iommufd object there?
+    "getfd",
+    "object-add",
+    "getfd",
+    "device_add",
+]
+
+
+@pytest.mark.parametrize("step", range(len(_STEPS)), ids=lambda i: f"{i}-{_STEPS[i]}")
+async def test_qemu_killed_at_each_step(
+    step: int, edus: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    victim = L2Qemu(ports=2)
+    ours = _ours()
+    sent: list[str] = []
+    real = Qemu.execute
+
+    async def execute(
+        self: Qemu, command: str, arguments: dict[str, object] | None = None
+    ) -> object:
+        if command in ("qom-get",):  # port probing: not a step of its own
+            return await real(self, command, arguments)
+        if len(sent) == step:
+            os.kill(self.pid, signal.SIGKILL)
+            victim.proc.wait(timeout=30)
+        sent.append(command)
+        return await real(self, command, arguments)
+
+    monkeypatch.setattr(Qemu, "execute", execute)
+    try:
+        with pytest.raises(QemuError):
+            async with Qemu(victim.qmp, pid=victim.pid) as qemu:
+                await attach(qemu, edus[:1])
+    finally:
+        victim.kill()
+    assert sent[: step + 1][-1] == _STEPS[step]
+    assert _ours() == ours
+    assert_released(edus[0])
+
+
+async def test_cold_plug_starts_qemu_with_its_devices(edus: tuple[str, str]) -> None:
+    with coldplug(edus, buses=["rp0", "rp1"]) as plug:
+        qemu = L2Qemu(
+            ports=2,
+            extra=plug.args,
+            pass_fds=plug.pass_fds,
+            preexec_fn=plug.memlock_preexec(256 << 20),
+        )
+    try:
+        assert qemu.proc.poll() is None, qemu.stderr.read_text()
+        async with Qemu(qemu.qmp, pid=qemu.pid) as qmp:  # answers once devices are realized
+            peripherals = {i["name"] for i in await qmp.qom_list("/machine/peripheral")}
+        assert {qdev_id(a) for a in edus} <= peripherals
+        held = qemu.fds()
+        assert "/dev/iommu" in held
+        for addr in edus:
+            assert cdev_of(addr) in held
+        assert "anon_inode:kvm-vfio" in held
+    finally:
+        qemu.kill()
+    for addr in edus:
+        assert_released(addr)

@@ -420,7 +420,11 @@ class NotAttached(QemuError):
     def __init__(self, address: str, qdev_id: str) -> None:
         self.address = address
         self.qdev_id = qdev_id
-        super().__init__(f"{address} is not attached to this QEMU by kvmvfio (no device {qdev_id})")
+        super().__init__(
+            f"{address} is not attached to this QEMU by kvmvfio (no device {qdev_id}); if an "
+            "earlier detach timed out, the guest has let go of it since, and kvmvfio has now "
+            "revoked what it had granted"
+        )
 
 
 class MemlockTooLow(QemuError):

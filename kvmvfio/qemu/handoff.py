@@ -32,6 +32,7 @@ answer the PCIe hot-unplug request; one that never does gets a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import logging
@@ -53,6 +54,7 @@ from kvmvfio.errors import (
     DetachTimeout,
     KernelError,
     KernelUnsupported,
+    KvmvfioError,
     MemlockTooLow,
     NoHotplugPort,
     NotAttached,
@@ -440,9 +442,15 @@ async def detach(
     host = host or Host()
     addrs = [str(PciAddress.coerce(a)) for a in addresses]
     present = await _kvmvfio_devices(qemu)
-    for addr in addrs:
-        if qdev_id(addr) not in present:
-            raise NotAttached(addr, qdev_id(addr))
+    missing = [a for a in addrs if qdev_id(a) not in present]
+    if missing:
+        # Perhaps an earlier detach timed out and the guest let go since:
+        # finish that one's cleanup before saying so.
+        for addr in missing:
+            with contextlib.suppress(KvmvfioError):
+                revoke(host.group_of(addr).dev_node(host.devfs), qemu.uid)
+        await _drop_unused_object(qemu)
+        raise NotAttached(missing[0], qdev_id(missing[0]))
     gone = []
     for addr in addrs:
         ident = qdev_id(addr)
@@ -451,12 +459,23 @@ async def detach(
         if not present[ident]:  # legacy: QEMU opened the group node through our grant
             revoke(host.group_of(addr).dev_node(host.devfs), qemu.uid)
         log.info("detached %s (%s) from QEMU pid %d", addr, ident, qemu.pid)
-    remaining = await _kvmvfio_devices(qemu)
-    if not any(remaining.values()):
-        objects = {str(o["name"]) for o in await qemu.qom_list("/objects")}
-        if IOMMUFD_OBJECT in objects:
-            await _drop_object(qemu)
+    await _drop_unused_object(qemu)
     return gone
+
+
+async def _drop_unused_object(qemu: Qemu) -> None:
+    """Remove the iommufd object once no kvmvfio device uses it.
+
+    QEMU never closes an iommufd it was given by ``fd=`` (such a backend is
+    not "owned", backends/iommufd.c), so the emptied /dev/iommu file stays
+    open in QEMU until it exits; it holds no device.
+    """
+    remaining = await _kvmvfio_devices(qemu)
+    if any(remaining.values()):
+        return
+    objects = {str(o["name"]) for o in await qemu.qom_list("/objects")}
+    if IOMMUFD_OBJECT in objects:
+        await _drop_object(qemu)
 
 
 async def _device_del(qemu: Qemu, addr: str, ident: str, timeout: float) -> None:

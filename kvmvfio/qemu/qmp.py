@@ -58,8 +58,11 @@ class Qemu:
     :attr:`uid` and :attr:`gid` are the peer's, as the kernel reports them.
     """
 
-    def __init__(self, socket_path: str | Path, pid: int | None = None) -> None:
+    def __init__(
+        self, socket_path: str | Path, pid: int | None = None, *, greeting_timeout: float = 10.0
+    ) -> None:
         self.socket_path = str(socket_path)
+        self.greeting_timeout = greeting_timeout
         self.expected_pid = pid
         self.pid = 0
         self.uid = 0
@@ -89,7 +92,14 @@ class Qemu:
             sock.close()
             raise
         try:
-            await self.client.connect(sock)
+            await asyncio.wait_for(self.client.connect(sock), self.greeting_timeout)
+        except TimeoutError:
+            sock.close()
+            raise QemuError(
+                f"QEMU pid {self.pid} did not greet on {self.socket_path} within "
+                f"{self.greeting_timeout:g} s: a QMP socket serves one client at a time, and "
+                "another one (libvirt, a launcher) holds it"
+            ) from None
         except ConnectError as err:
             sock.close()
             raise QemuError(f"QMP negotiation on {self.socket_path} failed: {err}") from err

@@ -80,6 +80,7 @@ class L2Qemu:
         extra: Sequence[str] = (),
         pass_fds: Sequence[int] = (),
         preexec_fn: Callable[[], None] | None = None,
+        append: str = "",
     ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="kvmvfio-l2-"))
         os.chmod(self.dir, 0o777)
@@ -108,7 +109,7 @@ class L2Qemu:
             for path in (kernel, initrd):
                 os.chmod(path, 0o644)
             argv += ["-kernel", str(kernel), "-initrd", str(initrd)]
-            argv += ["-append", "console=ttyS0 panic=-1 quiet"]
+            argv += ["-append", f"console=ttyS0 panic=-1 quiet {append}".strip()]
         else:
             argv.append("-S")
         argv += list(extra)

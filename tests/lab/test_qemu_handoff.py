@@ -8,6 +8,8 @@ device once it is back.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -232,3 +234,71 @@ async def test_cold_plug_starts_qemu_with_its_devices(edus: tuple[str, str]) -> 
         qemu.kill()
     for addr in edus:
         assert_released(addr)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["kvmvfio", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+async def test_cli_detach_times_out_while_the_guest_is_stopped(
+    running: L2Qemu, edus: tuple[str, str]
+) -> None:
+    """A guest that does not answer: a clear timeout, the device stays, never yanked.
+
+    (A guest that never powered the slot, such as a VM paused since start,
+    gets an instant unplug from QEMU; a stopped vCPU after the guest took
+    the slot is the case that waits.)
+    """
+    where = ["--qmp", str(running.qmp), "--pidfile", str(running.pidfile)]
+    done = _cli("attach", *where, "--json", edus[0])
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["qemu_pid"] == running.pid
+    assert [a["qdev_id"] for a in doc["attached"]] == [qdev_id(edus[0])]
+    await asyncio.sleep(10)  # pciehp powers the slot on (about 5 s after the event)
+    # QMP serves one client at a time: each step below connects on its own.
+    async with Qemu(running.qmp, pid=running.pid) as qemu:
+        await qemu.execute("stop")
+    try:
+        done = _cli("detach", *where, "--timeout", "3", edus[0])
+        assert done.returncode == 1
+        assert "did not release" in done.stderr
+        assert "Traceback" not in done.stderr
+        async with Qemu(running.qmp, pid=running.pid) as qemu:
+            names = {i["name"] for i in await qemu.qom_list("/machine/peripheral")}
+        assert qdev_id(edus[0]) in names  # still attached, as QEMU has it
+        assert cdev_of(edus[0]) in running.fds()
+    finally:
+        async with Qemu(running.qmp, pid=running.pid) as qemu:
+            await qemu.execute("cont")
+    # The request stays pending in QEMU; the guest answers it once it runs.
+    async with Qemu(running.qmp, pid=running.pid) as qemu:
+        for _ in range(240):
+            names = {i["name"] for i in await qemu.qom_list("/machine/peripheral")}
+            if qdev_id(edus[0]) not in names:
+                break
+            await asyncio.sleep(0.5)
+    assert qdev_id(edus[0]) not in names
+    # A second detach finishes kvmvfio's part, and says the device was gone.
+    done = _cli("detach", *where, edus[0])
+    assert done.returncode == 1
+    assert "earlier detach timed out" in done.stderr
+    async with Qemu(running.qmp, pid=running.pid) as qemu:
+        objects = {o["name"] for o in await qemu.qom_list("/objects")}
+    assert IOMMUFD_OBJECT not in objects
+    assert_released(edus[0])
+
+
+def test_cli_refuses_a_socket_of_another_process(paused: L2Qemu, edus: tuple[str, str]) -> None:
+    done = _cli("attach", "--qmp", str(paused.qmp), "--pid", str(os.getpid()), edus[0])
+    assert done.returncode == 1
+    assert f"belongs to pid {paused.pid}" in done.stderr
+    assert _vfio(paused.fds()) == []
+
+
+async def test_a_second_qmp_client_is_told_the_socket_is_taken(paused: L2Qemu) -> None:
+    async with Qemu(paused.qmp, pid=paused.pid):
+        with pytest.raises(QemuError, match="serves one client at a time"):
+            await Qemu(paused.qmp, pid=paused.pid, greeting_timeout=2).connect()

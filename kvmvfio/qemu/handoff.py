@@ -111,13 +111,16 @@ def qdev_id(address: str | PciAddress) -> str:
 
 
 async def qemu_has_iommufd(qemu: Qemu) -> bool:
-    """Whether this QEMU's vfio-pci takes ``iommufd=`` and ``fd=`` (QEMU >= 9)."""
+    """Whether this QEMU has the ``iommufd`` object, and so vfio-pci's ``iommufd=``/``fd=``.
+
+    Both came in QEMU 9.0. Asking for the types that implement ``iommufd``
+    is one short answer; vfio-pci's property list is a long one.
+    """
     try:
-        props = await qemu.execute("device-list-properties", {"typename": "vfio-pci"})
+        types = await qemu.execute("qom-list-types", {"implements": "iommufd"})
     except QemuRefused:
         return False
-    names = {str(p.get("name")) for p in cast(list[JsonObject], props)}
-    return {"iommufd", "fd"} <= names
+    return any(t.get("name") == "iommufd" for t in cast(list[JsonObject], types))
 
 
 async def choose_path(
@@ -141,7 +144,11 @@ async def choose_path(
 
 
 async def free_ports(qemu: Qemu) -> tuple[list[str], list[str]]:
-    """The hotpluggable ports with nothing plugged in, and the taken ones, by QEMU id."""
+    """The hotpluggable ports with nothing plugged in, and the taken ones, by QEMU id.
+
+    A port whose ``hotplug`` switch is off is not told apart: QEMU's
+    ``device_add`` then refuses with its own words.
+    """
     ports: list[str] = []
     occupied: set[str] = set()
     for container in _PERIPHERALS:
@@ -150,23 +157,15 @@ async def free_ports(qemu: Qemu) -> tuple[list[str], list[str]]:
             if match is None:
                 continue
             name = str(item["name"])
-            path = f"{container}/{name}"
-            is_port = container == _PERIPHERALS[0] and match.group(1) in HOTPLUG_PORTS
-            if is_port and await _hotplug_enabled(qemu, path):
+            if container == _PERIPHERALS[0] and match.group(1) in HOTPLUG_PORTS:
                 ports.append(name)
-            bus = await qemu.qom_get(path, "parent_bus")
+                continue  # ports sit on the root bus: no need to ask where
+            bus = await qemu.qom_get(f"{container}/{name}", "parent_bus")
             if isinstance(bus, str) and bus:
                 occupied.add(bus.rstrip("/").rpartition("/")[2])
     ports.sort(key=lambda name: (len(name), name))  # rp2 before rp10
     free = [p for p in ports if p not in occupied]
     return free, [p for p in ports if p in occupied]
-
-
-async def _hotplug_enabled(qemu: Qemu, path: str) -> bool:
-    try:
-        return bool(await qemu.qom_get(path, "hotplug"))
-    except QemuRefused:
-        return True  # older QEMU: no switch, hotplug on
 
 
 # -- limits and access ----------------------------------------------------------------

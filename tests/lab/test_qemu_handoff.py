@@ -168,7 +168,7 @@ async def test_no_free_port_is_said_plainly(edus: tuple[str, str]) -> None:
 
 # The QMP commands of one fd attach, in order; QEMU is killed before each.
 _STEPS = [
-    "device-list-properties",
+    "qom-list-types",
     "query-memory-size-summary",
     "qom-list",  # /machine/peripheral: the ports
     "qom-list",  # /machine/peripheral-anon

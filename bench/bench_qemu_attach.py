@@ -28,16 +28,12 @@ import logging
 import os
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "lab"))
-
-from l2 import NOBODY, L2Qemu
-
 from kvmvfio.lab import topology as topo_mod
+from kvmvfio.lab.l2 import NOBODY, L2Qemu
 from kvmvfio.qemu import Qemu, attach, detach, qdev_id
 from kvmvfio.qemu.handoff import _device_del, ensure_memlock
 

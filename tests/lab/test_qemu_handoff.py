@@ -16,10 +16,10 @@ import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
-from l2 import NOBODY, L2Qemu
 from vfiokit import assert_released, cdev_of, fd_table, group_of, raw_cdev_bind
 
 from kvmvfio.errors import NoHotplugPort, NotAttached, QemuError, QemuPeerMismatch
+from kvmvfio.lab.l2 import NOBODY, L2Qemu
 from kvmvfio.lab.topology import Topology
 from kvmvfio.qemu import Qemu, attach, coldplug, detach, qdev_id
 from kvmvfio.qemu.handoff import IOMMUFD_OBJECT, memlock_limit

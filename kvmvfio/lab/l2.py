@@ -1,4 +1,6 @@
-"""L2 QEMUs for the handoff tests: unprivileged, with KVM, paused or running a tiny guest.
+"""L2 QEMUs inside L1: unprivileged, with KVM, paused or running a tiny guest.
+
+Used by the lab demo, the handoff tests and the benchmarks; runs in L1 only.
 
 QEMU runs as ``nobody`` (uid 65534), which cannot open ``/dev/vfio`` or
 ``/dev/iommu``: every VFIO file it gets comes from kvmvfio. It may open
@@ -20,6 +22,8 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from kvmvfio.errors import LabError
 
 NOBODY = 65534
 READY = "KVMVFIO-L2-READY"
@@ -59,7 +63,8 @@ def _cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] =
 def build_initramfs(target: Path) -> Path:
     """A newc initramfs with busybox and an init that reports readiness on ttyS0."""
     busybox = shutil.which("busybox")
-    assert busybox, "busybox-static is part of the lab rootfs"
+    if busybox is None:
+        raise LabError("busybox is missing in L1 (vm-images/rootfs/packages.txt has it)")
     entries = [_cpio_entry(d, stat.S_IFDIR | 0o755) for d in ("bin", "dev", "proc", "sys")]
     entries.append(_cpio_entry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)))
     entries.append(_cpio_entry("bin/busybox", stat.S_IFREG | 0o755, Path(busybox).read_bytes()))
@@ -125,10 +130,10 @@ class L2Qemu:
         self._wait_for(lambda: self.qmp.exists() and self.pidfile.exists(), 60, "QMP socket")
         self.pid = int(self.pidfile.read_text().strip())
 
-    def _wait_for(self, ready: object, timeout: float, what: str) -> None:
+    def _wait_for(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if callable(ready) and ready():
+            if ready():
                 return
             if self.proc.poll() is not None:
                 err = self.stderr.read_text(errors="replace")
@@ -156,6 +161,7 @@ class L2Qemu:
         return out
 
     def kill(self) -> None:
+        """Stop QEMU (SIGKILL) and remove its folder; safe twice."""
         if self.proc.poll() is None:
             os.kill(self.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)

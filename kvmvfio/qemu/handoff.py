@@ -362,7 +362,6 @@ async def attach(
                 notes[addr].append(note)
                 log.warning("%s", note)
         coherent[addr] = answer
-    await ensure_memlock(qemu, raise_it=raise_memlock)
     if buses is None:
         free, taken = await free_ports(qemu)
         if len(free) < len(addrs):
@@ -370,6 +369,8 @@ async def attach(
         chosen_buses: list[str | None] = list(free[: len(addrs)])
     else:
         chosen_buses = list(buses)
+    # The first change to QEMU's state comes after every read-only check.
+    await ensure_memlock(qemu, raise_it=raise_memlock)
     created_object = False
     if chosen is HandoffPath.IOMMUFD:
         created_object = await _ensure_iommufd_object(qemu, host)

@@ -17,3 +17,9 @@ test: deps
 
 unit lint types lab: deps
 	$(PYTHON) -m tox run -e $@
+
+# Benchmarks: figures go to docs/BENCHMARKS.md by hand, with these commands.
+bench: deps
+	$(PYTHON) bench/bench_inventory.py
+	$(PYTHON) -m kvmvfio lab run -- python3 bench/bench_vfio_open.py
+	$(PYTHON) -m kvmvfio lab run -- python3 bench/bench_qemu_attach.py

@@ -1,0 +1,139 @@
+"""``kvmvfio prepare|release|recover|status``: host devices to vfio-pci and back.
+
+See :mod:`kvmvfio.prepare`. Every change is journaled under ``/run/kvmvfio``
+first, so ``kvmvfio recover`` can undo what a crashed kvmvfio left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from kvmvfio.host import Host, PciAddress
+from kvmvfio.prepare import Prepared, Restored, prepare, recover, release, safety, status
+from kvmvfio.prepare.journal import DEFAULT_ROOT
+
+SCHEMA = 1
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``prepare``, ``release``, ``recover`` and ``status``."""
+    p = sub.add_parser(
+        "prepare",
+        help="move devices (and the rest of their IOMMU groups) to vfio-pci, journaled",
+        description=(
+            "Move each device, and every other member of its IOMMU group that is not a bridge, "
+            "to vfio-pci through driver_override, after safety checks; claim the groups for "
+            "OWNER. Every change is journaled first; `kvmvfio release` or `kvmvfio recover` "
+            "puts everything back."
+        ),
+    )
+    _common(p, addresses=True)
+    p.add_argument("--owner", required=True, help="who claims the groups (a VM name, a token)")
+    p.add_argument("--owner-pid", type=int, help="the owner's process, to detect stale claims")
+    p.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        choices=safety.CHECKS,
+        help="accept what a safety check found (repeatable)",
+    )
+    p.set_defaults(handler=_prepare)
+
+    r = sub.add_parser("release", help="put prepared devices back on their original drivers")
+    _common(r, addresses=True)
+    r.add_argument("--owner", help="refuse if another owner holds a group")
+    r.add_argument("--reset", action="store_true", help="reset each device before it leaves")
+    r.set_defaults(handler=_release)
+
+    rc = sub.add_parser("recover", help="restore every device a crashed kvmvfio left moved")
+    _common(rc, addresses=False)
+    rc.set_defaults(handler=_recover)
+
+    st = sub.add_parser("status", help="the groups kvmvfio holds and their owners")
+    _common(st, addresses=False)
+    st.set_defaults(handler=_status)
+
+
+def _common(parser: argparse.ArgumentParser, *, addresses: bool) -> None:
+    if addresses:
+        parser.add_argument("addresses", nargs="+", metavar="ADDR", help="PCI address")
+    parser.add_argument("--json", action="store_true", help="print JSON (docs/cli-json.md)")
+    parser.add_argument("--root", default=str(DEFAULT_ROOT), help=argparse.SUPPRESS)
+    parser.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
+    parser.add_argument("--dev-root", default="/dev", help=argparse.SUPPRESS)
+
+
+def _out(doc: dict[str, object]) -> None:
+    json.dump({"schema": SCHEMA, **doc}, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _addrs(args: argparse.Namespace) -> list[str]:
+    return [str(PciAddress.parse(a)) for a in args.addresses]
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    host = Host(args.sysfs_root, args.dev_root)
+    done: list[Prepared] = prepare(
+        _addrs(args),
+        args.owner,
+        owner_pid=args.owner_pid,
+        force=args.force,
+        host=host,
+        root=Path(args.root),
+    )
+    if args.json:
+        _out({"prepared": [asdict(p) for p in done]})
+        return 0
+    for p in done:
+        moved = ", ".join(f"{e.address} ({e.driver or 'no driver'})" for e in p.moved) or "none"
+        print(f"IOMMU group {p.group}: on vfio-pci for {p.owner}; moved: {moved}")
+        for note in p.accepted:
+            print(f"  accepted: {note}")
+    return 0
+
+
+def _print_restored(restored: list[Restored], what: str) -> None:
+    if not restored:
+        print(f"{what}: nothing to do")
+    for r in restored:
+        extra = ", reset" if r.reset else ""
+        print(f"{what}: {r.address} back on {r.driver or 'no driver'}{extra}")
+
+
+def _release(args: argparse.Namespace) -> int:
+    host = Host(args.sysfs_root, args.dev_root)
+    done = release(_addrs(args), args.owner, reset=args.reset, host=host, root=Path(args.root))
+    if args.json:
+        _out({"released": [asdict(r) for r in done]})
+    else:
+        _print_restored(done, "release")
+    return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    host = Host(args.sysfs_root, args.dev_root)
+    done = recover(host=host, root=Path(args.root))
+    if args.json:
+        _out({"recovered": [asdict(r) for r in done]})
+    else:
+        _print_restored(done, "recover")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    groups = status(root=Path(args.root))
+    if args.json:
+        _out({"groups": [asdict(g) for g in groups]})
+        return 0
+    if not groups:
+        print("kvmvfio holds no IOMMU group")
+    for g in groups:
+        who = f"{g.owner}" + (f" (pid {g.pid}{'' if g.alive else ', gone'})" if g.pid else "")
+        moved = ", ".join(e.address for e in g.devices) or "none"
+        print(f"IOMMU group {g.group}: claimed by {who}; moved: {moved}")
+    return 0

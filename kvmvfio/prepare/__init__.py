@@ -1,0 +1,356 @@
+"""Preparing host devices for VFIO, and giving them back, without ever losing one.
+
+:func:`prepare` moves devices, and every other member of their IOMMU groups
+that is not a bridge and not on a VFIO-safe driver, to vfio-pci through
+``driver_override``; :func:`release` puts each back exactly as it was
+(original driver or none, original ``driver_override``); :func:`recover`
+does that for everything a crashed kvmvfio left, from the journal
+(:mod:`kvmvfio.prepare.journal`). All three are idempotent.
+
+A group is *claimed* by one owner (a VM name or a token) from prepare to
+release: the journal record names it, and a lock file per group
+(``flock``) makes check-and-claim atomic across processes, so two
+preparers racing for a group get one winner and one error naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import logging
+import os
+import signal
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmvfio.errors import Busy, KvmvfioError, UsageError
+from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice, driver_managed_dma
+from kvmvfio.prepare import safety
+from kvmvfio.prepare.driver import DriverState, Sysfs
+from kvmvfio.prepare.journal import DEFAULT_ROOT, Entry, Journal, JournalError, Record
+from kvmvfio.vfio.files import holders
+
+log = logging.getLogger(__name__)
+
+VFIO = "vfio-pci"
+
+__all__ = [
+    "ClaimedBy",
+    "GroupStatus",
+    "JournalError",
+    "Prepared",
+    "Restored",
+    "prepare",
+    "recover",
+    "release",
+    "status",
+]
+
+
+class ClaimedBy(KvmvfioError):
+    """Another owner holds the group."""
+
+    def __init__(self, group: int, owner: str, pid: int, alive: bool) -> None:
+        self.group = group
+        self.owner = owner
+        self.pid = pid
+        self.alive = alive
+        gone = (
+            f"; its process (pid {pid}) is gone: `kvmvfio release --owner {owner}` frees it"
+            if pid > 0 and not alive
+            else ""
+        )
+        super().__init__(f"IOMMU group {group} is claimed by {owner!r}{gone}")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One group after :func:`prepare`: who owns it, and what moved."""
+
+    group: int
+    owner: str
+    moved: tuple[Entry, ...]
+    members: tuple[str, ...]
+    accepted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Restored:
+    """One device put back by :func:`release` or :func:`recover`."""
+
+    address: str
+    driver: str | None
+    override: str | None
+    reset: bool = False
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    """A journal record as :func:`status` reports it."""
+
+    group: int
+    owner: str
+    pid: int
+    alive: bool
+    devices: tuple[Entry, ...] = field(default=())
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _group_lock(root: Path, group: int) -> Iterator[None]:
+    locks = root / "locks"
+    locks.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(locks / f"group-{group}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _needs_moving(member: PciDevice) -> bool:
+    if member.is_bridge:
+        return False  # bridges and ports stay on pcieport (or no driver)
+    return member.driver is None or not driver_managed_dma(member.driver)
+
+
+_changes_made = 0
+
+
+def _after_change() -> None:
+    """For the crash tests: SIGKILL ourselves after host change N of this process.
+
+    N comes from ``KVMVFIO_TEST_KILL_AFTER``; unset (always, outside tests),
+    this does nothing.
+    """
+    global _changes_made  # noqa: PLW0603 (one counter per process, across groups)
+    _changes_made += 1
+    limit = os.environ.get("KVMVFIO_TEST_KILL_AFTER")
+    if limit and _changes_made == int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Changes:
+    """Host changes of one group, each journaled (fsync) before it is made."""
+
+    def __init__(self, journal: Journal, record: Record) -> None:
+        self.journal = journal
+        self.record = record
+
+    def do(self, change: Callable[[], None]) -> None:
+        self.record.steps += 1
+        self.journal.write(self.record)
+        change()
+        _after_change()
+
+
+def _groups(host: Host, addresses: Sequence[str]) -> dict[int, IommuGroup]:
+    groups: dict[int, IommuGroup] = {}
+    for addr in addresses:
+        group = host.group_of(addr)
+        groups.setdefault(group.number, group)
+    return groups
+
+
+def prepare(
+    addresses: Sequence[str | PciAddress],
+    owner: str,
+    *,
+    owner_pid: int | None = None,
+    force: Collection[str] = (),
+    host: Host | None = None,
+    root: str | Path = DEFAULT_ROOT,
+) -> list[Prepared]:
+    """Move the devices and the rest of their groups to vfio-pci, for ``owner``.
+
+    Idempotent for the same owner. Raises :class:`ClaimedBy` when another
+    owner has a group, :class:`~kvmvfio.prepare.safety.UnsafeToUnbind` for a
+    device the host still uses (unless ``force`` accepts it), the host
+    model's errors, and :class:`~kvmvfio.errors.KernelError` when sysfs
+    refuses a change; whatever was changed by then is in the journal, and
+    :func:`release` or :func:`recover` puts it back.
+    """
+    if not owner or any(c.isspace() for c in owner) or len(owner) > 200:
+        raise UsageError(f"owner {owner!r} must be a short name without spaces (a VM name)")
+    unknown = set(force) - set(safety.CHECKS)
+    if unknown:
+        raise UsageError(f"unknown --force {', '.join(sorted(unknown))}; one of {safety.CHECKS}")
+    host = host or Host()
+    sysfs = Sysfs(host.sysfs)
+    journal = Journal(root)
+    addrs = [str(PciAddress.coerce(a)) for a in addresses]
+    done = []
+    for number, group in _groups(host, addrs).items():
+        with _group_lock(Path(root), number):
+            done.append(
+                _prepare_group(host, sysfs, journal, group, owner, owner_pid=owner_pid, force=force)
+            )
+    return done
+
+
+def _prepare_group(
+    host: Host,
+    sysfs: Sysfs,
+    journal: Journal,
+    group: IommuGroup,
+    owner: str,
+    *,
+    owner_pid: int | None,
+    force: Collection[str],
+) -> Prepared:
+    number = group.number
+    record = journal.read(number)
+    if record is not None and record.owner != owner:
+        raise ClaimedBy(number, record.owner, record.pid, _alive(record.pid))
+    if record is None:
+        record = Record(number, owner, owner_pid or 0)
+    movers = [m for m in group.members if _needs_moving(m)]
+    accepted: list[str] = []
+    for m in movers:
+        if m.driver is not None:
+            accepted += safety.check(m, host.sysfs, force=force, devfs=host.devfs)
+    known = {e.address for e in record.devices}
+    for m in movers:
+        if str(m.address) not in known:
+            state = sysfs.state(str(m.address))
+            record.devices.append(Entry(str(m.address), state.driver, state.override))
+    changes = _Changes(journal, record)
+    journal.write(record)  # the claim, and the originals, before any change
+    for m in movers:
+        addr = str(m.address)
+        if sysfs.state(addr).override != VFIO:
+            changes.do(functools.partial(sysfs.set_override, addr, VFIO))
+        if sysfs.state(addr).driver is not None:
+            changes.do(functools.partial(sysfs.unbind, addr))
+        changes.do(functools.partial(sysfs.probe, addr))
+        if not sysfs.wait_for(addr, VFIO):
+            raise KvmvfioError(
+                f"PCI device {addr} did not bind to vfio-pci (is vfio-pci loaded?); "
+                f"`kvmvfio release {addr}` puts it back"
+            )
+        log.info("%s: %s -> vfio-pci (group %d, owner %s)", addr, m.driver, number, owner)
+    return Prepared(
+        group=number,
+        owner=owner,
+        moved=tuple(record.devices),
+        members=tuple(str(m.address) for m in group.members),
+        accepted=tuple(accepted),
+    )
+
+
+def _vfio_holders(host: Host, group: int, entries: Sequence[Entry]) -> list[str]:
+    nodes = [host.devfs / "vfio" / str(group)]
+    for e in entries:
+        dev = host.sysfs / "bus" / "pci" / "devices" / e.address / "vfio-dev"
+        if dev.is_dir():
+            nodes += [host.devfs / "vfio" / "devices" / n for n in os.listdir(dev)]
+    return holders(*nodes)
+
+
+def _restore(sysfs: Sysfs, entry: Entry, reset: bool) -> Restored:
+    addr = entry.address
+    did_reset = False
+    current = sysfs.state(addr)
+    if reset and current.driver == VFIO:
+        try:
+            sysfs.reset(addr)
+            did_reset = True
+        except KvmvfioError as err:
+            log.warning("%s: reset failed: %s", addr, err)
+    if current.driver is not None and current.driver != entry.driver:
+        sysfs.unbind(addr)
+    sysfs.set_override(addr, entry.override)
+    if entry.driver is not None and sysfs.state(addr).driver != entry.driver:
+        sysfs.probe(addr)
+        if not sysfs.wait_for(addr, entry.driver, timeout=5):
+            if sysfs.state(addr).driver is not None:
+                sysfs.unbind(addr)
+            sysfs.bind(addr, entry.driver)
+    log.info("%s: back on %s", addr, entry.driver or "no driver")
+    return Restored(addr, entry.driver, entry.override, did_reset)
+
+
+def _release_record(host: Host, journal: Journal, record: Record, reset: bool) -> list[Restored]:
+    sysfs = Sysfs(host.sysfs)
+    busy = _vfio_holders(host, record.group, record.devices)
+    if busy:
+        # Unbinding vfio-pci from a device that is open blocks until it is closed.
+        raise Busy(
+            16,
+            "release",
+            str(host.devfs / "vfio" / str(record.group)),
+            f"IOMMU group {record.group}",
+            ", ".join(busy),
+        )
+    out = [_restore(sysfs, e, reset) for e in reversed(record.devices)]
+    journal.remove(record.group)
+    return out
+
+
+def release(
+    addresses: Sequence[str | PciAddress],
+    owner: str | None = None,
+    *,
+    reset: bool = False,
+    host: Host | None = None,
+    root: str | Path = DEFAULT_ROOT,
+) -> list[Restored]:
+    """Put the groups of ``addresses`` back as they were before :func:`prepare`.
+
+    Idempotent: a group kvmvfio did not prepare is left alone. With
+    ``owner``, a group claimed by someone else raises :class:`ClaimedBy`.
+    ``reset`` resets each device (the kernel's ``reset``) before it leaves
+    vfio-pci. Raises :class:`~kvmvfio.errors.Busy` naming the process that
+    still has a device open (unbinding then would hang).
+    """
+    host = host or Host()
+    journal = Journal(root)
+    out: list[Restored] = []
+    for number in _groups(host, [str(PciAddress.coerce(a)) for a in addresses]):
+        with _group_lock(Path(root), number):
+            record = journal.read(number)
+            if record is None:
+                continue
+            if owner is not None and record.owner != owner:
+                raise ClaimedBy(number, record.owner, record.pid, _alive(record.pid))
+            out += _release_record(host, journal, record, reset)
+    return out
+
+
+def recover(*, host: Host | None = None, root: str | Path = DEFAULT_ROOT) -> list[Restored]:
+    """Restore every device the journal names (after a crash); idempotent."""
+    host = host or Host()
+    journal = Journal(root)
+    out: list[Restored] = []
+    for record in journal.records():
+        with _group_lock(Path(root), record.group):
+            fresh = journal.read(record.group)
+            if fresh is not None:
+                out += _release_record(host, journal, fresh, reset=False)
+    return out
+
+
+def status(*, root: str | Path = DEFAULT_ROOT) -> list[GroupStatus]:
+    """The groups kvmvfio holds, their owners, and whether the owners' processes live."""
+    return [
+        GroupStatus(r.group, r.owner, r.pid, _alive(r.pid), tuple(r.devices))
+        for r in Journal(root).records()
+    ]
+
+
+def current(sysfs: Sysfs, address: str) -> DriverState:
+    """A device's driver and override now (for reports)."""
+    return sysfs.state(address)

@@ -1,0 +1,244 @@
+"""Preparing host devices in L1: real drivers, real sysfs, crashes and races.
+
+Each test checks the kernel's own view (the ``driver`` link, the netdev
+coming back, ``driver_override``) and leaves the devices as it found them.
+The journal goes to a folder per test (``--root``), not /run/kvmvfio.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmvfio.errors import Busy
+from kvmvfio.host import Host
+from kvmvfio.lab.topology import Topology
+from kvmvfio.prepare import ClaimedBy, prepare, recover, release, status
+from kvmvfio.prepare.safety import UnsafeToUnbind
+
+pytestmark = [pytest.mark.lab, pytest.mark.topology("default")]
+
+PCI = Path("/sys/bus/pci/devices")
+
+
+@pytest.fixture(autouse=True)
+def _leave_nothing_behind(tmp_path: Path) -> Iterator[None]:
+    """Whatever a failing test left prepared is put back before the next one."""
+    yield
+    recover(root=tmp_path)
+
+
+def driver(addr: str) -> str | None:
+    link = PCI / addr / "driver"
+    return os.path.basename(os.readlink(link)) if link.exists() else None
+
+
+def override(addr: str) -> str:
+    return (PCI / addr / "driver_override").read_text().strip()
+
+
+def netdevs(addr: str, timeout: float = 10) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (PCI / addr / "net").is_dir() and os.listdir(PCI / addr / "net"):
+            return sorted(os.listdir(PCI / addr / "net"))
+        time.sleep(0.05)
+    return []
+
+
+def snapshot(*addrs: str) -> dict[str, tuple[str | None, str]]:
+    return {a: (driver(a), override(a)) for a in addrs}
+
+
+def kvmvfio(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["kvmvfio", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_the_nic_goes_to_vfio_and_comes_back(topology: Topology, tmp_path: Path) -> None:
+    nic = topology.guest_address("nic0")
+    before = snapshot(nic)
+    ifaces = netdevs(nic)
+    assert before[nic][0] == "e1000e"
+    assert ifaces  # eth0 or so
+    (done,) = prepare([nic], "vm1", root=tmp_path)
+    assert [e.address for e in done.moved] == [nic]
+    assert driver(nic) == "vfio-pci"
+    assert not (PCI / nic / "net").exists()
+    assert Host().group_of(nic).viable
+    assert [g.owner for g in status(root=tmp_path)] == ["vm1"]
+    prepare([nic], "vm1", root=tmp_path)  # idempotent for its owner
+    restored = release([nic], "vm1", root=tmp_path)
+    assert [(r.address, r.driver) for r in restored] == [(nic, "e1000e")]
+    assert snapshot(nic) == before
+    assert netdevs(nic) == ifaces  # the interface came back
+    assert status(root=tmp_path) == []
+    assert release([nic], "vm1", root=tmp_path) == []  # idempotent
+
+
+def test_one_device_of_the_bridge_group_moves_the_other_too(
+    topology: Topology, tmp_path: Path
+) -> None:
+    bridge = topology.guest_address("br0")
+    edu2, edu3 = topology.guest_address("edu2"), topology.guest_address("edu3")
+    before = snapshot(bridge, edu2, edu3)
+    (done,) = prepare([edu2], "vm1", root=tmp_path)
+    assert sorted(e.address for e in done.moved) == [edu2, edu3]
+    assert (driver(edu2), driver(edu3)) == ("vfio-pci", "vfio-pci")
+    assert driver(bridge) == before[bridge][0]  # bridges stay put
+    release([edu2], "vm1", root=tmp_path)
+    assert snapshot(bridge, edu2, edu3) == before
+
+
+def test_a_host_crash_at_every_step_is_recovered(topology: Topology, tmp_path: Path) -> None:
+    nic, edu2 = topology.guest_address("nic0"), topology.guest_address("edu2")
+    edu3 = topology.guest_address("edu3")
+    before = snapshot(nic, edu2, edu3)
+    ifaces = netdevs(nic)
+    # e1000e: override, unbind, probe; edu2 and edu3 (no driver): override, probe.
+    steps = 7
+    for n in range(1, steps + 1):
+        killed = kvmvfio(
+            "prepare", "--root", str(tmp_path), "--owner", "vm1", nic, edu2,
+            env={"KVMVFIO_TEST_KILL_AFTER": str(n)},
+        )  # fmt: skip
+        assert killed.returncode == -9, (n, killed.stderr)
+        assert snapshot(nic, edu2, edu3) != before  # step n really changed the host
+        done = kvmvfio("recover", "--root", str(tmp_path))
+        assert done.returncode == 0, done.stderr
+        assert "back on" in done.stdout
+        assert snapshot(nic, edu2, edu3) == before, n
+        again = kvmvfio("recover", "--root", str(tmp_path))
+        assert again.stdout.strip() == "recover: nothing to do"
+    assert netdevs(nic) == ifaces
+    # One more than there are steps: the prepare completes.
+    whole = kvmvfio(
+        "prepare", "--root", str(tmp_path), "--owner", "vm1", nic, edu2,
+        env={"KVMVFIO_TEST_KILL_AFTER": str(steps + 1)},
+    )  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    kvmvfio("release", "--root", str(tmp_path), nic, edu2)
+    assert snapshot(nic, edu2, edu3) == before
+
+
+def test_two_claimers_one_winner_a_hundred_times(topology: Topology, tmp_path: Path) -> None:
+    edu1 = topology.guest_address("edu1")
+    before = snapshot(edu1)
+    for i in range(100):
+        results = _race(edu1, f"a{i}", f"b{i}", tmp_path)
+        winners = [r for r in results if r.startswith("won")]
+        losers = [r for r in results if r.startswith("lost")]
+        assert len(winners) == 1, results
+        assert len(losers) == 1, results
+        winner = winners[0].split()[1]
+        assert f"claimed by '{winner}'" in losers[0]
+        release([edu1], winner, root=tmp_path)
+    assert snapshot(edu1) == before
+
+
+def _race(addr: str, a: str, b: str, root: Path) -> list[str]:
+    """Fork two claimers that start at once; return what each said."""
+    go_r, go_w = os.pipe()
+    outs = []
+    pids = []
+    for owner in (a, b):
+        out_r, out_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            os.close(go_w)
+            os.read(go_r, 1)
+            try:
+                prepare([addr], owner, root=root)
+                text = f"won {owner}"
+            except ClaimedBy as err:
+                text = f"lost {owner}: {err}"
+            except BaseException as err:
+                text = f"error {owner}: {err!r}"
+            os.write(out_w, text.encode())
+            os._exit(0)
+        os.close(out_w)
+        outs.append(out_r)
+        pids.append(pid)
+    os.close(go_r)
+    os.write(go_w, b"xx")
+    os.close(go_w)
+    results = []
+    for fd, pid in zip(outs, pids, strict=True):
+        os.waitpid(pid, 0)
+        results.append(os.read(fd, 4096).decode())
+        os.close(fd)
+    return results
+
+
+def test_the_default_route_stops_a_prepare(topology: Topology, tmp_path: Path) -> None:
+    nic = topology.guest_address("nic0")
+    (iface,) = netdevs(nic)
+    before = snapshot(nic)
+    subprocess.run(["ip", "link", "set", iface, "up"], check=True)
+    subprocess.run(["ip", "route", "add", "default", "dev", iface], check=True)
+    try:
+        with pytest.raises(UnsafeToUnbind) as refused:
+            prepare([nic], "vm1", root=tmp_path)
+        assert f"carries the default route ({iface})" in str(refused.value)
+        assert "--force default-route" in str(refused.value)
+        assert snapshot(nic) == before  # nothing changed
+        assert status(root=tmp_path) == []
+        done = kvmvfio("prepare", "--root", str(tmp_path), "--owner", "vm1", nic)
+        assert done.returncode == 1
+        assert "default route" in done.stderr
+        (ok,) = prepare([nic], "vm1", root=tmp_path, force=["default-route"])
+        assert ok.accepted
+    finally:
+        release([nic], "vm1", root=tmp_path)
+        subprocess.run(["ip", "route", "del", "default", "dev", iface], check=False)
+    assert snapshot(nic) == before
+
+
+def test_release_refuses_while_a_process_holds_the_device(
+    topology: Topology, tmp_path: Path
+) -> None:
+    edu0 = topology.guest_address("edu0")
+    before = snapshot(edu0)
+    prepare([edu0], "vm1", root=tmp_path)
+    group = Host().group_of(edu0).number
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import os, sys; fd = os.open('/dev/vfio/{group}', os.O_RDWR); "
+         "print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(Busy, match=f"pid {holder.pid}"):
+            release([edu0], "vm1", root=tmp_path)
+        assert driver(edu0) == "vfio-pci"  # untouched, and no hang
+    finally:
+        holder.communicate("", timeout=30)
+    release([edu0], "vm1", root=tmp_path)
+    assert snapshot(edu0) == before
+
+
+def test_bad_input_changes_nothing(topology: Topology, tmp_path: Path) -> None:
+    nic = topology.guest_address("nic0")
+    before = snapshot(nic)
+    done = kvmvfio("prepare", "--root", str(tmp_path), "--owner", "vm1", "00:1e.7")
+    assert done.returncode == 1
+    assert "0000:00:1e.7" in done.stderr
+    done = kvmvfio("prepare", "--root", str(tmp_path), "--owner", "vm1", "00:99.9")
+    assert done.returncode == 2  # slot 0x99 does not exist in PCI
+    done = kvmvfio("prepare", "--root", str(tmp_path), "--owner", "vm 1", nic)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert snapshot(nic) == before

@@ -24,10 +24,11 @@ from kvmvfio.host import Host
 from kvmvfio.kvm import KvmVm
 from kvmvfio.lab import topology as topo_mod
 from kvmvfio.lab.l2 import NOBODY, L2Qemu
+from kvmvfio.prepare import prepare, release
 from kvmvfio.qemu import Qemu, attach, detach
 from kvmvfio.vfio import Backend, Coherency, VfioSession
 
-SYSFS_PCI = Path("/sys/bus/pci")
+DEMO_ROOT = Path("/run/kvmvfio-demo")
 
 
 def _step(title: str) -> None:
@@ -36,24 +37,6 @@ def _step(title: str) -> None:
 
 def _say(text: str = "") -> None:
     print(f"   {text}" if text else "", flush=True)
-
-
-def _write(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
-def _sysfs_bind(addr: str, driver: str | None) -> None:
-    """Move ``addr`` to ``driver`` (None: no driver) the way a hook script would."""
-    dev = SYSFS_PCI / "devices" / addr
-    if (dev / "driver").exists():
-        _write(dev / "driver" / "unbind", addr)
-    _write(dev / "driver_override", f"{driver}\n" if driver else "\n")
-    if driver:
-        _write(SYSFS_PCI / "drivers_probe", addr)
 
 
 def main() -> int:
@@ -84,10 +67,10 @@ def main() -> int:
             reasons = "; ".join(str(b) for b in group.blockers)
             _say(f"group {group.number:>2} NOT viable  ({members}): {reasons}")
 
-    _step(f"binding {edu0} (edu) to vfio-pci")
+    _step(f"kvmvfio prepare {edu0} (edu): to vfio-pci, journaled")
     before = host.device(edu0).driver
-    _say("kvmvfio prepare (journaled binding) is not built yet: using driver_override")
-    _sysfs_bind(edu0, "vfio-pci")
+    (prepared,) = prepare([edu0], "demo", root=DEMO_ROOT)
+    _say(f"claimed IOMMU group {prepared.group} for 'demo'; journal under {DEMO_ROOT}")
     after = host.device(edu0)
     _say(f"driver: {before or 'none'} -> {after.driver}; cdev {after.vfio_cdev}")
     group = host.group_of(edu0)
@@ -102,7 +85,10 @@ def main() -> int:
         _step("handing the device to an unprivileged L2 QEMU by fd over QMP")
         results.append(("L2 QEMU got the device by fd, and gave it back", _handoff(edu0)))
     finally:
-        _sysfs_bind(edu0, before)
+        restored = release([edu0], "demo", root=DEMO_ROOT)
+        for r in restored:
+            _say(f"kvmvfio release: {r.address} back on {r.driver or 'no driver'}")
+    results.append(("edu0 back as it was", host.device(edu0).driver == before))
 
     _step("report")
     for text, ok in results:

@@ -1,0 +1,141 @@
+"""The parts of kvmvfio.prepare that need no kernel: journal, claims, safety checks.
+
+The driver moves themselves, crashes at every step and claim races run in
+the lab (tests/lab/test_prepare.py).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fakesysfs import Dev, Topology
+
+from kvmvfio.errors import UsageError
+from kvmvfio.host import Host
+from kvmvfio.prepare import ClaimedBy, prepare, status
+from kvmvfio.prepare.journal import Entry, Journal, JournalError, Record
+from kvmvfio.prepare.safety import UnsafeToUnbind, check
+
+BuildHost = Callable[[Topology], Host]
+
+
+def test_journal_round_trip_is_private(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    record = Record(4, "vm1", 0, steps=2, devices=[Entry("0000:01:01.0", "e1000e", None)])
+    journal.write(record)
+    assert journal.read(4) == record
+    assert stat.S_IMODE(os.stat(journal.path(4)).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(journal.dir).st_mode) == 0o700
+    assert not list(journal.dir.glob("*.tmp"))
+    assert journal.records() == [record]
+    journal.remove(4)
+    assert journal.read(4) is None
+    journal.remove(4)  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"{not json", "JSONDecodeError"),
+        (b'{"version": 2, "group": 1}', "version 2, expected 1"),
+        (b'{"version": 1, "group": "x", "owner": "a", "pid": 0, "devices": []}', "ValueError"),
+        (b'{"version": 1, "group": 1}', "KeyError"),
+    ],
+)
+def test_a_damaged_journal_is_named_and_left_alone(
+    tmp_path: Path, content: bytes, words: str
+) -> None:
+    journal = Journal(tmp_path)
+    journal.dir.mkdir(parents=True)
+    journal.path(1).write_bytes(content)
+    with pytest.raises(JournalError, match=words) as failed:
+        journal.read(1)
+    assert str(journal.path(1)) in str(failed.value)
+    assert journal.path(1).read_bytes() == content
+
+
+def _nic_host(build_host: BuildHost) -> Host:
+    host = build_host(Topology(devices=[Dev("0000:00:05.0", driver="e1000e", group=3)]))
+    (host.sysfs / "bus/pci/devices/0000:00:05.0/net/eth0").mkdir(parents=True)
+    return host
+
+
+def _proc(tmp_path: Path, route: str = "", mounts: str = "") -> Path:
+    proc = tmp_path / "proc"
+    (proc / "net").mkdir(parents=True, exist_ok=True)
+    (proc / "self").mkdir(exist_ok=True)
+    header = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n"
+    (proc / "net" / "route").write_text(header + route)
+    (proc / "self" / "mounts").write_text(mounts)
+    return proc
+
+
+def test_the_default_route_is_found_and_can_be_accepted(
+    tmp_path: Path, build_host: BuildHost
+) -> None:
+    host = _nic_host(build_host)
+    dev = host.device("0000:00:05.0")
+    proc = _proc(tmp_path, "eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\n")
+    with pytest.raises(UnsafeToUnbind) as refused:
+        check(dev, host.sysfs, proc=proc, devfs=host.devfs)
+    assert refused.value.check == "default-route"
+    assert str(refused.value) == (
+        "PCI device 0000:00:05.0 (e1000e) carries the default route (eth0); taking it from "
+        "the host could cut off what uses it. Pass --force default-route to accept that"
+    )
+    accepted = check(dev, host.sysfs, force=["default-route"], proc=proc, devfs=host.devfs)
+    assert accepted == [
+        "0000:00:05.0: carries the default route (eth0) (accepted by --force default-route)"
+    ]
+
+
+def test_a_route_that_is_not_the_default_is_fine(tmp_path: Path, build_host: BuildHost) -> None:
+    host = _nic_host(build_host)
+    proc = _proc(tmp_path, "eth0\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\n")
+    assert check(host.device("0000:00:05.0"), host.sysfs, proc=proc, devfs=host.devfs) == []
+
+
+def test_the_boot_vga_is_found(tmp_path: Path, build_host: BuildHost) -> None:
+    host = build_host(
+        Topology(
+            devices=[Dev("0000:01:00.0", cls=0x030000, driver="amdgpu", group=1, boot_vga=True)]
+        )
+    )
+    with pytest.raises(UnsafeToUnbind, match="is the boot VGA device"):
+        check(host.device("0000:01:00.0"), host.sysfs, proc=_proc(tmp_path), devfs=host.devfs)
+
+
+def test_mounted_block_devices_are_found(tmp_path: Path, build_host: BuildHost) -> None:
+    host = build_host(Topology(devices=[Dev("0000:02:00.0", cls=0x010802, driver="nvme", group=2)]))
+    block = host.sysfs / "bus/pci/devices/0000:02:00.0/nvme/nvme0/block/nvme0n1"
+    (block / "nvme0n1p1").mkdir(parents=True)
+    (block / "nvme0n1p1" / "partition").write_text("1\n")
+    proc = _proc(tmp_path, mounts="/dev/nvme0n1p1 / ext4 rw 0 0\n")
+    with pytest.raises(UnsafeToUnbind, match=r"has mounted file systems \(nvme0n1p1\)"):
+        check(host.device("0000:02:00.0"), host.sysfs, proc=proc, devfs=host.devfs)
+
+
+def test_another_owner_holds_the_group(tmp_path: Path, build_host: BuildHost) -> None:
+    host = build_host(Topology(devices=[Dev("0000:00:03.0", group=1)]))
+    Journal(tmp_path).write(Record(1, "vm1", 2**22 + 12345))
+    with pytest.raises(ClaimedBy) as refused:
+        prepare(["0000:00:03.0"], "vm2", host=host, root=tmp_path)
+    assert "claimed by 'vm1'" in str(refused.value)
+    assert "is gone" in str(refused.value)  # no such pid
+    (held,) = status(root=tmp_path)
+    assert (held.owner, held.alive) == ("vm1", False)
+
+
+@pytest.mark.parametrize("owner", ["", "vm 1", "x" * 201])
+def test_owner_names_are_checked(owner: str) -> None:
+    with pytest.raises(UsageError):
+        prepare(["0000:00:03.0"], owner)
+
+
+def test_unknown_force_is_refused() -> None:
+    with pytest.raises(UsageError, match="unknown --force boot_vga"):
+        prepare(["0000:00:03.0"], "vm1", force=["boot_vga"])

@@ -16,12 +16,16 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from kvmvfio.errors import KvmvfioError
 from kvmvfio.host import Host
-from kvmvfio.kvm import KvmVfioDevice, KvmVm
-from kvmvfio.vfio import Backend, Coherency, SessionReport, VfioSession
-from kvmvfio.vfio.device import DeviceInfo, IrqInfo, RegionInfo
+from kvmvfio.vfio.policy import Backend, Coherency
+
+if TYPE_CHECKING:
+    from kvmvfio.kvm import KvmVfioDevice
+    from kvmvfio.vfio.device import DeviceInfo, IrqInfo, RegionInfo
+    from kvmvfio.vfio.session import SessionReport
 
 SCHEMA = 1
 
@@ -75,6 +79,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 @contextlib.contextmanager
 def _scratch_kvm(path: str) -> Iterator[KvmVfioDevice]:
+    from kvmvfio.kvm import KvmVm  # noqa: PLC0415 (the CLI imports layers on use)
+
     with KvmVm(path) as vm, vm.vfio_device() as device:
         yield device
 
@@ -184,6 +190,8 @@ def render(report: SessionReport, *, kvm_checked: bool, policy: Coherency) -> st
 
 
 def _check(args: argparse.Namespace) -> int:
+    from kvmvfio.vfio.session import VfioSession  # noqa: PLC0415 (imported on use)
+
     host = Host(args.sysfs_root, args.dev_root)
     policy = Coherency(args.coherency)
     try:

@@ -11,10 +11,14 @@ import argparse
 import asyncio
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from kvmvfio.host import Host, PciAddress
-from kvmvfio.qemu import Attachment, HandoffPath, Qemu, attach, detach, read_pidfile
-from kvmvfio.vfio import Coherency
+from kvmvfio.qemu.paths import HandoffPath
+from kvmvfio.vfio.policy import Coherency
+
+if TYPE_CHECKING:
+    from kvmvfio.qemu.handoff import Attachment
 
 SCHEMA = 1
 
@@ -86,6 +90,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _pid(args: argparse.Namespace) -> int:
+    from kvmvfio.qemu.qmp import read_pidfile  # noqa: PLC0415 (imported on use)
+
     # Every argument is checked before QEMU is contacted.
     args.addresses = [str(PciAddress.parse(a)) for a in args.addresses]
     return int(args.pid) if args.pid is not None else read_pidfile(args.pidfile)
@@ -105,6 +111,8 @@ def attachment_json(a: Attachment) -> dict[str, object]:
 
 
 def _attach(args: argparse.Namespace) -> int:
+    from kvmvfio.qemu import Qemu, attach  # noqa: PLC0415 (imported on use)
+
     host = Host(args.sysfs_root, args.dev_root)
     pid = _pid(args)
 
@@ -135,6 +143,8 @@ def _attach(args: argparse.Namespace) -> int:
 
 
 def _detach(args: argparse.Namespace) -> int:
+    from kvmvfio.qemu import Qemu, detach  # noqa: PLC0415 (imported on use)
+
     host = Host(args.sysfs_root, args.dev_root)
     pid = _pid(args)
 

@@ -8,17 +8,33 @@ arguments and fds to start one with its devices. Read
 :mod:`kvmvfio.qemu.handoff` first.
 """
 
-from kvmvfio.qemu.coldplug import ColdPlug, coldplug
-from kvmvfio.qemu.handoff import (
-    IOMMUFD_OBJECT,
-    Attachment,
-    HandoffPath,
-    attach,
-    detach,
-    free_ports,
-    qdev_id,
-)
-from kvmvfio.qemu.qmp import Qemu, peer_credentials, read_pidfile
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmvfio.qemu.coldplug import ColdPlug, coldplug
+    from kvmvfio.qemu.handoff import IOMMUFD_OBJECT, Attachment, attach, detach, free_ports, qdev_id
+    from kvmvfio.qemu.paths import HandoffPath
+    from kvmvfio.qemu.qmp import Qemu, peer_credentials, read_pidfile
+
+# Imported on first use: the CLI and the host-only paths never pay for the
+# layers below (cffi declarations, asyncio, QMP) unless they use them.
+_LAZY = {
+    "ColdPlug": "kvmvfio.qemu.coldplug",
+    "coldplug": "kvmvfio.qemu.coldplug",
+    "Attachment": "kvmvfio.qemu.handoff",
+    "IOMMUFD_OBJECT": "kvmvfio.qemu.handoff",
+    "attach": "kvmvfio.qemu.handoff",
+    "detach": "kvmvfio.qemu.handoff",
+    "free_ports": "kvmvfio.qemu.handoff",
+    "qdev_id": "kvmvfio.qemu.handoff",
+    "HandoffPath": "kvmvfio.qemu.paths",
+    "Qemu": "kvmvfio.qemu.qmp",
+    "peer_credentials": "kvmvfio.qemu.qmp",
+    "read_pidfile": "kvmvfio.qemu.qmp",
+}
 
 __all__ = [
     "IOMMUFD_OBJECT",
@@ -34,3 +50,12 @@ __all__ = [
     "qdev_id",
     "read_pidfile",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import errno
 import logging
 import os
@@ -63,6 +62,7 @@ from kvmvfio.errors import (
     UsageError,
 )
 from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice
+from kvmvfio.qemu.paths import HandoffPath
 from kvmvfio.qemu.qmp import JsonObject, Qemu
 from kvmvfio.vfio import Coherency, VfioSession
 from kvmvfio.vfio.files import open_node
@@ -78,14 +78,6 @@ HOTPLUG_PORTS = frozenset({"pcie-root-port", "ioh3420", "xio3130-downstream"})
 MEMLOCK_MARGIN = 1 << 30
 _PERIPHERALS = ("/machine/peripheral", "/machine/peripheral-anon")
 _CHILD = re.compile(r"child<(.+)>")
-
-
-class HandoffPath(enum.StrEnum):
-    """How the devices reach QEMU."""
-
-    AUTO = "auto"
-    IOMMUFD = "iommufd"
-    LEGACY = "legacy"
 
 
 @dataclass(frozen=True)

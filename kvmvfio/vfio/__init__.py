@@ -10,12 +10,40 @@ the order the kernel needs, with the KVM association and the coherency
 policy; read its module documentation first.
 """
 
-from kvmvfio.vfio.container import Container
-from kvmvfio.vfio.device import Device, DeviceInfo, IrqInfo, RegionInfo
-from kvmvfio.vfio.files import FdClosed, OwnedFd, holders, open_node
-from kvmvfio.vfio.group import Group
-from kvmvfio.vfio.iommufd import Iommufd
-from kvmvfio.vfio.session import Backend, Coherency, SessionReport, VfioSession, choose_backend
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmvfio.vfio.container import Container
+    from kvmvfio.vfio.device import Device, DeviceInfo, IrqInfo, RegionInfo
+    from kvmvfio.vfio.files import FdClosed, OwnedFd, holders, open_node
+    from kvmvfio.vfio.group import Group
+    from kvmvfio.vfio.iommufd import Iommufd
+    from kvmvfio.vfio.policy import Backend, Coherency
+    from kvmvfio.vfio.session import SessionReport, VfioSession, choose_backend
+
+# Imported on first use: the CLI and the host-only paths never pay for the
+# layers below (cffi declarations, asyncio, QMP) unless they use them.
+_LAZY = {
+    "Container": "kvmvfio.vfio.container",
+    "Device": "kvmvfio.vfio.device",
+    "DeviceInfo": "kvmvfio.vfio.device",
+    "IrqInfo": "kvmvfio.vfio.device",
+    "RegionInfo": "kvmvfio.vfio.device",
+    "FdClosed": "kvmvfio.vfio.files",
+    "OwnedFd": "kvmvfio.vfio.files",
+    "holders": "kvmvfio.vfio.files",
+    "open_node": "kvmvfio.vfio.files",
+    "Group": "kvmvfio.vfio.group",
+    "Iommufd": "kvmvfio.vfio.iommufd",
+    "Backend": "kvmvfio.vfio.policy",
+    "Coherency": "kvmvfio.vfio.policy",
+    "SessionReport": "kvmvfio.vfio.session",
+    "VfioSession": "kvmvfio.vfio.session",
+    "choose_backend": "kvmvfio.vfio.session",
+}
 
 __all__ = [
     "Backend",
@@ -35,3 +63,12 @@ __all__ = [
     "holders",
     "open_node",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -57,25 +57,9 @@ from kvmvfio.vfio.container import Container
 from kvmvfio.vfio.device import Device, DeviceInfo, IrqInfo, RegionInfo
 from kvmvfio.vfio.group import Group
 from kvmvfio.vfio.iommufd import Iommufd
+from kvmvfio.vfio.policy import Backend, Coherency
 
 log = logging.getLogger(__name__)
-
-
-class Backend(enum.StrEnum):
-    """Which of the kernel's ways to reach the devices."""
-
-    AUTO = "auto"
-    CDEV = "cdev"
-    GROUP = "group"
-    GROUP_IOMMUFD = "group-iommufd"
-
-
-class Coherency(enum.StrEnum):
-    """What to do when the IOMMU does not enforce DMA cache coherency."""
-
-    REQUIRE = "require"
-    WARN = "warn"
-    IGNORE = "ignore"
 
 
 class Runstate(enum.Enum):

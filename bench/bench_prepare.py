@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+from labkit import median_ms
 
 from kvmvfio.lab import topology as topo_mod
 from kvmvfio.prepare import prepare, release
@@ -41,16 +40,6 @@ for d in "$@"; do
     echo > /sys/bus/pci/devices/$d/driver_override
 done
 """
-
-
-def _time(fn: Callable[[], None], rounds: int) -> float:
-    fn()
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1000
 
 
 def main() -> None:
@@ -78,8 +67,8 @@ def main() -> None:
             )
             subprocess.run(["kvmvfio", "release", "--root", str(root), *named], check=True)
 
-        floor = _time(shell, args.rounds)
-        rows.append((n, floor, _time(api, args.rounds), _time(cli, args.rounds)))
+        floor = median_ms(shell, args.rounds)
+        rows.append((n, floor, median_ms(api, args.rounds), median_ms(cli, args.rounds)))
     print(f"Lab topology {topo.name}, edu devices with no driver, median of {args.rounds}.\n")
     print("| devices | hook shell (floor) | kvmvfio API | ratio | kvmvfio CLI (2 runs) | ratio |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -30,31 +30,13 @@ import statistics
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+
+from labkit import bind
 
 from kvmvfio.lab import topology as topo_mod
 from kvmvfio.lab.l2 import NOBODY, L2Qemu
 from kvmvfio.qemu import Qemu, attach, detach, qdev_id
 from kvmvfio.qemu.handoff import _device_del, ensure_memlock
-
-SYSFS_PCI = Path("/sys/bus/pci")
-
-
-def _write(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
-def _bind(addr: str, driver: str | None) -> None:
-    dev = SYSFS_PCI / "devices" / addr
-    if (dev / "driver").exists():
-        _write(dev / "driver" / "unbind", addr)
-    _write(dev / "driver_override", f"{driver}\n" if driver else "\n")
-    if driver:
-        _write(SYSFS_PCI / "drivers_probe", addr)
 
 
 def _acl(op: str, path: str) -> None:
@@ -93,7 +75,7 @@ async def main() -> None:
     logging.disable(logging.WARNING)
     topology = topo_mod.load(os.environ.get("KVMVFIO_LAB_TOPOLOGY", "default"))
     addr = topology.guest_address("edu0")
-    _bind(addr, "vfio-pci")
+    bind(addr, "vfio-pci")
     group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{addr}/iommu_group"))
     (cdev,) = os.listdir(f"/sys/bus/pci/devices/{addr}/vfio-dev")
     l2 = L2Qemu(ports=1)
@@ -140,7 +122,7 @@ async def main() -> None:
                     _acl("-x", path)
     finally:
         l2.kill()
-        _bind(addr, None)
+        bind(addr, None)
     print(f"Lab topology {topology.name}, device {addr} (edu), unprivileged paused L2 QEMU,")
     print(f"median of {args.rounds} rounds after one warm-up; {qdev_id(addr)} on rp0.\n")
     print("| how | attach latency | kvmvfio / this |")

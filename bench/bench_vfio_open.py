@@ -20,36 +20,15 @@ import argparse
 import fcntl
 import logging
 import os
-import statistics
 import struct
-import time
 from collections.abc import Callable
-from pathlib import Path
+
+from labkit import bind, median_ms
 
 from kvmvfio import uapi
 from kvmvfio.kvm import KvmVfioDevice, KvmVm
 from kvmvfio.lab import topology as topo_mod
 from kvmvfio.vfio import VfioSession
-
-SYSFS_PCI = Path("/sys/bus/pci")
-
-
-def _write(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
-def _bind(addr: str, driver: str | None) -> None:
-    dev = SYSFS_PCI / "devices" / addr
-    if (dev / "driver").exists():
-        _write(dev / "driver" / "unbind", addr)
-    _write(dev / "driver_override", f"{driver}\n" if driver else "\n")
-    if driver:
-        _write(SYSFS_PCI / "drivers_probe", addr)
-
 
 # -- the floor: bare ioctls, numbers from the uAPI table, structs packed inline ----
 
@@ -96,16 +75,6 @@ def bare_cdev(cdev: str, kvm_fd: int) -> None:
     os.close(iommufd)
 
 
-def _time(fn: Callable[[], None], rounds: int) -> float:
-    fn()  # warm up caches and imports
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1000
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40)
@@ -113,7 +82,7 @@ def main() -> None:
     logging.disable(logging.WARNING)  # the coherency warning, once per round
     topology = topo_mod.load(os.environ.get("KVMVFIO_LAB_TOPOLOGY", "default"))
     addr = topology.guest_address("edu0")
-    _bind(addr, "vfio-pci")
+    bind(addr, "vfio-pci")
     # Unbinding vfio-pci while a device fd is open blocks until it is closed,
     # so a failure below must not leave one open: every step closes its fds.
     try:
@@ -123,7 +92,7 @@ def main() -> None:
         with KvmVm() as vm, vm.vfio_device() as kvm:
             rows = _measure(addr, group_no, cdev, kvm, args.rounds)
     finally:
-        _bind(addr, None)
+        bind(addr, None)
     print(f"Lab topology {topology.name}, device {addr} (edu), median of {args.rounds} rounds.\n")
     print("| path | bare ioctls (floor) | VfioSession | ratio | VfioSession + coherency check |")
     print("| --- | ---: | ---: | ---: | ---: |")
@@ -150,9 +119,9 @@ def _measure(
             with VfioSession([addr], backend=path, kvm=kvm, coherency=coherency):
                 pass
 
-        floor = _time(floor_fn, rounds)
-        plain = _time(lambda: session("ignore"), rounds)
-        checked = _time(lambda: session("warn"), rounds)
+        floor = median_ms(floor_fn, rounds)
+        plain = median_ms(lambda: session("ignore"), rounds)
+        checked = median_ms(lambda: session("warn"), rounds)
         rows.append((path, floor, plain, checked))
     return rows
 

@@ -12,8 +12,9 @@ policy; read its module documentation first.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from kvmvfio._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from kvmvfio.vfio.container import Container
@@ -65,10 +66,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -242,3 +242,16 @@ def test_bad_input_changes_nothing(topology: Topology, tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert snapshot(nic) == before
+
+
+def test_release_can_reset_the_device(topology: Topology, tmp_path: Path) -> None:
+    nic = topology.guest_address("nic0")
+    methods = Host().device(nic).reset_methods
+    assert methods  # QEMU's e1000e offers at least one (flr, pm or bus)
+    before = snapshot(nic)
+    ifaces = netdevs(nic)
+    prepare([nic], "vm1", root=tmp_path)
+    (restored,) = release([nic], "vm1", reset=True, root=tmp_path)
+    assert restored.reset
+    assert snapshot(nic) == before
+    assert netdevs(nic) == ifaces

@@ -31,7 +31,10 @@ def make_parser() -> argparse.ArgumentParser:
     """Build the full ``kvmvfio`` argument parser."""
     from kvmvfio.cli import check_cmds, host_cmds, lab_cmds, prepare_cmds, qemu_cmds  # noqa: PLC0415 (cli/__init__ is imported by them)
 
-    parser = _Parser(prog="kvmvfio", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(
+        prog="kvmvfio",
+        description="Hand PCI devices to QEMU/KVM virtual machines through Linux VFIO.",
+    )
     parser.add_argument("--version", action="version", version=f"kvmvfio {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each decision to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

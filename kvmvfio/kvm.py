@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Self
 
 from kvmvfio import uapi
+from kvmvfio._closing import Closing
 from kvmvfio.errors import (
     AlreadyAssociated,
     KernelError,
@@ -72,7 +73,7 @@ def _bad_fd_hint(fd: int) -> str:
     return f"fd {fd} is not an open file descriptor of this process"
 
 
-class KvmVm:
+class KvmVm(Closing):
     """A KVM virtual machine's file: created here, or borrowed from its owner."""
 
     path: str
@@ -165,18 +166,6 @@ class KvmVm:
         """Create this VM's kvm-vfio device; see :class:`KvmVfioDevice`."""
         return KvmVfioDevice(self)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self._fd is None else f"fd={self._fd}"
         return f"<KvmVm {state} owned={self.owned}>"
@@ -223,7 +212,7 @@ class KvmFile:
         return (st.st_dev, st.st_ino) == (self.dev, self.ino)
 
 
-class KvmVfioDevice:
+class KvmVfioDevice(Closing):
     """A VM's kvm-vfio device: the door through which KVM learns of VFIO files."""
 
     subject: str
@@ -443,18 +432,6 @@ class KvmVfioDevice:
             if self.owned:
                 os.close(fd)
                 log.info("closed %s", self.subject)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._fd is None else f"fd={self._fd}"

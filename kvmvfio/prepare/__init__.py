@@ -28,9 +28,9 @@ from pathlib import Path
 from kvmvfio.errors import Busy, KvmvfioError, UsageError
 from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice, driver_managed_dma
 from kvmvfio.prepare import safety
-from kvmvfio.prepare.driver import DriverState, Sysfs
+from kvmvfio.prepare.driver import Sysfs
 from kvmvfio.prepare.journal import DEFAULT_ROOT, Entry, Journal, JournalError, Record
-from kvmvfio.vfio.files import holders
+from kvmvfio.vfio.files import holders, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +95,6 @@ class GroupStatus:
     pid: int
     alive: bool
     devices: tuple[Entry, ...] = field(default=())
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager
@@ -214,7 +202,7 @@ def _prepare_group(
     number = group.number
     record = journal.read(number)
     if record is not None and record.owner != owner:
-        raise ClaimedBy(number, record.owner, record.pid, _alive(record.pid))
+        raise ClaimedBy(number, record.owner, record.pid, pid_alive(record.pid))
     if record is None:
         record = Record(number, owner, owner_pid or 0)
     movers = [m for m in group.members if _needs_moving(m)]
@@ -283,7 +271,9 @@ def _restore(sysfs: Sysfs, entry: Entry, reset: bool) -> Restored:
     return Restored(addr, entry.driver, entry.override, did_reset)
 
 
-def _release_record(host: Host, journal: Journal, record: Record, reset: bool) -> list[Restored]:
+def _release_record(
+    host: Host, journal: Journal, record: Record, reset: bool | Collection[str]
+) -> list[Restored]:
     sysfs = Sysfs(host.sysfs)
     busy = _vfio_holders(host, record.group, record.devices)
     if busy:
@@ -295,7 +285,10 @@ def _release_record(host: Host, journal: Journal, record: Record, reset: bool) -
             f"IOMMU group {record.group}",
             ", ".join(busy),
         )
-    out = [_restore(sysfs, e, reset) for e in reversed(record.devices)]
+    out = [
+        _restore(sysfs, e, reset if isinstance(reset, bool) else e.address in reset)
+        for e in reversed(record.devices)
+    ]
     journal.remove(record.group)
     return out
 
@@ -304,7 +297,7 @@ def release(
     addresses: Sequence[str | PciAddress],
     owner: str | None = None,
     *,
-    reset: bool = False,
+    reset: bool | Collection[str] = False,
     host: Host | None = None,
     root: str | Path = DEFAULT_ROOT,
 ) -> list[Restored]:
@@ -313,7 +306,7 @@ def release(
     Idempotent: a group kvmvfio did not prepare is left alone. With
     ``owner``, a group claimed by someone else raises :class:`ClaimedBy`.
     ``reset`` resets each device (the kernel's ``reset``) before it leaves
-    vfio-pci. Raises :class:`~kvmvfio.errors.Busy` naming the process that
+    vfio-pci; given addresses instead of True, only those. Raises :class:`~kvmvfio.errors.Busy` naming the process that
     still has a device open (unbinding then would hang).
     """
     host = host or Host()
@@ -325,7 +318,7 @@ def release(
             if record is None:
                 continue
             if owner is not None and record.owner != owner:
-                raise ClaimedBy(number, record.owner, record.pid, _alive(record.pid))
+                raise ClaimedBy(number, record.owner, record.pid, pid_alive(record.pid))
             out += _release_record(host, journal, record, reset)
     return out
 
@@ -346,11 +339,6 @@ def recover(*, host: Host | None = None, root: str | Path = DEFAULT_ROOT) -> lis
 def status(*, root: str | Path = DEFAULT_ROOT) -> list[GroupStatus]:
     """The groups kvmvfio holds, their owners, and whether the owners' processes live."""
     return [
-        GroupStatus(r.group, r.owner, r.pid, _alive(r.pid), tuple(r.devices))
+        GroupStatus(r.group, r.owner, r.pid, pid_alive(r.pid), tuple(r.devices))
         for r in Journal(root).records()
     ]
-
-
-def current(sysfs: Sysfs, address: str) -> DriverState:
-    """A device's driver and override now (for reports)."""
-    return sysfs.state(address)

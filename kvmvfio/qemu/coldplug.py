@@ -17,18 +17,19 @@ from __future__ import annotations
 import resource
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Self
 
-from kvmvfio.errors import CoherencyRefused, KernelUnsupported, UsageError
+from kvmvfio._closing import Closing
+from kvmvfio.errors import KernelUnsupported, UsageError
 from kvmvfio.host import Host, PciAddress
 from kvmvfio.qemu.handoff import IOMMUFD_OBJECT, MEMLOCK_MARGIN, qdev_id
 from kvmvfio.vfio import Coherency
 from kvmvfio.vfio.files import OwnedFd, open_node
+from kvmvfio.vfio.policy import apply_coherency
 from kvmvfio.vfio.session import check_devices, probe_cdev_coherency
 
 
 @dataclass
-class ColdPlug:
+class ColdPlug(Closing):
     """QEMU arguments and the fds they name; closing drops our copies."""
 
     args: list[str] = field(default_factory=list)
@@ -60,12 +61,6 @@ class ColdPlug:
         for fd in self.fds:
             fd.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def coldplug(
     addresses: Sequence[str | PciAddress],
@@ -95,12 +90,13 @@ def coldplug(
     plug = ColdPlug(unsafe=list(unsafe))
     try:
         for dev in devices:
-            if policy is not Coherency.IGNORE and not probe_cdev_coherency(host, dev):
-                if policy is Coherency.REQUIRE:
-                    raise CoherencyRefused(f"device {dev.address}", [str(dev.address)])
-                plug.unsafe.append(
-                    f"device {dev.address}: the IOMMU does not enforce DMA cache coherency"
+            if policy is not Coherency.IGNORE:
+                coherent = probe_cdev_coherency(host, dev)
+                note = apply_coherency(
+                    policy, coherent, f"device {dev.address}", [str(dev.address)]
                 )
+                if note:
+                    plug.unsafe.append(note)
         iommufd = open_node(host.devfs / "iommu", "iommufd (/dev/iommu)")
         plug.fds.append(iommufd)
         plug.args += ["-object", f"iommufd,id={IOMMUFD_OBJECT},fd={iommufd.fileno()}"]

@@ -49,7 +49,6 @@ from typing import cast
 from qemu.qmp import EventListener
 
 from kvmvfio.errors import (
-    CoherencyRefused,
     DetachTimeout,
     KernelError,
     KernelUnsupported,
@@ -66,6 +65,7 @@ from kvmvfio.qemu.paths import HandoffPath
 from kvmvfio.qemu.qmp import JsonObject, Qemu
 from kvmvfio.vfio import Coherency, VfioSession
 from kvmvfio.vfio.files import open_node
+from kvmvfio.vfio.policy import apply_coherency
 from kvmvfio.vfio.session import check_devices, probe_cdev_coherency
 
 log = logging.getLogger(__name__)
@@ -228,14 +228,6 @@ def revoke(node: Path, uid: int) -> None:
 # -- attach ------------------------------------------------------------------------------
 
 
-def _apply_policy(policy: Coherency, coherent: bool, subject: str, members: list[str]) -> str:
-    if coherent or policy is Coherency.IGNORE:
-        return ""
-    if policy is Coherency.REQUIRE:
-        raise CoherencyRefused(subject, members)
-    return f"{subject}: the IOMMU does not enforce DMA cache coherency"
-
-
 async def _ensure_iommufd_object(qemu: Qemu, host: Host) -> bool:
     """Create the VM's iommufd object from our /dev/iommu fd; False if it existed."""
     objects = {str(o["name"]) for o in await qemu.qom_list("/objects")}
@@ -349,10 +341,9 @@ async def attach(
             else:
                 with VfioSession([addr], backend="group", coherency="ignore", host=host) as s:
                     answer = s.container is not None and s.container.enforces_coherency()
-            note = _apply_policy(policy, answer, f"device {addr}", [addr])
+            note = apply_coherency(policy, answer, f"device {addr}", [addr])
             if note:
                 notes[addr].append(note)
-                log.warning("%s", note)
         coherent[addr] = answer
     if buses is None:
         free, taken = await free_ports(qemu)

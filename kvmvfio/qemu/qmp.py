@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import struct
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Self, cast
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
 
 from kvmvfio.errors import QemuError, QemuGone, QemuPeerMismatch, QemuRefused, UsageError
-from kvmvfio.vfio.files import OwnedFd
+from kvmvfio.vfio.files import OwnedFd, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +167,4 @@ class Qemu:
 
     def alive(self) -> bool:
         """Whether the QEMU process still exists."""
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return pid_alive(self.pid)

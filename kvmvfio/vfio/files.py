@@ -13,8 +13,8 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Self
 
+from kvmvfio._closing import Closing
 from kvmvfio.errors import Busy, KernelError, KvmvfioError, PermissionDenied
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,19 @@ class OwnedFd:
 
     def __repr__(self) -> str:
         return f"OwnedFd({self._fd}, {self.path!r})"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one we may not signal counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def holders(*paths: str | Path, proc: str | Path = "/proc") -> list[str]:
@@ -134,7 +147,7 @@ def open_node(
     return OwnedFd(fd, text, subject)
 
 
-class FdObject:
+class FdObject(Closing):
     """Base of the objects that own one kernel file: context managers, close, fileno.
 
     Usable as ``with`` and ``async with``; :meth:`close` is idempotent.
@@ -172,15 +185,3 @@ class FdObject:
             self._release()
         finally:
             self._file.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Self
 
 from kvmvfio.errors import (
-    CoherencyRefused,
     DeviceNotBoundToVfio,
     GroupNotViable,
     KernelUnsupported,
@@ -57,7 +56,7 @@ from kvmvfio.vfio.container import Container
 from kvmvfio.vfio.device import Device, DeviceInfo, IrqInfo, RegionInfo
 from kvmvfio.vfio.group import Group
 from kvmvfio.vfio.iommufd import Iommufd
-from kvmvfio.vfio.policy import Backend, Coherency
+from kvmvfio.vfio.policy import Backend, Coherency, apply_coherency
 
 log = logging.getLogger(__name__)
 
@@ -344,13 +343,9 @@ class VfioSession:
 
     def _apply_policy(self, coherent: bool, subject: str, members: Sequence[str]) -> None:
         self.coherent = coherent if self.coherent is None else (self.coherent and coherent)
-        if coherent or self.coherency is Coherency.IGNORE:
-            return
-        if self.coherency is Coherency.REQUIRE:
-            raise CoherencyRefused(subject, members)
-        text = f"{subject}: the IOMMU does not enforce DMA cache coherency"
-        self.unsafe.append(text)
-        log.warning("%s (%s)", text, ", ".join(members))
+        note = apply_coherency(self.coherency, coherent, subject, members)
+        if note:
+            self.unsafe.append(note)
 
     def _kvm_add(self, fd: int, subject: str) -> None:
         if self.kvm is None:

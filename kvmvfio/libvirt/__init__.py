@@ -1,0 +1,1 @@
+"""libvirt integration: the hook, the agent, and attach/detach by virDomain."""

@@ -1,0 +1,347 @@
+"""Installing kvmvfio's libvirt hook: a shell front in ``/etc/libvirt/hooks/qemu.d``.
+
+libvirt runs every executable file of ``hooks/qemu.d/`` (in name order,
+after ``hooks/qemu`` if that exists) for every event of every QEMU domain:
+argv ``NAME OP SUBOP EXTRA``, the domain XML on stdin, a minimal
+environment. A non-zero exit with a message on stderr stops a domain start.
+
+kvmvfio acts on ``prepare begin`` and ``release end`` of domains whose XML
+carries its metadata namespace, and nothing else. The installed file is a
+POSIX shell front (the package's ``hook-front.sh``) that tells those events
+apart without starting Python, and only then runs ``python -m
+kvmvfio.libvirt.hook`` with the interpreter and ``PYTHONPATH`` fixed at
+install time. :func:`install` writes it atomically; :func:`uninstall`
+removes it. Neither touches a file that kvmvfio did not write (found by the
+marker line :data:`MARKER` in its header) unless asked to.
+
+libvirt looks for hooks when the daemon starts (and again on ``SIGHUP``),
+not at each event: a host's *first* qemu hook is only run after the daemon
+(libvirtd, or virtqemud with the modular daemons) was restarted or reloaded.
+:attr:`InstallResult.restart_needed` says when that is the case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as _errno
+import logging
+import os
+import re
+import shlex
+import stat
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import kvmvfio
+from kvmvfio.errors import KernelError, KvmvfioError, UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
+DEFAULT_NAME = "kvmvfio"
+#: The header line that marks a file as written by kvmvfio.
+MARKER = "# kvmvfio-hook-front: written by `kvmvfio hook install`"
+#: How far into a file :data:`MARKER` is looked for (it is on line 2).
+_HEADER_BYTES = 4096
+_TEMPLATE = "hook-front.sh"
+_PLACEHOLDER = re.compile(r"@(PYTHON|PYTHONPATH|VERSION)@")
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """What :func:`install` did."""
+
+    #: The hook file written (``<hooks_dir>/qemu.d/<name>``).
+    path: Path
+    #: The interpreter and ``PYTHONPATH`` the front runs the hook with.
+    python: str
+    pythonpath: str
+    #: An older kvmvfio hook was at ``path`` and was replaced.
+    replaced: bool
+    #: A file kvmvfio had not written was at ``path`` and was overwritten (``force``).
+    forced: bool
+    #: No qemu hook existed before: libvirt runs this one only once the daemon
+    #: was restarted (or reloaded).
+    restart_needed: bool
+
+
+class HookFileError(KernelError):
+    """A file operation on the hooks folder failed (EACCES, EROFS, ...)."""
+
+    def __init__(
+        self,
+        err: int,
+        op: str,
+        path: str | None = None,
+        subject: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        if hint is None:
+            if err in (_errno.EACCES, _errno.EPERM):
+                hint = "libvirt's hooks folder belongs to root: run kvmvfio hook as root"
+            elif err == _errno.EROFS:
+                hint = "that file system is mounted read-only"
+            elif err in (_errno.ENOSPC, _errno.EDQUOT):
+                hint = "that file system is full"
+        super().__init__(err, op, path, subject, hint)
+
+
+class ForeignHook(KvmvfioError):
+    """A file at the hook's path was not written by kvmvfio; it was left alone."""
+
+    def __init__(self, path: Path, action: str, hint: str) -> None:
+        self.path = path
+        self.action = action
+        super().__init__(
+            f"refusing to {action} {path}: kvmvfio did not write it (its header has no "
+            f"kvmvfio marker line); {hint}"
+        )
+
+
+class HooksDirMissing(UsageError):
+    """The folder that should hold libvirt's hooks folder does not exist."""
+
+    def __init__(self, hooks_dir: Path) -> None:
+        self.hooks_dir = hooks_dir
+        super().__init__(
+            f"cannot create {hooks_dir}: {hooks_dir.parent} does not exist (is libvirt "
+            "installed? name libvirt's hooks folder with --hooks-dir)"
+        )
+
+
+@contextlib.contextmanager
+def _oserror(op: str, path: Path) -> Iterator[None]:
+    """Turn an OSError of the block into a :class:`HookFileError` naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, KvmvfioError):
+            raise
+        raise HookFileError(err.errno or _errno.EIO, op, str(path)) from err
+
+
+def check_python(python: str) -> str:
+    """Return ``python`` if the hook can be run with it; raise :class:`UsageError` if not.
+
+    It must be an absolute path (libvirt runs hooks with a minimal ``PATH``)
+    to an executable file. It is not resolved: a virtualenv's interpreter is
+    a symbolic link that must stay one.
+    """
+    if not os.path.isabs(python):
+        raise UsageError(
+            f"the hook's interpreter must be an absolute path, not {python!r}: libvirt runs "
+            "hooks with a minimal PATH"
+        )
+    try:
+        st = os.stat(python)
+    except OSError as err:
+        raise UsageError(f"the hook's interpreter {python} cannot be used: {err.strerror}") from err
+    if not stat.S_ISREG(st.st_mode) or not os.access(python, os.X_OK):
+        raise UsageError(f"the hook's interpreter {python} is not an executable file")
+    return python
+
+
+def default_pythonpath() -> str:
+    """Return the folder that holds the ``kvmvfio`` package being run now."""
+    return str(Path(kvmvfio.__file__).resolve().parents[1])
+
+
+def render(python: str, pythonpath: str | None = None) -> str:
+    """Return the front's text for ``python`` and ``pythonpath`` (checked first).
+
+    ``pythonpath`` defaults to :func:`default_pythonpath`. Raises
+    :class:`UsageError` for an interpreter :func:`check_python` refuses, or a
+    ``pythonpath`` that is relative or that Python would split (``:``).
+    """
+    check_python(python)
+    if pythonpath is None:
+        pythonpath = default_pythonpath()
+    if ":" in pythonpath or not os.path.isabs(pythonpath):
+        raise UsageError(
+            f"the hook's PYTHONPATH must be one absolute folder without ':', not {pythonpath!r}"
+        )
+    # Single-quoted for the shell (shlex.quote is POSIX quoting), so no path
+    # can end the assignment or be expanded; one pass, so a path that looks
+    # like a placeholder stays as it is.
+    values = {
+        "PYTHON": shlex.quote(python),
+        "PYTHONPATH": shlex.quote(pythonpath),
+        "VERSION": kvmvfio.__version__,
+    }
+    template = resources.files("kvmvfio.libvirt").joinpath(_TEMPLATE).read_text(encoding="utf-8")
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def is_kvmvfio_hook(path: Path) -> bool:
+    """Say whether the file at ``path`` carries kvmvfio's marker line in its header.
+
+    Raises :class:`HookFileError` if it cannot be read.
+    """
+    with _oserror("read", path), open(path, "rb") as f:
+        head = f.read(_HEADER_BYTES)
+    return MARKER.encode() in head.splitlines()[:5]
+
+
+def _is_executable(path: Path) -> bool:
+    """Say whether libvirt counts ``path`` as a hook (its ``virFileIsExecutable``)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return not stat.S_ISDIR(st.st_mode) and bool(st.st_mode & 0o111)
+
+
+def _has_qemu_hook(hooks_dir: Path) -> bool:
+    """Say whether libvirt, started now, would find a qemu hook in ``hooks_dir``."""
+    if _is_executable(hooks_dir / "qemu"):
+        return True
+    try:
+        entries = os.listdir(hooks_dir / "qemu.d")
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as err:
+        raise HookFileError(err.errno or _errno.EIO, "listdir", str(hooks_dir / "qemu.d")) from err
+    return any(_is_executable(hooks_dir / "qemu.d" / e) for e in entries)
+
+
+def _check_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise UsageError(f"{name!r} cannot name a file in qemu.d")
+
+
+def _mkdir(path: Path) -> None:
+    """Create ``path`` with mode 0755 (whatever the umask) if it does not exist."""
+    if path.is_dir():
+        return
+    with _oserror("mkdir", path):
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            return
+        os.chmod(path, 0o755)
+    log.info("created %s", path)
+
+
+def _fsync_dir(path: Path) -> None:
+    with _oserror("fsync", path):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    """Replace ``target`` by an executable file holding ``data``, all or nothing.
+
+    The temporary file stays mode 0600 until it is complete, so libvirt
+    (which runs every executable file of the folder) never runs a partial
+    one; it becomes 0755 just before the rename.
+    """
+    folder = target.parent
+    with _oserror("open", folder):
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with _oserror("write", Path(tmp)):
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+                os.fchmod(fd, 0o755)
+            finally:
+                os.close(fd)
+        with _oserror("rename", target):
+            os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def install(
+    hooks_dir: str | Path = DEFAULT_HOOKS_DIR,
+    python: str = sys.executable,
+    name: str = DEFAULT_NAME,
+    *,
+    force: bool = False,
+    pythonpath: str | None = None,
+) -> InstallResult:
+    """Write the hook front to ``<hooks_dir>/qemu.d/<name>`` (mode 0755), atomically.
+
+    The front runs ``python -m kvmvfio.libvirt.hook`` with ``PYTHONPATH`` set
+    to ``pythonpath`` (default: the folder holding this ``kvmvfio``).
+    Creates ``hooks_dir`` and ``qemu.d`` (0755) if needed. Replaces an older
+    kvmvfio front; refuses to overwrite any other file unless ``force``.
+
+    Raises :class:`UsageError` for a bad interpreter, path or name,
+    :class:`ForeignHook` for a file kvmvfio did not write, and
+    :class:`HookFileError` (errno kept) when the file system refuses.
+    """
+    _check_name(name)
+    if pythonpath is None:
+        pythonpath = default_pythonpath()
+    text = render(python, pythonpath)
+    hooks_dir = Path(hooks_dir)
+    qemu_d = hooks_dir / "qemu.d"
+    target = qemu_d / name
+    restart_needed = not _has_qemu_hook(hooks_dir)
+    replaced = forced = False
+    if os.path.lexists(target):
+        if target.is_dir():
+            raise ForeignHook(target, "overwrite", "it is a folder")
+        if target.exists() and is_kvmvfio_hook(target):
+            replaced = True
+        elif not force:
+            raise ForeignHook(
+                target, "overwrite", "move it away, or install with --force to replace it"
+            )
+        else:
+            forced = True
+    if not hooks_dir.is_dir() and not hooks_dir.parent.is_dir():
+        raise HooksDirMissing(hooks_dir)
+    _mkdir(hooks_dir)
+    _mkdir(qemu_d)
+    _write_atomically(target, text.encode("utf-8"))
+    result = InstallResult(
+        path=target,
+        python=python,
+        pythonpath=pythonpath,
+        replaced=replaced,
+        forced=forced,
+        restart_needed=restart_needed,
+    )
+    log.info(
+        "installed %s (python %s, replaced %s, forced %s, restart needed %s)",
+        target,
+        python,
+        replaced,
+        forced,
+        restart_needed,
+    )
+    return result
+
+
+def uninstall(hooks_dir: str | Path = DEFAULT_HOOKS_DIR, name: str = DEFAULT_NAME) -> bool:
+    """Remove the kvmvfio front ``<hooks_dir>/qemu.d/<name>``; return False if none was there.
+
+    Raises :class:`ForeignHook` (and removes nothing) if the file there was
+    not written by kvmvfio, :class:`HookFileError` when the file system
+    refuses.
+    """
+    _check_name(name)
+    target = Path(hooks_dir) / "qemu.d" / name
+    if not os.path.lexists(target):
+        return False
+    if target.is_dir() or not target.exists() or not is_kvmvfio_hook(target):
+        raise ForeignHook(target, "remove", "remove it by hand if it should go")
+    with _oserror("unlink", target):
+        os.unlink(target)
+    _fsync_dir(target.parent)
+    log.info("removed %s", target)
+    return True

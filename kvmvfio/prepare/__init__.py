@@ -45,6 +45,7 @@ __all__ = [
     "prepare",
     "recover",
     "release",
+    "release_owner",
     "status",
 ]
 
@@ -306,8 +307,9 @@ def release(
     Idempotent: a group kvmvfio did not prepare is left alone. With
     ``owner``, a group claimed by someone else raises :class:`ClaimedBy`.
     ``reset`` resets each device (the kernel's ``reset``) before it leaves
-    vfio-pci; given addresses instead of True, only those. Raises :class:`~kvmvfio.errors.Busy` naming the process that
-    still has a device open (unbinding then would hang).
+    vfio-pci; given addresses instead of True, only those. Raises
+    :class:`~kvmvfio.errors.Busy` naming the process that still has a
+    device open (unbinding then would hang).
     """
     host = host or Host()
     journal = Journal(root)
@@ -325,14 +327,30 @@ def release(
 
 def recover(*, host: Host | None = None, root: str | Path = DEFAULT_ROOT) -> list[Restored]:
     """Restore every device the journal names (after a crash); idempotent."""
+    return release_owner(None, host=host, root=root)
+
+
+def release_owner(
+    owner: str | None,
+    *,
+    reset: bool | Collection[str] = False,
+    host: Host | None = None,
+    root: str | Path = DEFAULT_ROOT,
+) -> list[Restored]:
+    """Release every group the journal says ``owner`` holds (every group for None).
+
+    Idempotent. Raises :class:`~kvmvfio.errors.Busy` as :func:`release` does.
+    """
     host = host or Host()
     journal = Journal(root)
     out: list[Restored] = []
     for record in journal.records():
+        if owner is not None and record.owner != owner:
+            continue
         with _group_lock(Path(root), record.group):
             fresh = journal.read(record.group)
-            if fresh is not None:
-                out += _release_record(host, journal, fresh, reset=False)
+            if fresh is not None and (owner is None or fresh.owner == owner):
+                out += _release_record(host, journal, fresh, reset)
     return out
 
 

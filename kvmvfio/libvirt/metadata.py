@@ -1,0 +1,398 @@
+"""What a libvirt domain asks of kvmvfio: its ``<metadata>``, read as untrusted input.
+
+A domain asks by carrying one element in kvmvfio's XML namespace in its
+``<metadata>``::
+
+    <metadata>
+      <kvmvfio:devices xmlns:kvmvfio="urn:kvmvfio:libvirt:1" coherency="require">
+        <kvmvfio:device address="0000:03:00.0" handoff="agent"/>
+        <kvmvfio:device address="0000:04:00.0" reset="yes"/>
+      </kvmvfio:devices>
+    </metadata>
+
+Attributes of ``<kvmvfio:device>`` (each may also stand on
+``<kvmvfio:devices>`` as the default of its devices):
+
+``address``   the PCI function (required, on devices only)
+``handoff``   ``libvirt`` (default): the domain's own ``<hostdev
+              managed='no'>`` uses the device, kvmvfio prepares and checks
+              it; ``agent``: ``kvmvfio agent`` hands it to the running QEMU by
+              file descriptor (iommufd), no ``<hostdev>`` needed
+``path``      the kernel path checked and used: ``group`` (default for
+              ``libvirt``, what libvirt's QEMU opens) or ``cdev`` (default
+              and only choice for ``agent``)
+``coherency`` ``require``, ``warn`` (default) or ``ignore``: the policy on
+              enforced DMA cache coherency (docs/coherency.md)
+``reset``     ``yes`` or ``no`` (default): reset the device when it goes back
+
+The XML comes from libvirt, but a domain definition is written by whoever
+may define domains, so it is parsed as hostile: no DTD, no entity
+declarations or external entities (refused, never expanded), bounded size
+and depth, and every attribute in kvmvfio's namespace checked, unknown ones
+refused rather than ignored (a misspelt ``coherency`` must not silently
+become ``warn``). Only what kvmvfio needs is kept: the name, the UUID, its
+metadata, and the PCI ``<hostdev>`` elements.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from xml.parsers import expat
+
+from kvmvfio.errors import InvalidAddress, UsageError
+from kvmvfio.host.address import PciAddress
+from kvmvfio.vfio.policy import Coherency
+
+#: kvmvfio's XML namespace in libvirt domain metadata.
+NAMESPACE = "urn:kvmvfio:libvirt:1"
+#: The prefix (libvirt's "key") kvmvfio's element is written with.
+PREFIX = "kvmvfio"
+#: Larger domain XML is refused unread (libvirt's own RPC caps strings lower).
+MAX_XML_BYTES = 16 << 20
+#: Deeper nesting is refused; libvirt's domain XML nests about 6 deep.
+MAX_DEPTH = 64
+#: More devices in one domain's kvmvfio metadata are refused.
+MAX_DEVICES = 256
+#: Longest domain name or UUID text kept.
+_MAX_TEXT = 1024
+
+_SEP = "\x1f"  # expat's namespace separator: a character no XML name contains
+_DEVICES = f"{NAMESPACE}{_SEP}devices"
+_DEVICE = f"{NAMESPACE}{_SEP}device"
+
+
+class Handoff(enum.StrEnum):
+    """Who gives a device to the domain's QEMU."""
+
+    LIBVIRT = "libvirt"
+    AGENT = "agent"
+
+
+class DevicePath(enum.StrEnum):
+    """The kernel path a device is checked on (and handed over by)."""
+
+    CDEV = "cdev"
+    GROUP = "group"
+
+
+class MetadataError(UsageError):
+    """A domain's XML or its kvmvfio metadata is malformed or refused."""
+
+    def __init__(self, domain: str | None, problem: str) -> None:
+        self.domain = domain
+        self.problem = problem
+        who = f"domain {domain!r}" if domain else "the domain XML"
+        super().__init__(f"{who}: {problem}")
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """One device a domain asks kvmvfio to manage."""
+
+    address: str
+    handoff: Handoff = Handoff.LIBVIRT
+    path: DevicePath = DevicePath.GROUP
+    coherency: Coherency = Coherency.WARN
+    reset: bool = False
+
+
+@dataclass(frozen=True)
+class Hostdev:
+    """A PCI ``<hostdev>`` of the domain: its source address and ``managed``."""
+
+    address: str
+    managed: bool
+
+
+@dataclass(frozen=True)
+class DomainRequest:
+    """What one domain asks of kvmvfio."""
+
+    name: str
+    uuid: str | None
+    devices: tuple[DeviceRequest, ...]
+    hostdevs: tuple[Hostdev, ...] = field(default=())
+
+    @property
+    def owner(self) -> str:
+        """The owner kvmvfio's journal claims the domain's IOMMU groups for."""
+        return owner_of(self.name)
+
+    def by_handoff(self, handoff: Handoff) -> tuple[DeviceRequest, ...]:
+        """The devices handed over by ``handoff``."""
+        return tuple(d for d in self.devices if d.handoff is handoff)
+
+
+#: Owners of journal records kvmvfio's libvirt integration made start with this.
+OWNER_PREFIX = "libvirt:"
+
+
+def owner_of(name: str) -> str:
+    """The journal owner of the domain called ``name``."""
+    return f"{OWNER_PREFIX}{name}"
+
+
+# -- the parser --------------------------------------------------------------------------
+
+
+_YES_NO = {"yes": True, "no": False}
+_DEVICE_ATTRS = ("address", "handoff", "path", "coherency", "reset")
+
+
+def _choice(enum_type: type[enum.StrEnum], attr: str, value: str, where: str) -> str:
+    allowed = [m.value for m in enum_type]
+    if value not in allowed:
+        raise ValueError(f"{where} has {attr}={value!r}; expected one of {', '.join(allowed)}")
+    return value
+
+
+def _options(attrs: Mapping[str, str], where: str, base: dict[str, str]) -> dict[str, str]:
+    """Check the attributes of a kvmvfio element and lay them over ``base``."""
+    allowed = _DEVICE_ATTRS if where == "<kvmvfio:device>" else _DEVICE_ATTRS[1:]
+    out = dict(base)
+    for name, value in attrs.items():
+        if name not in allowed:
+            raise ValueError(
+                f"{where} has an unknown attribute {name.replace(_SEP, ' ')!r} "
+                f"(known: {', '.join(allowed)})"
+            )
+        if name == "handoff":
+            _choice(Handoff, name, value, where)
+        elif name == "path":
+            _choice(DevicePath, name, value, where)
+        elif name == "coherency":
+            _choice(Coherency, name, value, where)
+        elif name == "reset" and value not in _YES_NO:
+            raise ValueError(f"{where} has reset={value!r}; expected yes or no")
+        out[name] = value
+    return out
+
+
+def _device(opts: dict[str, str]) -> DeviceRequest:
+    text = opts.get("address")
+    if text is None:
+        raise ValueError("<kvmvfio:device> has no address attribute")
+    try:
+        address = str(PciAddress.parse(text))
+    except InvalidAddress as err:
+        raise ValueError(f"<kvmvfio:device address={text[:40]!r}>: {err.reason}") from None
+    handoff = Handoff(opts.get("handoff", Handoff.LIBVIRT))
+    default_path = DevicePath.CDEV if handoff is Handoff.AGENT else DevicePath.GROUP
+    path = DevicePath(opts.get("path", default_path))
+    if handoff is Handoff.AGENT and path is not DevicePath.CDEV:
+        raise ValueError(
+            f"device {address} has handoff='agent' with path={path.value!r}: the agent hands "
+            "devices over by file descriptor, which QEMU accepts only on the iommufd (cdev) path"
+        )
+    return DeviceRequest(
+        address=address,
+        handoff=handoff,
+        path=path,
+        coherency=Coherency(opts.get("coherency", Coherency.WARN)),
+        reset=_YES_NO[opts.get("reset", "no")],
+    )
+
+
+def _hex(text: str | None, what: str) -> int:
+    if text is None:
+        raise ValueError(f"a PCI <hostdev> source address has no {what}")
+    digits = text[2:] if text[:2].lower() == "0x" else text
+    if not digits or len(digits) > 8 or not all(c in "0123456789abcdefABCDEF" for c in digits):
+        raise ValueError(f"a PCI <hostdev> source address has {what}={text[:20]!r}")
+    return int(digits, 16)
+
+
+class _Reader:
+    """Streaming expat handlers keeping only what kvmvfio needs."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        self.name: str | None = None
+        self.uuid: str | None = None
+        self.text: list[str] | None = None
+        self.seen_devices = False
+        self.defaults: dict[str, str] = {}
+        self.devices: list[DeviceRequest] = []
+        self.hostdevs: list[Hostdev] = []
+        self._hostdev: dict[str, str] | None = None
+
+    def start(self, tag: str, attrs: dict[str, str]) -> None:
+        depth = len(self.stack)
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"elements nest deeper than {MAX_DEPTH} levels")
+        if depth == 0 and tag != "domain":
+            raise ValueError(f"the root element is <{tag.replace(_SEP, ' ')}>, not <domain>")
+        parent = self.stack[-1] if self.stack else None
+        self.stack.append(tag)
+        if depth == 1 and tag in ("name", "uuid"):
+            self.text = []
+        elif parent == "metadata" and depth == 2 and tag == _DEVICES:
+            if self.seen_devices:
+                raise ValueError("there are two <kvmvfio:devices> elements in <metadata>")
+            self.seen_devices = True
+            self.defaults = _options(attrs, "<kvmvfio:devices>", {})
+            self.defaults.pop("address", None)
+        elif parent == _DEVICES:
+            if tag != _DEVICE:
+                raise ValueError(
+                    f"<kvmvfio:devices> holds <{tag.replace(_SEP, ':')}>; "
+                    "only <kvmvfio:device> elements belong there"
+                )
+            if len(self.devices) >= MAX_DEVICES:
+                raise ValueError(f"more than {MAX_DEVICES} devices are listed")
+            self.devices.append(_device(_options(attrs, "<kvmvfio:device>", self.defaults)))
+        elif parent == _DEVICE:
+            raise ValueError("<kvmvfio:device> must be empty")
+        elif self.stack[:3] == ["domain", "devices", "hostdev"] and depth == 2:
+            if attrs.get("mode", "subsystem") == "subsystem" and attrs.get("type") == "pci":
+                self._hostdev = {"managed": attrs.get("managed", "no")}
+        elif self._hostdev is not None and depth == 4 and self.stack[3:] == ["source", "address"]:
+            self._hostdev.update(attrs)
+
+    def end(self, tag: str) -> None:
+        self.stack.pop()
+        depth = len(self.stack)
+        if depth == 1 and tag in ("name", "uuid") and self.text is not None:
+            value = "".join(self.text).strip()
+            if tag == "name":
+                self.name = value
+            else:
+                self.uuid = value
+            self.text = None
+        elif depth == 2 and tag == "hostdev" and self._hostdev is not None:
+            h, self._hostdev = self._hostdev, None
+            if "bus" not in h:
+                return  # a hostdev by other means (e.g. a PCI <hostdev> of a mediated device)
+            addr = PciAddress(
+                _hex(h.get("domain", "0"), "domain"),
+                _hex(h.get("bus"), "bus"),
+                _hex(h.get("slot"), "slot"),
+                _hex(h.get("function"), "function"),
+            )
+            self.hostdevs.append(Hostdev(str(addr), h["managed"] == "yes"))
+
+    def chars(self, data: str) -> None:
+        if self.text is not None:
+            if sum(map(len, self.text)) + len(data) > _MAX_TEXT:
+                raise ValueError(f"<{self.stack[-1]}> is longer than {_MAX_TEXT} characters")
+            self.text.append(data)
+
+
+class _Refused(Exception):
+    pass
+
+
+def _refuse(what: str) -> int:
+    raise _Refused(what)
+
+
+def parse_domain(xml: bytes | str, *, expected_name: str | None = None) -> DomainRequest | None:
+    """Read a libvirt domain XML; None when it asks nothing of kvmvfio.
+
+    Raises :class:`MetadataError` for XML that is not well formed, is too
+    large or too deep, has a DTD, an entity declaration or an external
+    reference (refused, never expanded), or whose kvmvfio metadata is
+    malformed (unknown or bad attributes, a bad PCI address, a device
+    twice), and when the domain's name differs from ``expected_name``
+    (what libvirt's hook command line says).
+    """
+    data = xml.encode() if isinstance(xml, str) else xml
+    who = expected_name
+    if len(data) > MAX_XML_BYTES:
+        raise MetadataError(who, f"the XML is {len(data)} bytes; more than {MAX_XML_BYTES} refused")
+    reader = _Reader()
+    parser = expat.ParserCreate("UTF-8", namespace_separator=_SEP)
+    # No DTD at all: entity declarations (the "billion laughs") live in one,
+    # and libvirt never writes one.
+    parser.StartDoctypeDeclHandler = lambda *_: _refuse("a DOCTYPE (DTD)")
+    parser.EntityDeclHandler = lambda *_: _refuse("an entity declaration")
+    parser.ExternalEntityRefHandler = lambda *_: _refuse("an external entity")
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    parser.StartElementHandler = reader.start
+    parser.EndElementHandler = reader.end
+    parser.CharacterDataHandler = reader.chars
+    try:
+        parser.Parse(data, True)
+    except _Refused as err:
+        raise MetadataError(who, f"the XML has {err}, which kvmvfio refuses") from None
+    except expat.ExpatError as err:
+        raise MetadataError(
+            who,
+            f"the XML is not well formed ({expat.errors.messages[err.code]}, "
+            f"line {err.lineno} column {err.offset})",
+        ) from None
+    except ValueError as err:
+        raise MetadataError(reader.name or who, str(err)) from None
+    name = reader.name
+    if not name:
+        raise MetadataError(who, "the XML has no <name>")
+    if expected_name is not None and name != expected_name:
+        raise MetadataError(who, f"the XML is of domain {name[:80]!r}")
+    if not reader.seen_devices:
+        return None
+    if any(c.isspace() or not c.isprintable() for c in name):
+        raise MetadataError(
+            name,
+            "its name has whitespace or control characters; kvmvfio names its claims "
+            "after the domain and needs a name without them",
+        )
+    request = DomainRequest(name, reader.uuid, tuple(reader.devices), tuple(reader.hostdevs))
+    validate(request)
+    return request
+
+
+def validate(request: DomainRequest) -> None:
+    """Check a request against itself and the domain's ``<hostdev>`` elements.
+
+    Raises :class:`MetadataError` for a device listed twice, a device that a
+    ``managed='yes'`` hostdev also names (libvirt would move it itself,
+    behind the journal's back), a ``handoff='libvirt'`` device with no
+    hostdev to use it, and an ``agent`` device that a hostdev names too.
+    """
+    seen: set[str] = set()
+    hostdevs = {h.address: h for h in request.hostdevs}
+    for dev in request.devices:
+        if dev.address in seen:
+            raise MetadataError(request.name, f"device {dev.address} is listed twice")
+        seen.add(dev.address)
+        hostdev = hostdevs.get(dev.address)
+        if hostdev is not None and hostdev.managed:
+            raise MetadataError(
+                request.name,
+                f"device {dev.address} has a <hostdev managed='yes'>: libvirt would then move "
+                "it between drivers itself; use managed='no' and let kvmvfio prepare it",
+            )
+        if dev.handoff is Handoff.LIBVIRT and hostdev is None:
+            raise MetadataError(
+                request.name,
+                f"device {dev.address} has handoff='libvirt' but the domain has no <hostdev> "
+                "for it: add <hostdev mode='subsystem' type='pci' managed='no'> with its "
+                "address, or set handoff='agent'",
+            )
+        if dev.handoff is Handoff.AGENT and hostdev is not None:
+            raise MetadataError(
+                request.name,
+                f"device {dev.address} has handoff='agent' and a <hostdev> too: QEMU would be "
+                "given it twice; drop one of them",
+            )
+
+
+def to_xml(devices: tuple[DeviceRequest, ...] | list[DeviceRequest]) -> str:
+    """The ``<kvmvfio:devices>`` element for ``devices`` (for ``virsh metadata``)."""
+    lines = [f'<{PREFIX}:devices xmlns:{PREFIX}="{NAMESPACE}">']
+    for d in devices:
+        default = _device({"address": d.address, "handoff": d.handoff.value})
+        attrs = [f'address="{d.address}"']
+        if d.handoff is Handoff.AGENT:
+            attrs.append(f'handoff="{d.handoff.value}"')
+        if d.path is not default.path:
+            attrs.append(f'path="{d.path.value}"')
+        if d.coherency is not default.coherency:
+            attrs.append(f'coherency="{d.coherency.value}"')
+        if d.reset:
+            attrs.append('reset="yes"')
+        lines.append(f"  <{PREFIX}:device {' '.join(attrs)}/>")
+    lines.append(f"</{PREFIX}:devices>")
+    return "\n".join(lines)

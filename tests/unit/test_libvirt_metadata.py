@@ -1,0 +1,244 @@
+"""kvmvfio's domain metadata: what is read, what is refused, and the hook's refusals.
+
+The hook and agent on a real libvirtd are in the lab (tests/lab/test_libvirt.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fakesysfs import Dev, Topology
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvmvfio.errors import GroupNotViable
+from kvmvfio.host import Host
+from kvmvfio.libvirt import hook
+from kvmvfio.libvirt.metadata import (
+    MAX_DEPTH,
+    NAMESPACE,
+    DevicePath,
+    DeviceRequest,
+    Handoff,
+    Hostdev,
+    MetadataError,
+    parse_domain,
+    to_xml,
+)
+from kvmvfio.prepare import status
+from kvmvfio.vfio.policy import Coherency
+
+NS = f'xmlns:k="{NAMESPACE}"'
+
+
+def domain(meta: str = "", devices: str = "", name: str = "vm1") -> str:
+    return (
+        f"<domain type='kvm'><name>{name}</name><uuid>u-1</uuid>"
+        f"<metadata>{meta}</metadata><devices>{devices}</devices></domain>"
+    )
+
+
+def hostdev(addr: str, managed: str = "no") -> str:
+    dom, bus, rest = addr.split(":")
+    slot, fn = rest.split(".")
+    return (
+        f"<hostdev mode='subsystem' type='pci' managed='{managed}'><source>"
+        f"<address domain='0x{dom}' bus='0x{bus}' slot='0x{slot}' function='0x{fn}'/>"
+        "</source></hostdev>"
+    )
+
+
+def test_no_metadata_is_none_even_when_the_namespace_is_mentioned() -> None:
+    assert parse_domain(domain()) is None
+    # The shell front lets this through; the parser says "nothing for kvmvfio".
+    assert parse_domain(domain(f"<other xmlns='x'><d>{NAMESPACE}</d></other>")) is None
+    assert parse_domain(domain(f"<k:devices {NS}/>").replace("<metadata>", "<x>")
+                        .replace("</metadata>", "</x>")) is None  # fmt: skip
+
+
+def test_defaults_per_handoff_and_overrides() -> None:
+    meta = (
+        f'<k:devices {NS} coherency="require">'
+        '<k:device address="03:00.0" handoff="agent"/>'
+        '<k:device address="0000:04:00.1" reset="yes" coherency="ignore"/>'
+        "</k:devices>"
+    )
+    req = parse_domain(domain(meta, hostdev("0000:04:00.1")), expected_name="vm1")
+    assert req is not None
+    assert req.name == "vm1"
+    assert req.uuid == "u-1"
+    assert req.owner == "libvirt:vm1"
+    assert req.devices == (
+        DeviceRequest("0000:03:00.0", Handoff.AGENT, DevicePath.CDEV, Coherency.REQUIRE, False),
+        DeviceRequest("0000:04:00.1", Handoff.LIBVIRT, DevicePath.GROUP, Coherency.IGNORE, True),
+    )
+    assert req.hostdevs == (Hostdev("0000:04:00.1", managed=False),)
+    assert [d.address for d in req.by_handoff(Handoff.AGENT)] == ["0000:03:00.0"]
+
+
+def test_to_xml_round_trips() -> None:
+    devices = (
+        DeviceRequest("0000:03:00.0", Handoff.AGENT, DevicePath.CDEV, Coherency.REQUIRE, True),
+        DeviceRequest("0000:04:00.0", Handoff.AGENT),
+    )
+    devices = tuple(
+        d if d.handoff is not Handoff.AGENT else DeviceRequest(
+            d.address, d.handoff, DevicePath.CDEV, d.coherency, d.reset
+        )
+        for d in devices
+    )  # fmt: skip
+    req = parse_domain(domain(to_xml(devices)))
+    assert req is not None
+    assert req.devices == devices
+
+
+@pytest.mark.parametrize(
+    ("meta", "devices", "words"),
+    [
+        ('<k:device address="00:03.0" handoff="agent" coherncy="x"/>', "",
+         "unknown attribute 'coherncy'"),
+        ('<k:device address="00:03.0" handoff="agent" coherency="maybe"/>', "",
+         "coherency='maybe'; expected one of require, warn, ignore"),
+        ('<k:device address="00:03.0" handoff="agent" reset="1"/>', "", "expected yes or no"),
+        ('<k:device address="../x" handoff="agent"/>', "", "contains a path separator"),
+        ('<k:device address="00:03.0\n" handoff="agent"/>', "", "whitespace"),
+        ('<k:device handoff="agent"/>', "", "has no address"),
+        ('<k:device address="00:03.0" handoff="agent" path="group"/>', "",
+         "QEMU accepts only on the iommufd (cdev) path"),
+        ('<k:device address="00:03.0"/>', "", "has no <hostdev> for it"),
+        ('<k:device address="00:03.0"/>', hostdev("0000:00:03.0", "yes"), "managed='yes'"),
+        ('<k:device address="00:03.0" handoff="agent"/>', hostdev("0000:00:03.0"),
+         "a <hostdev> too"),
+        ('<k:device address="00:03.0" handoff="agent"/><k:device address="0000:00:03.0" '
+         'handoff="agent"/>', "", "listed twice"),
+        ('<k:other/>', "", "only <kvmvfio:device> elements belong there"),
+        ('<k:device address="00:03.0" handoff="agent"><x/></k:device>', "", "must be empty"),
+    ],
+)  # fmt: skip
+def test_bad_metadata_is_refused_by_name(meta: str, devices: str, words: str) -> None:
+    with pytest.raises(MetadataError) as refused:
+        parse_domain(domain(f"<k:devices {NS}>{meta}</k:devices>", devices))
+    assert words in str(refused.value)
+    assert str(refused.value).startswith("domain 'vm1': ")
+
+
+def test_two_kvmvfio_elements_are_refused() -> None:
+    with pytest.raises(MetadataError, match="two <kvmvfio:devices>"):
+        parse_domain(domain(f"<k:devices {NS}/><k:devices {NS}/>"))
+
+
+@pytest.mark.parametrize(
+    ("xml", "words"),
+    [
+        ('<!DOCTYPE d [<!ENTITY a "x">]><domain><name>v</name></domain>', "DOCTYPE"),
+        ('<!DOCTYPE d SYSTEM "http://x/d.dtd"><domain/>', "DOCTYPE"),
+        ("<domain><name>v</name>&amp;&lol;</domain>", "not well formed (undefined entity"),
+        ("<domain><name>v</name>", "not well formed (no element found"),
+        ("<notdomain/>", "root element is <notdomain>"),
+        ("<domain><uuid>x</uuid></domain>", "has no <name>"),
+        ("<domain><name>" + "n" * 2000 + "</name></domain>", "longer than 1024"),
+        ("<domain>" + "<a>" * (MAX_DEPTH + 1) + "</a>" * (MAX_DEPTH + 1) + "</domain>", "deeper"),
+        (b"<domain><name>\xff</name></domain>", "not well formed (not well-formed (invalid token)"),
+    ],
+)
+def test_hostile_or_broken_xml_is_refused(xml: str | bytes, words: str) -> None:
+    with pytest.raises(MetadataError, match=None) as refused:
+        parse_domain(xml)
+    assert words in str(refused.value)
+
+
+def test_huge_xml_is_refused_unread() -> None:
+    with pytest.raises(MetadataError, match="more than 16777216 refused"):
+        parse_domain(b"<domain>" + b" " * (16 << 20) + b"</domain>")
+
+
+def test_a_name_other_than_libvirts_is_refused() -> None:
+    with pytest.raises(MetadataError, match="the XML is of domain 'other'"):
+        parse_domain(domain(name="other"), expected_name="vm1")
+
+
+def test_a_name_with_whitespace_cannot_own_claims() -> None:
+    meta = f'<k:devices {NS}><k:device address="00:03.0" handoff="agent"/></k:devices>'
+    with pytest.raises(MetadataError, match="whitespace"):
+        parse_domain(domain(meta, name="my vm"))
+
+
+@given(st.binary(max_size=2000))
+def test_any_bytes_parse_or_are_refused_cleanly(data: bytes) -> None:
+    # Anything but MetadataError (a traceback in libvirt's log) fails the test.
+    with contextlib.suppress(MetadataError):
+        parse_domain(data)
+
+
+@given(st.text(max_size=60))
+def test_any_address_text_is_read_or_refused_cleanly(text: str) -> None:
+    meta = f"<k:devices {NS}><k:device handoff='agent' address=''/></k:devices>"
+    xml = domain(meta).replace("address=''", "address=" + repr(text).replace("&", "&amp;")
+                               .replace("<", "&lt;"))  # fmt: skip
+    try:
+        req = parse_domain(xml)
+    except MetadataError:
+        return
+    assert req is not None
+    (dev,) = req.devices
+    assert dev.address.count(":") == 2
+
+
+# -- the hook's own refusals, on a fake host -----------------------------------------------
+
+BuildHost = Callable[[Topology], Host]
+
+
+def _two_in_a_group(build_host: BuildHost) -> Host:
+    return build_host(
+        Topology(
+            devices=[
+                Dev("0000:00:03.0", vendor=0x1234, device=0x11E8, cls=0x00FF00, group=7),
+                Dev("0000:00:04.0", driver="e1000e", group=7),
+            ],
+            drivers=("vfio-pci", "e1000e"),
+        )
+    )
+
+
+def test_an_unlisted_member_on_a_host_driver_stops_the_start(
+    build_host: BuildHost, tmp_path: Path
+) -> None:
+    host = _two_in_a_group(build_host)
+    meta = f'<k:devices {NS}><k:device address="00:03.0" handoff="agent"/></k:devices>'
+    req = parse_domain(domain(meta))
+    assert req is not None
+    with pytest.raises(GroupNotViable) as refused:
+        hook.prepare_domain(req, host=host, root=tmp_path)
+    assert "IOMMU group 7 is not viable: 0000:00:04.0 (on host driver e1000e" in str(refused.value)
+    assert status(root=tmp_path) == []  # refused before any change
+    assert host.device("0000:00:04.0").driver == "e1000e"
+
+
+def test_the_hook_ignores_other_events_and_domains(build_host: BuildHost, tmp_path: Path) -> None:
+    host = _two_in_a_group(build_host)
+    err = io.StringIO()
+    meta = f'<k:devices {NS}><k:device address="00:03.0" handoff="agent"/></k:devices>'
+    for args, xml in [
+        (["vm1", "started", "begin", "-"], domain(meta)),
+        (["vm1", "prepare", "begin", "-"], domain()),
+    ]:
+        stdin = io.BytesIO(xml.encode())
+        assert hook.main(args, stdin, err, host=host, root=tmp_path) == 0
+    assert err.getvalue() == ""
+    assert status(root=tmp_path) == []
+
+
+def test_the_hook_says_one_sentence_and_exits_1(build_host: BuildHost, tmp_path: Path) -> None:
+    host = _two_in_a_group(build_host)
+    err = io.StringIO()
+    meta = f'<k:devices {NS}><k:device address="00:03.0" handoff="agent"/></k:devices>'
+    stdin = io.BytesIO(domain(meta).encode())
+    assert hook.main(["vm1", "prepare", "begin", "-"], stdin, err, host=host, root=tmp_path) == 1
+    (line,) = err.getvalue().splitlines()
+    assert line.startswith("kvmvfio: IOMMU group 7 is not viable")
+    assert hook.main(["vm1"], io.BytesIO(), err, host=host, root=tmp_path) == 2

@@ -21,5 +21,6 @@ unit lint types lab: deps
 # Benchmarks: figures go to docs/BENCHMARKS.md by hand, with these commands.
 bench: deps
 	$(PYTHON) bench/bench_inventory.py
+	$(PYTHON) bench/bench_hook.py
 	$(PYTHON) -m kvmvfio lab run -- python3 bench/bench_vfio_open.py
 	$(PYTHON) -m kvmvfio lab run -- python3 bench/bench_qemu_attach.py

@@ -46,8 +46,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from qemu.qmp import EventListener
-
 from kvmvfio.errors import (
     DetachTimeout,
     KernelError,
@@ -62,7 +60,7 @@ from kvmvfio.errors import (
 )
 from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice
 from kvmvfio.qemu.paths import HandoffPath
-from kvmvfio.qemu.qmp import JsonObject, Qemu
+from kvmvfio.qemu.qmp import JsonObject, Monitor
 from kvmvfio.vfio import Coherency, VfioSession
 from kvmvfio.vfio.files import open_node
 from kvmvfio.vfio.policy import apply_coherency
@@ -102,7 +100,7 @@ def qdev_id(address: str | PciAddress) -> str:
 # -- what QEMU and the kernel offer ------------------------------------------------
 
 
-async def qemu_has_iommufd(qemu: Qemu) -> bool:
+async def qemu_has_iommufd(qemu: Monitor) -> bool:
     """Whether this QEMU has the ``iommufd`` object, and so vfio-pci's ``iommufd=``/``fd=``.
 
     Both came in QEMU 9.0. Asking for the types that implement ``iommufd``
@@ -116,7 +114,7 @@ async def qemu_has_iommufd(qemu: Qemu) -> bool:
 
 
 async def choose_path(
-    qemu: Qemu, host: Host, devices: Sequence[PciDevice], requested: HandoffPath
+    qemu: Monitor, host: Host, devices: Sequence[PciDevice], requested: HandoffPath
 ) -> tuple[HandoffPath, str]:
     """Resolve ``auto`` from QEMU's and the kernel's capabilities; say why."""
     in_qemu = await qemu_has_iommufd(qemu)
@@ -135,7 +133,7 @@ async def choose_path(
     return HandoffPath.LEGACY, "; ".join(missing)
 
 
-async def free_ports(qemu: Qemu) -> tuple[list[str], list[str]]:
+async def free_ports(qemu: Monitor) -> tuple[list[str], list[str]]:
     """The hotpluggable ports with nothing plugged in, and the taken ones, by QEMU id.
 
     A port whose ``hotplug`` switch is off is not told apart: QEMU's
@@ -169,7 +167,7 @@ def memlock_limit(pid: int) -> int:
     return soft
 
 
-async def ensure_memlock(qemu: Qemu, *, raise_it: bool = True) -> int:
+async def ensure_memlock(qemu: Monitor, *, raise_it: bool = True) -> int:
     """Make sure QEMU may lock its RAM plus :data:`MEMLOCK_MARGIN`; return the limit.
 
     Raises the limit of QEMU's process (as ``prlimit`` does) when
@@ -228,7 +226,7 @@ def revoke(node: Path, uid: int) -> None:
 # -- attach ------------------------------------------------------------------------------
 
 
-async def _ensure_iommufd_object(qemu: Qemu, host: Host) -> bool:
+async def _ensure_iommufd_object(qemu: Monitor, host: Host) -> bool:
     """Create the VM's iommufd object from our /dev/iommu fd; False if it existed."""
     objects = {str(o["name"]) for o in await qemu.qom_list("/objects")}
     if IOMMUFD_OBJECT in objects:
@@ -249,7 +247,7 @@ async def _ensure_iommufd_object(qemu: Qemu, host: Host) -> bool:
 
 
 async def _attach_fd(
-    qemu: Qemu, host: Host, dev: PciDevice, group: IommuGroup, bus: str | None
+    qemu: Monitor, host: Host, dev: PciDevice, group: IommuGroup, bus: str | None
 ) -> None:
     assert dev.vfio_cdev is not None
     addr = str(dev.address)
@@ -276,7 +274,7 @@ async def _attach_fd(
 
 
 async def _attach_legacy(
-    qemu: Qemu, host: Host, dev: PciDevice, group: IommuGroup, bus: str | None
+    qemu: Monitor, host: Host, dev: PciDevice, group: IommuGroup, bus: str | None
 ) -> None:
     addr = str(dev.address)
     node = group.dev_node(host.devfs)
@@ -296,7 +294,7 @@ async def _attach_legacy(
 
 
 async def attach(
-    qemu: Qemu,
+    qemu: Monitor,
     addresses: Sequence[str | PciAddress],
     *,
     path: HandoffPath | str = HandoffPath.AUTO,
@@ -386,7 +384,7 @@ async def attach(
     return done
 
 
-async def _drop_object(qemu: Qemu) -> None:
+async def _drop_object(qemu: Monitor) -> None:
     try:
         await qemu.execute("object-del", {"id": IOMMUFD_OBJECT})
     except QemuError as err:  # in use, or QEMU gone: nothing more to do here
@@ -396,7 +394,7 @@ async def _drop_object(qemu: Qemu) -> None:
 # -- detach ------------------------------------------------------------------------------
 
 
-async def _kvmvfio_devices(qemu: Qemu) -> dict[str, str]:
+async def kvmvfio_devices(qemu: Monitor) -> dict[str, str]:
     """kvmvfio's vfio-pci devices in QEMU: qdev id -> their iommufd link ("" = legacy)."""
     found = {}
     for item in await qemu.qom_list(_PERIPHERALS[0]):
@@ -408,7 +406,7 @@ async def _kvmvfio_devices(qemu: Qemu) -> dict[str, str]:
 
 
 async def detach(
-    qemu: Qemu,
+    qemu: Monitor,
     addresses: Sequence[str | PciAddress],
     *,
     timeout: float = 30.0,
@@ -424,7 +422,7 @@ async def detach(
     """
     host = host or Host()
     addrs = [str(PciAddress.coerce(a)) for a in addresses]
-    present = await _kvmvfio_devices(qemu)
+    present = await kvmvfio_devices(qemu)
     missing = [a for a in addrs if qdev_id(a) not in present]
     if missing:
         # Perhaps an earlier detach timed out and the guest let go since:
@@ -446,14 +444,14 @@ async def detach(
     return gone
 
 
-async def _drop_unused_object(qemu: Qemu) -> None:
+async def _drop_unused_object(qemu: Monitor) -> None:
     """Remove the iommufd object once no kvmvfio device uses it.
 
     QEMU never closes an iommufd it was given by ``fd=`` (such a backend is
     not "owned", backends/iommufd.c), so the emptied /dev/iommu file stays
     open in QEMU until it exits; it holds no device.
     """
-    remaining = await _kvmvfio_devices(qemu)
+    remaining = await kvmvfio_devices(qemu)
     if any(remaining.values()):
         return
     objects = {str(o["name"]) for o in await qemu.qom_list("/objects")}
@@ -461,11 +459,10 @@ async def _drop_unused_object(qemu: Qemu) -> None:
         await _drop_object(qemu)
 
 
-async def _device_del(qemu: Qemu, addr: str, ident: str, timeout: float) -> None:
-    listener = EventListener("DEVICE_DELETED")
+async def _device_del(qemu: Monitor, addr: str, ident: str, timeout: float) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    with qemu.client.listen(listener):
+    async with qemu.watch_deleted(ident) as deleted:
         while True:
             try:
                 await qemu.execute("device_del", {"id": ident})
@@ -476,13 +473,6 @@ async def _device_del(qemu: Qemu, addr: str, ident: str, timeout: float) -> None
                 if "guest is busy" not in err.desc or loop.time() > deadline:
                     raise
                 await asyncio.sleep(0.5)
-
-        async def deleted() -> None:
-            async for event in listener:
-                data = cast(JsonObject, event.get("data") or {})
-                if data.get("device") == ident:
-                    return
-
         try:
             await asyncio.wait_for(deleted(), max(deadline - loop.time(), 0.1))
         except TimeoutError:

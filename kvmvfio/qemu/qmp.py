@@ -15,10 +15,18 @@ import contextlib
 import logging
 import socket
 import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Self, cast
 
-from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, StateError
+from qemu.qmp import (
+    ConnectError,
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    QMPClient,
+    StateError,
+)
 
 from kvmvfio.errors import QemuError, QemuGone, QemuPeerMismatch, QemuRefused, UsageError
 from kvmvfio.vfio.files import OwnedFd, pid_alive
@@ -48,7 +56,67 @@ def read_pidfile(path: str | Path) -> int:
     return int(text)
 
 
-class Qemu:
+#: Waits until QEMU has deleted the device it was made for.
+DeletedWaiter = Callable[[], Awaitable[None]]
+
+
+class Monitor:
+    """What the handoff needs of a running QEMU, whoever carries the commands.
+
+    :class:`Qemu` speaks QMP on QEMU's own socket; a libvirt-run QEMU is
+    reached through libvirt (:class:`kvmvfio.libvirt.monitor.DomainMonitor`).
+    Subclasses give :meth:`execute`, :meth:`send_fd` and :meth:`alive`, and
+    set :attr:`pid` and :attr:`uid` (the QEMU process, as the kernel knows it).
+    """
+
+    pid: int = 0
+    uid: int = 0
+
+    async def execute(self, command: str, arguments: JsonObject | None = None) -> object:
+        """Run a QMP command; :class:`QemuRefused` keeps QEMU's error class and words."""
+        raise NotImplementedError
+
+    async def send_fd(self, fd: OwnedFd, name: str) -> None:
+        """Pass ``fd`` to QEMU and name it there (``getfd``); ``fd`` stays ours to close."""
+        raise NotImplementedError
+
+    def alive(self) -> bool:
+        """Whether the QEMU process still exists."""
+        return pid_alive(self.pid)
+
+    async def close_fd(self, name: str) -> None:
+        """``closefd``: drop a passed fd QEMU did not consume (best effort)."""
+        with contextlib.suppress(QemuRefused):  # consumed or already gone
+            await self.execute("closefd", {"fdname": name})
+
+    async def qom_list(self, path: str) -> list[JsonObject]:
+        """``qom-list`` of ``path``: its properties, as QEMU lists them."""
+        return cast(list[JsonObject], await self.execute("qom-list", {"path": path}))
+
+    async def qom_get(self, path: str, prop: str) -> object:
+        """``qom-get``."""
+        return await self.execute("qom-get", {"path": path, "property": prop})
+
+    @contextlib.asynccontextmanager
+    async def watch_deleted(self, qdev_id: str) -> AsyncIterator[DeletedWaiter]:
+        """Watch for the deletion of ``qdev_id``, from before the ``device_del`` is sent.
+
+        This default polls QOM (twice a second) until the device is gone:
+        it works over any carrier. :class:`Qemu` waits for the
+        ``DEVICE_DELETED`` event instead.
+        """
+
+        async def deleted() -> None:
+            while True:
+                names = {str(i["name"]) for i in await self.qom_list("/machine/peripheral")}
+                if qdev_id not in names:
+                    return
+                await asyncio.sleep(0.5)
+
+        yield deleted
+
+
+class Qemu(Monitor):
     """A QMP connection to one QEMU process (async context manager).
 
     ``pid`` is the QEMU the caller means (from its launcher, or
@@ -68,6 +136,8 @@ class Qemu:
         self.gid = 0
         self.client = QMPClient("kvmvfio")
         self._connected = False
+        # An fd and the getfd that names it travel together: no other command between.
+        self._fd_lock = asyncio.Lock()
 
     async def connect(self) -> Self:
         """Connect, verify the peer, and negotiate QMP.
@@ -145,26 +215,24 @@ class Qemu:
 
         QEMU receives its own copy; ``fd`` stays ours to close.
         """
-        try:
-            self.client.send_fd_scm(fd.fileno())
-        except OSError as err:
-            raise QemuGone(f"passing {fd.subject}", err.strerror or "") from err
-        await self.execute("getfd", {"fdname": name})
+        async with self._fd_lock:
+            try:
+                self.client.send_fd_scm(fd.fileno())
+            except OSError as err:
+                raise QemuGone(f"passing {fd.subject}", err.strerror or "") from err
+            await self.execute("getfd", {"fdname": name})
         log.info("passed %s to QEMU pid %d as %r", fd.subject, self.pid, name)
 
-    async def close_fd(self, name: str) -> None:
-        """``closefd``: drop a passed fd QEMU did not consume (best effort)."""
-        with contextlib.suppress(QemuRefused):  # consumed or already gone
-            await self.execute("closefd", {"fdname": name})
+    @contextlib.asynccontextmanager
+    async def watch_deleted(self, qdev_id: str) -> AsyncIterator[DeletedWaiter]:
+        """Wait for QEMU's ``DEVICE_DELETED`` event of ``qdev_id`` (listening starts here)."""
+        listener = EventListener("DEVICE_DELETED")
+        with self.client.listen(listener):
 
-    async def qom_list(self, path: str) -> list[JsonObject]:
-        """``qom-list`` of ``path``: its properties, as QEMU lists them."""
-        return cast(list[JsonObject], await self.execute("qom-list", {"path": path}))
+            async def deleted() -> None:
+                async for event in listener:
+                    data = cast(JsonObject, event.get("data") or {})
+                    if data.get("device") == qdev_id:
+                        return
 
-    async def qom_get(self, path: str, prop: str) -> object:
-        """``qom-get``."""
-        return await self.execute("qom-get", {"path": path, "property": prop})
-
-    def alive(self) -> bool:
-        """Whether the QEMU process still exists."""
-        return pid_alive(self.pid)
+            yield deleted

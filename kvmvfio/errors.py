@@ -444,3 +444,15 @@ class MemlockTooLow(QemuError):
 
 class LabError(KvmvfioError):
     """The nested lab could not be built, booted or used."""
+
+
+class LibvirtError(KvmvfioError):
+    """libvirt refused a call; its error code and words are kept."""
+
+    def __init__(self, call: str, code: int, message: str, domain: str | None = None) -> None:
+        self.call = call
+        self.code = code
+        self.message = message
+        self.domain = domain
+        where = f" for domain {domain!r}" if domain else ""
+        super().__init__(f"libvirt refused {call}{where}: {message} (libvirt error {code})")

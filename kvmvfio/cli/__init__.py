@@ -29,7 +29,15 @@ class _Parser(argparse.ArgumentParser):
 
 def make_parser() -> argparse.ArgumentParser:
     """Build the full ``kvmvfio`` argument parser."""
-    from kvmvfio.cli import check_cmds, hook_cmds, host_cmds, lab_cmds, prepare_cmds, qemu_cmds  # noqa: PLC0415 (cli/__init__ is imported by them)
+    from kvmvfio.cli import (  # noqa: PLC0415 (cli/__init__ is imported by them)
+        check_cmds,
+        hook_cmds,
+        host_cmds,
+        lab_cmds,
+        libvirt_cmds,
+        prepare_cmds,
+        qemu_cmds,
+    )
 
     parser = _Parser(
         prog="kvmvfio",
@@ -39,7 +47,15 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log each decision to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for module in (host_cmds, prepare_cmds, check_cmds, qemu_cmds, hook_cmds, lab_cmds):
+    for module in (
+        host_cmds,
+        prepare_cmds,
+        check_cmds,
+        qemu_cmds,
+        hook_cmds,
+        libvirt_cmds,
+        lab_cmds,
+    ):
         module.register(sub)
     return parser
 

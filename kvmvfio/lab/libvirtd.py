@@ -148,6 +148,9 @@ def domain_xml(
             "</source></hostdev>"
         )
     devs.append(f"<serial type='file'><source path={quoteattr(str(serial))}/></serial>")
+    # Else libvirt puts a balloon and a USB controller on the first root ports.
+    devs.append("<memballoon model='none'/>")
+    devs.append("<controller type='usb' model='none'/>")
     return f"""<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
   <memory unit='MiB'>{memory_mb}</memory>

@@ -37,7 +37,7 @@ metadata, and the PCI ``<hostdev>`` elements.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from xml.parsers import expat
 
@@ -379,9 +379,16 @@ def validate(request: DomainRequest) -> None:
             )
 
 
-def to_xml(devices: tuple[DeviceRequest, ...] | list[DeviceRequest]) -> str:
-    """The ``<kvmvfio:devices>`` element for ``devices`` (for ``virsh metadata``)."""
-    lines = [f'<{PREFIX}:devices xmlns:{PREFIX}="{NAMESPACE}">']
+def to_xml(devices: Sequence[DeviceRequest], *, naked: bool = False) -> str:
+    """The ``<kvmvfio:devices>`` element for ``devices``.
+
+    ``naked``: without prefix and namespace declaration, the form
+    ``virDomainSetMetadata`` (``virsh metadata --set``) takes: libvirt binds
+    every element of the fragment to the namespace itself, and refuses a
+    fragment that declares kvmvfio's prefix already.
+    """
+    p = "" if naked else f"{PREFIX}:"
+    lines = [f"<{p}devices>" if naked else f'<{p}devices xmlns:{PREFIX}="{NAMESPACE}">']
     for d in devices:
         default = _device({"address": d.address, "handoff": d.handoff.value})
         attrs = [f'address="{d.address}"']
@@ -393,6 +400,6 @@ def to_xml(devices: tuple[DeviceRequest, ...] | list[DeviceRequest]) -> str:
             attrs.append(f'coherency="{d.coherency.value}"')
         if d.reset:
             attrs.append('reset="yes"')
-        lines.append(f"  <{PREFIX}:device {' '.join(attrs)}/>")
-    lines.append(f"</{PREFIX}:devices>")
+        lines.append(f"  <{p}device {' '.join(attrs)}/>")
+    lines.append(f"</{p}devices>")
     return "\n".join(lines)

@@ -94,6 +94,15 @@ def test_to_xml_round_trips() -> None:
     req = parse_domain(domain(to_xml(devices)))
     assert req is not None
     assert req.devices == devices
+    # What virDomainSetMetadata stores from the naked form: every element bound to
+    # the namespace under libvirt's key (virXMLInjectNamespace).
+    naked = to_xml(devices, naked=True)
+    assert "xmlns" not in naked
+    stored = naked.replace("<devices>", f"<k:devices {NS}>").replace("<device ", "<k:device ")
+    stored = stored.replace("</devices>", "</k:devices>")
+    req = parse_domain(domain(stored))
+    assert req is not None
+    assert req.devices == devices
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,59 @@
+"""``kvmvfio agent``: hand devices to libvirt domains by fd, following libvirt's events.
+
+See :mod:`kvmvfio.libvirt.agent`. ``--unit`` prints a systemd unit for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from kvmvfio.prepare.journal import DEFAULT_ROOT
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``agent``."""
+    p = sub.add_parser(
+        "agent",
+        help="follow libvirt domains and hand their handoff='agent' devices to QEMU by fd",
+        description=(
+            "Run until stopped: for every running libvirt domain whose kvmvfio metadata lists "
+            "devices with handoff='agent', prepare them, check them and hand them to the "
+            "domain's QEMU by file descriptor through libvirt (iommufd); unplug and release "
+            "a device taken out of the live metadata, and release a stopped domain's "
+            "devices. Restarting the agent or libvirtd loses nothing."
+        ),
+    )
+    p.add_argument("--uri", default="qemu:///system", help="libvirt URI (default qemu:///system)")
+    p.add_argument(
+        "--resync",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="reconcile every domain every S seconds besides events (default 60)",
+    )
+    p.add_argument(
+        "--detach-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds a guest has to let go of a device (default 60)",
+    )
+    p.add_argument("--unit", action="store_true", help="print a systemd unit for the agent")
+    p.add_argument("--root", default=str(DEFAULT_ROOT), help=argparse.SUPPRESS)
+    p.set_defaults(handler=_agent)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from kvmvfio.libvirt.agent import Agent, unit_text  # noqa: PLC0415 (imported on use)
+
+    if args.unit:
+        sys.stdout.write(unit_text(sys.executable))
+        return 0
+    agent = Agent(args.uri, root=args.root, resync=args.resync, detach_timeout=args.detach_timeout)
+    # Decisions are the agent's output: log them even without -v.
+    logging.getLogger("kvmvfio").setLevel(logging.INFO)
+    asyncio.run(agent.run())
+    return 0

@@ -1,0 +1,375 @@
+"""``kvmvfio agent``: follow libvirt's domains and hand their devices to QEMU by fd.
+
+For each running domain whose kvmvfio metadata lists devices with
+``handoff="agent"``, the agent makes QEMU hold exactly those devices: it
+prepares them (vfio-pci, journaled; a no-op when the hook did it at
+``prepare begin``), checks them, and hands each to the domain's QEMU by file
+descriptor through libvirt (:mod:`kvmvfio.libvirt.monitor`): iommufd
+assignment for libvirt versions without iommufd hostdevs. A device taken
+out of the domain's live metadata (``virsh metadata --live``) is unplugged
+and released; when the domain stops, its devices go back to their drivers.
+
+Nothing the agent knows lives only in its memory, so restarting it, or
+libvirtd, loses nothing:
+
+- what a domain wants is its (live) metadata, kept by libvirt;
+- what QEMU holds is asked of QEMU (its ``kvmvfio-*`` devices);
+- what the agent attached, and must one day take back, is written under
+  ``/run/kvmvfio/agent/`` before each attach;
+- what was moved between drivers is the journal's (:mod:`kvmvfio.prepare`).
+
+On start, and after every reconnection, the agent reconciles every domain:
+it attaches what is missing, leaves alone what is there, and releases what
+belonged to domains that stopped while it was away. It follows libvirt's
+events through libvirt-python's asyncio event loop integration
+(``libvirtaio``) and reconciles everything again every ``resync`` seconds,
+in case an event was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvmvfio.errors import KvmvfioError, LibvirtError, QemuGone
+from kvmvfio.host import Host
+from kvmvfio.libvirt.hook import refuse_unlisted
+from kvmvfio.libvirt.metadata import (
+    NAMESPACE,
+    OWNER_PREFIX,
+    DeviceRequest,
+    DomainRequest,
+    Handoff,
+    parse_domain,
+)
+from kvmvfio.libvirt.metadata import owner_of as _owner_of
+from kvmvfio.libvirt.monitor import RUN_DIR, DomainMonitor, VirDomain, call_libvirt
+from kvmvfio.prepare import prepare, release, release_owner, status
+from kvmvfio.prepare.journal import DEFAULT_ROOT
+from kvmvfio.qemu.handoff import attach, detach, kvmvfio_devices, qdev_id
+from kvmvfio.qemu.paths import HandoffPath
+
+log = logging.getLogger(__name__)
+
+#: libvirt's ids of the events the agent follows (libvirt-domain.h).
+EVENT_LIFECYCLE = 0
+EVENT_METADATA_CHANGE = 23
+#: Lifecycle events after which a domain's devices may need attention.
+_LIFECYCLE_STARTED, _LIFECYCLE_RESUMED, _LIFECYCLE_STOPPED, _LIFECYCLE_CRASHED = 2, 4, 5, 8
+
+UNIT = """\
+[Unit]
+Description=kvmvfio agent: hand PCI devices to libvirt domains by file descriptor
+Documentation=file://{docs}
+After=libvirtd.service virtqemud.service
+Wants=libvirtd.service
+
+[Service]
+ExecStart={python} -m kvmvfio agent
+Restart=on-failure
+RestartSec=2s
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+@dataclass
+class DomainState:
+    """What the agent attached to one domain and must take back, with the reset wish."""
+
+    name: str
+    uuid: str | None
+    devices: dict[str, bool] = field(default_factory=dict)  # address -> reset on release
+
+
+class StateStore:
+    """The agent's own records, one JSON file per domain (written before each attach)."""
+
+    def __init__(self, root: str | Path = DEFAULT_ROOT) -> None:
+        self.dir = Path(root) / "agent"
+
+    def _path(self, name: str) -> Path:
+        if "/" in name or name in (".", "..") or not name:
+            raise KvmvfioError(f"domain name {name!r} cannot name a file")
+        return self.dir / f"{name}.json"
+
+    def read(self, name: str) -> DomainState | None:
+        try:
+            doc = json.loads(self._path(name).read_text())
+            return DomainState(str(doc["name"]), doc.get("uuid"), dict(doc.get("devices", {})))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.error("agent record %s is unusable (%s); ignoring it", self._path(name), err)
+            return None
+
+    def write(self, state: DomainState) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self._path(state.name)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(asdict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(name).unlink()
+
+    def names(self) -> list[str]:
+        try:
+            return sorted(p.stem for p in self.dir.glob("*.json"))
+        except OSError:
+            return []
+
+
+class Agent:
+    """Keeps libvirt domains' QEMUs holding the devices their metadata asks for.
+
+    ``connect`` opens a libvirt connection (``libvirt.open`` by default, a
+    seam for tests). :meth:`run` serves until cancelled, reconnecting when
+    libvirt goes away; :meth:`reconcile` does one domain's work and is what
+    every event leads to.
+    """
+
+    def __init__(
+        self,
+        uri: str = "qemu:///system",
+        *,
+        root: str | Path = DEFAULT_ROOT,
+        sysfs: str | Path = "/sys",
+        devfs: str | Path = "/dev",
+        run_dir: Path = RUN_DIR,
+        resync: float = 60.0,
+        detach_timeout: float = 60.0,
+        connect: Callable[[str], Any] | None = None,
+    ) -> None:
+        self.uri = uri
+        self.root = Path(root)
+        self.sysfs = sysfs
+        self.devfs = devfs
+        self.run_dir = run_dir
+        self.resync = resync
+        self.detach_timeout = detach_timeout
+        self.store = StateStore(root)
+        self._connect = connect
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Set after the first full reconciliation of each connection (for tests and logs).
+        self.ready = asyncio.Event()
+
+    def _host(self) -> Host:
+        return Host(self.sysfs, self.devfs)  # read afresh: drivers change under us
+
+    # -- serving -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until cancelled: connect, reconcile, follow events, reconnect."""
+        import libvirt  # noqa: PLC0415 (only the agent needs libvirt)
+        import libvirtaio  # noqa: PLC0415
+
+        if libvirtaio.getCurrentImpl() is None:
+            libvirtaio.virEventRegisterAsyncIOImpl(asyncio.get_running_loop())
+        opener = self._connect or libvirt.open
+        backoff = 1.0
+        while True:
+            try:
+                conn = opener(self.uri)
+            except libvirt.libvirtError as err:
+                log.warning(
+                    "cannot reach libvirt at %s (%s); retrying in %g s",
+                    self.uri,
+                    err.get_error_message(),
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 1.0
+            log.info("connected to libvirt at %s", self.uri)
+            try:
+                await self._serve(conn)
+            finally:
+                self.ready.clear()
+                with contextlib.suppress(Exception):
+                    conn.close()
+            log.warning("lost the connection to libvirt at %s; reconnecting", self.uri)
+
+    async def _serve(self, conn: Any) -> None:
+        loop = asyncio.get_running_loop()
+        closed = asyncio.Event()
+        conn.registerCloseCallback(lambda *_: loop.call_soon(closed.set), None)
+        with contextlib.suppress(Exception):
+            conn.setKeepAlive(5, 3)  # a libvirtd that hangs counts as gone after ~15 s
+
+        def lifecycle(_c: Any, dom: Any, event: int, _detail: int, _o: Any) -> None:
+            if event in (_LIFECYCLE_STARTED, _LIFECYCLE_RESUMED, _LIFECYCLE_STOPPED,
+                         _LIFECYCLE_CRASHED):  # fmt: skip
+                self._schedule(conn, dom.name())
+
+        def metadata(_c: Any, dom: Any, _type: int, nsuri: str | None, _o: Any) -> None:
+            if nsuri in (None, NAMESPACE):
+                self._schedule(conn, dom.name())
+
+        ids = [
+            conn.domainEventRegisterAny(None, EVENT_LIFECYCLE, lifecycle, None),
+            conn.domainEventRegisterAny(None, EVENT_METADATA_CHANGE, metadata, None),
+        ]
+        try:
+            await self.reconcile_all(conn)
+            self.ready.set()
+            while not closed.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(closed.wait(), self.resync)
+                if not closed.is_set():
+                    await self.reconcile_all(conn)
+        finally:
+            for cb in ids:
+                with contextlib.suppress(Exception):
+                    conn.domainEventDeregisterAny(cb)
+            for task in list(self._tasks):
+                task.cancel()
+
+    def _schedule(self, conn: Any, name: str) -> None:
+        task = asyncio.ensure_future(self._reconcile_logged(conn, name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reconcile_logged(self, conn: Any, name: str) -> None:
+        try:
+            await self.reconcile(conn, name)
+        except KvmvfioError as err:
+            log.error("domain %s: %s", name, err)
+        except Exception:
+            log.exception("domain %s: reconciling failed", name)
+
+    # -- reconciling ---------------------------------------------------------------------
+
+    async def reconcile_all(self, conn: Any) -> None:
+        """Reconcile every domain libvirt runs, and every one kvmvfio still holds for."""
+        domains = await call_libvirt(conn.listAllDomains, 0)
+        names = {d.name() for d in domains}
+        held = {r.owner[len(OWNER_PREFIX) :] for r in status(root=self.root)}
+        held = {n for n in held if n}
+        for name in sorted(names | held | set(self.store.names())):
+            await self._reconcile_logged(conn, name)
+
+    async def reconcile(self, conn: Any, name: str) -> None:
+        """Bring one domain's QEMU to what its metadata asks; release a stopped one's devices."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            dom = await self._lookup(conn, name)
+            if dom is None or not await call_libvirt(dom.isActive):
+                self._release_stopped(name)
+                return
+            xml = await call_libvirt(dom.XMLDesc, 0)
+            request = parse_domain(xml)
+            wanted = {d.address: d for d in request.by_handoff(Handoff.AGENT)} if request else {}
+            state = self.store.read(name)
+            uuid = await call_libvirt(dom.UUIDString)
+            if state is not None and state.uuid not in (None, uuid):
+                # Another domain of that name ran and stopped while we were away.
+                self._release_stopped(name)
+                state = None
+            if state is None:
+                if not wanted:
+                    return
+                state = DomainState(name, uuid)
+            try:
+                await self._converge(dom, state, request, wanted)
+            except QemuGone as err:
+                # Starting up (no QEMU yet) or stopping: the next event brings us back.
+                log.info("domain %s: QEMU not reachable now (%s)", name, err)
+
+    async def _lookup(self, conn: Any, name: str) -> VirDomain | None:
+        try:
+            return await call_libvirt(conn.lookupByName, name)
+        except Exception as err:
+            code = getattr(err, "get_error_code", lambda: None)()
+            if code == 42:  # VIR_ERR_NO_DOMAIN
+                return None
+            raise LibvirtError("virDomainLookupByName", int(code or -1), str(err), name) from err
+
+    async def _converge(
+        self,
+        dom: VirDomain,
+        state: DomainState,
+        request: DomainRequest | None,
+        wanted: dict[str, DeviceRequest],
+    ) -> None:
+        name = state.name
+        owner = _owner_of(name)
+        async with DomainMonitor(dom, run_dir=self.run_dir) as monitor:
+            present = set(await kvmvfio_devices(monitor))
+            # Take back what we attached and the domain no longer lists.
+            for addr in [a for a in state.devices if a not in wanted]:
+                if qdev_id(addr) in present:
+                    await detach(monitor, [addr], timeout=self.detach_timeout, host=self._host())
+                    log.info("domain %s: detached %s (no longer in its metadata)", name, addr)
+                self._release_addresses(name, [addr], state.devices[addr], wanted)
+                del state.devices[addr]
+                self.store.write(state)
+            # Adopt what is there already (a restart of ours between attach and record).
+            for addr, dev in wanted.items():
+                if qdev_id(addr) in present and addr not in state.devices:
+                    state.devices[addr] = dev.reset
+                    self.store.write(state)
+            for addr, dev in wanted.items():
+                if qdev_id(addr) in present:
+                    continue
+                host = self._host()
+                group = host.group_of(addr)
+                assert request is not None  # it lists addr
+                refuse_unlisted(request, {group.number: group})
+                prepare([addr], owner, host=host, root=self.root)
+                state.devices[addr] = dev.reset
+                self.store.write(state)  # before QEMU has it: a crash now still leads back
+                (done,) = await attach(
+                    monitor,
+                    [addr],
+                    path=HandoffPath.IOMMUFD,
+                    coherency=dev.coherency,
+                    host=self._host(),
+                )
+                log.info(
+                    "domain %s: attached %s by fd to QEMU pid %d as %s on %s",
+                    name,
+                    addr,
+                    monitor.pid,
+                    done.qdev_id,
+                    done.bus,
+                )
+        if not state.devices:
+            self.store.remove(name)
+
+    def _release_addresses(
+        self, name: str, addrs: list[str], reset: bool, wanted: dict[str, DeviceRequest]
+    ) -> None:
+        host = self._host()
+        keep = {host.group_of(a).number for a in wanted}
+        for addr in addrs:
+            if host.group_of(addr).number in keep:
+                continue  # another device of the group is still the domain's
+            for r in release([addr], _owner_of(name), reset=reset, host=host, root=self.root):
+                log.info("domain %s: %s back on %s", name, r.address, r.driver or "no driver")
+
+    def _release_stopped(self, name: str) -> None:
+        state = self.store.read(name)
+        reset = [a for a, r in state.devices.items() if r] if state else []
+        for r in release_owner(_owner_of(name), reset=reset, host=self._host(), root=self.root):
+            log.info("domain %s (stopped): %s back on %s", name, r.address, r.driver or "no driver")
+        self.store.remove(name)
+
+
+def unit_text(python: str) -> str:
+    """The systemd unit of the agent, for ``python``."""
+    return UNIT.format(python=python, docs="/usr/share/doc/kvmvfio/libvirt.md")

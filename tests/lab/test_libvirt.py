@@ -1,0 +1,352 @@
+"""kvmvfio with a real libvirtd in L1: the hook, the agent, attach/detach by virDomain.
+
+libvirtd (trixie's 11.3) runs with kvmvfio's hook installed in
+``/etc/libvirt/hooks/qemu.d/``; domains are of type kvm (nested KVM in L1)
+and boot L1's kernel. Each test checks the kernel's view (drivers, what
+QEMU's process holds) and libvirt's (whether the domain runs, its error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from vfiokit import cdev_of, group_of
+
+from kvmvfio.lab.libvirtd import Libvirtd, domain_xml, qemu_pid, virsh, wait_guest
+from kvmvfio.lab.topology import Topology
+from kvmvfio.libvirt import install
+from kvmvfio.libvirt.metadata import NAMESPACE, DevicePath, DeviceRequest, Handoff, to_xml
+from kvmvfio.prepare import recover, status
+from kvmvfio.qemu.handoff import qdev_id
+
+pytestmark = [pytest.mark.lab, pytest.mark.topology("default")]
+
+PCI = Path("/sys/bus/pci/devices")
+HOOKS = Path("/etc/libvirt/hooks")
+HOOK_LOG = Path("/var/log/kvmvfio/hook.log")
+
+
+def driver(addr: str) -> str | None:
+    link = PCI / addr / "driver"
+    return os.path.basename(os.readlink(link)) if link.exists() else None
+
+
+def qemu_fds(pid: int) -> list[str]:
+    out = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            out.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+    return out
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout:g} s: {what}")
+
+
+def metadata(*devices: str, **defaults: str) -> str:
+    """kvmvfio's metadata element; each device is ``ADDR`` or ``ADDR attr=value ...``."""
+    attrs = "".join(f' {k}="{v}"' for k, v in defaults.items())
+    lines = [f'<kvmvfio:devices xmlns:kvmvfio="{NAMESPACE}"{attrs}>']
+    for dev in devices:
+        addr, *opts = dev.split()
+        extra = "".join(f' {o.split("=")[0]}="{o.split("=")[1]}"' for o in opts)
+        lines.append(f'<kvmvfio:device address="{addr}"{extra}/>')
+    lines.append("</kvmvfio:devices>")
+    return "".join(lines)
+
+
+def create(
+    tmp_path: Path, name: str, *, paused: bool = True, **kw: object
+) -> subprocess.CompletedProcess[str]:
+    xml = tmp_path / f"{name}.xml"
+    xml.write_text(domain_xml(name, **kw))  # type: ignore[arg-type]
+    args = ["create", str(xml)] + (["--paused"] if paused else [])
+    return virsh(*args, check=False)
+
+
+def destroy(name: str) -> None:
+    virsh("destroy", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[Libvirtd]:
+    """libvirtd with kvmvfio's hook installed (before the start: libvirt looks for hooks then)."""
+    result = install.install(HOOKS, python=sys.executable)
+    assert result.path == HOOKS / "qemu.d" / "kvmvfio"
+    daemon = Libvirtd()
+    daemon.start()
+    yield daemon
+    for name in virsh("list", "--name", check=False).stdout.split():
+        destroy(name)
+    daemon.stop()
+    install.uninstall(HOOKS)
+    recover()
+
+
+@pytest.fixture
+def clean(libvirtd: Libvirtd) -> Iterator[None]:
+    """Each test starts and ends with no domain and nothing in the journal."""
+    assert status() == []
+    yield
+    for name in virsh("list", "--name", check=False).stdout.split():
+        destroy(name)
+    leftover = status()
+    recover()
+    assert leftover == [], f"the journal still held {leftover}"
+
+
+# -- the hook ----------------------------------------------------------------------------
+
+
+def test_hook_prepares_the_nic_for_the_domain_and_gives_it_back(
+    topology: Topology, clean: None, tmp_path: Path
+) -> None:
+    nic = topology.guest_address("nic0")
+    assert driver(nic) == "e1000e"
+    done = create(tmp_path, "hooked", metadata=metadata(f"{nic} reset=yes"), hostdevs=[nic])
+    assert done.returncode == 0, done.stderr
+    # The hook moved it before libvirt looked at the hostdev; libvirt's QEMU
+    # opened the group itself (handoff="libvirt", the group path).
+    assert driver(nic) == "vfio-pci"
+    (held,) = status()
+    assert held.owner == "libvirt:hooked"
+    assert [e.address for e in held.devices] == [nic]
+    assert f"/dev/vfio/{group_of(nic)}" in qemu_fds(qemu_pid("hooked"))
+    destroy("hooked")
+    wait_for(lambda: driver(nic) == "e1000e", 30, "the NIC back on e1000e")
+    assert status() == []
+    wait_for(lambda: bool(os.listdir(PCI / nic / "net")), 10, "its netdev back")
+    log = HOOK_LOG.read_text()
+    assert f"domain hooked: {nic} back on e1000e after a reset" in log
+
+
+def test_hook_refuses_a_group_with_an_unlisted_member_on_a_host_driver(
+    topology: Topology, clean: None, tmp_path: Path, vfio_bind: Callable[..., None]
+) -> None:
+    edu2, edu3 = topology.guest_address("edu2"), topology.guest_address("edu3")
+    vfio_bind(edu3, driver="pci-pf-stub")  # a host driver VFIO cannot share a group with
+    before = (driver(edu2), driver(edu3))
+    done = create(tmp_path, "greedy", metadata=metadata(f"{edu2} handoff=agent"))
+    assert done.returncode != 0
+    # libvirt's error carries the hook's sentence.
+    assert f"IOMMU group {group_of(edu2)} is not viable" in done.stderr
+    assert f"{edu3} (on host driver pci-pf-stub" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert virsh("domstate", "greedy", check=False).returncode != 0  # not running
+    assert (driver(edu2), driver(edu3)) == before
+    assert status() == []
+
+
+@pytest.mark.topology("default", "coherent")
+def test_hook_applies_the_coherency_policy(
+    topology: Topology, libvirtd: Libvirtd, tmp_path: Path
+) -> None:
+    edu1 = topology.guest_address("edu1")
+    done = create(
+        tmp_path, "coherent", metadata=metadata(f"{edu1} handoff=agent", coherency="require")
+    )
+    try:
+        if topology.snoop_control:
+            assert done.returncode == 0, done.stderr
+            assert driver(edu1) == "vfio-pci"
+        else:
+            assert done.returncode != 0
+            assert "cannot have enforced DMA cache coherency" in done.stderr
+            assert edu1 in done.stderr
+            assert driver(edu1) is None  # put back as it was: edu has no L1 driver
+            assert status() == []
+    finally:
+        destroy("coherent")
+    wait_for(lambda: driver(edu1) is None, 30, "edu1 back on no driver")
+    assert status() == []
+
+
+HOSTILE = {
+    "entity bomb": (
+        '<?xml version="1.0"?><!DOCTYPE d [<!ENTITY a "aaaaaaaaaa">'
+        '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;">]>'
+        f'<domain><name>vm</name><metadata><k:devices xmlns:k="{NAMESPACE}">&c;'
+        "</k:devices></metadata></domain>",
+        "DOCTYPE",
+    ),
+    "external entity": (
+        '<!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/shadow">]>'
+        f'<domain><name>vm</name><metadata><k:devices xmlns:k="{NAMESPACE}">&x;'
+        "</k:devices></metadata></domain>",
+        "DOCTYPE",
+    ),
+    "bad address": (
+        f'<domain><name>vm</name><metadata><k:devices xmlns:k="{NAMESPACE}">'
+        '<k:device address="../../../x" handoff="agent"/></k:devices></metadata></domain>',
+        "contains a path separator",
+    ),
+    "unknown attribute": (
+        f'<domain><name>vm</name><metadata><k:devices xmlns:k="{NAMESPACE}">'
+        '<k:device address="00:03.0" handoff="agent" coherncy="require"/>'
+        "</k:devices></metadata></domain>",
+        "unknown attribute 'coherncy'",
+    ),
+    "not XML": (f"<domain><name>vm</name><metadata {NAMESPACE}", "not well formed"),
+    "huge": (f"<domain><name>vm</name><!-- {NAMESPACE} -->" + "x" * (20 << 20), "bytes"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_the_installed_hook_refuses_hostile_xml_and_changes_nothing(
+    topology: Topology, libvirtd: Libvirtd, case: str
+) -> None:
+    xml, expected = HOSTILE[case]
+    edus = [topology.guest_address(e) for e in ("edu0", "edu1")]
+    before = [driver(a) for a in edus]
+    done = subprocess.run(
+        [str(HOOKS / "qemu.d" / "kvmvfio"), "vm", "prepare", "begin", "-"],
+        input=xml.encode(),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    stderr = done.stderr.decode()
+    assert done.returncode == 1, stderr
+    assert expected in stderr
+    assert stderr.startswith("kvmvfio: domain 'vm': ") or stderr.startswith("kvmvfio: the domain")
+    assert "Traceback" not in stderr
+    assert done.stdout == b""
+    assert [driver(a) for a in edus] == before
+    assert status() == []
+
+
+# -- the agent and the API ----------------------------------------------------------------
+
+
+class AgentProcess:
+    """``kvmvfio agent`` as its own process, as systemd would run it."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                ["kvmvfio", "-v", "agent", "--resync", "5"], stdout=out, stderr=out
+            )
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def agent(clean: None, tmp_path: Path) -> Iterator[AgentProcess]:
+    proc = AgentProcess(tmp_path / "agent.log")
+    proc.start()
+    yield proc
+    proc.kill()
+
+
+def set_live(name: str, *devices: DeviceRequest) -> None:
+    """What a user does to change a running domain's devices: ``virsh metadata --live``."""
+    xml = to_xml(devices, naked=True)
+    virsh("metadata", name, NAMESPACE, "--live", "--key", "kvmvfio", "--set", xml)
+
+
+@pytest.mark.timeout(1200)
+def test_agent_hands_a_device_by_fd_and_takes_it_back_across_restarts(
+    topology: Topology, agent: AgentProcess, libvirtd: Libvirtd, tmp_path: Path
+) -> None:
+    edu0 = topology.guest_address("edu0")
+    done = create(tmp_path, "byfd", paused=False, metadata=metadata(f"{edu0} handoff=agent"))
+    assert done.returncode == 0, done.stderr
+    pid = qemu_pid("byfd")
+    cdev = cdev_of(edu0)  # the hook put it on vfio-pci
+
+    def held() -> bool:
+        return cdev in qemu_fds(pid)
+
+    wait_for(held, 120, f"QEMU holding {cdev}")
+    fds = qemu_fds(pid)
+    assert "/dev/iommu" in fds
+    assert f"/dev/vfio/{group_of(edu0)}" not in fds  # by fd: QEMU opened no group itself
+    # ...nor could it: the cdev is root's only.
+    assert os.stat(cdev).st_uid == 0
+    assert os.stat(cdev).st_mode & 0o077 == 0
+    assert driver(edu0) == "vfio-pci"
+
+    # The agent dies and comes back: nothing attached twice, nothing lost.
+    agent.kill()
+    agent.start()
+    wait_for(lambda: agent.text().count("connected to libvirt") >= 2, 120, "agent back")
+    time.sleep(8)  # more than one resync
+    assert qemu_fds(pid).count(cdev) == 1
+    # libvirtd restarts: the agent reconnects; QEMU still holds the device.
+    libvirtd.restart()
+    wait_for(lambda: agent.text().count("connected to libvirt") >= 3, 120, "agent reconnected")
+    assert held()
+    assert [s.owner for s in status()] == ["libvirt:byfd"]
+
+    # Taken out of the live metadata: unplugged (the guest must answer) and released.
+    wait_guest("byfd", timeout=600)
+    set_live("byfd")
+    wait_for(lambda: not held(), 180, f"QEMU letting go of {cdev}")
+    wait_for(lambda: driver(edu0) is None, 30, "edu0 back on no driver")
+    assert status() == []
+    # ...and back in: attached again at once.
+    set_live("byfd", DeviceRequest(edu0, Handoff.AGENT, DevicePath.CDEV))
+    wait_for(held, 120, f"QEMU holding {cdev} again")
+
+    # The domain stops while the agent is down: the hook gives the device back.
+    agent.kill()
+    destroy("byfd")
+    wait_for(lambda: driver(edu0) is None, 30, "edu0 back after the stop")
+    assert status() == []
+    assert "Traceback" not in agent.text()
+
+
+@pytest.mark.timeout(1200)
+def test_python_api_attaches_and_detaches_by_virdomain(
+    topology: Topology, clean: None, tmp_path: Path, vfio_bind: Callable[..., None]
+) -> None:
+    import libvirt  # noqa: PLC0415 (lab only)
+
+    from kvmvfio.libvirt import monitor  # noqa: PLC0415
+
+    edu1 = topology.guest_address("edu1")
+    vfio_bind(edu1)
+    done = create(tmp_path, "api", paused=False)
+    assert done.returncode == 0, done.stderr
+    pid = qemu_pid("api")
+    conn = libvirt.open("qemu:///system")
+    try:
+        dom = conn.lookupByName("api")
+        (att,) = asyncio.run(monitor.attach(dom, [edu1]))
+        assert att.path == "iommufd"
+        assert cdev_of(edu1) in qemu_fds(pid)
+        qom_list = '{"execute":"qom-list","arguments":{"path":"/machine/peripheral"}}'
+        reply = json.loads(virsh("qemu-monitor-command", "api", qom_list).stdout)
+        assert qdev_id(edu1) in {p["name"] for p in reply["return"]}
+        wait_guest("api", timeout=600)
+        gone = asyncio.run(monitor.detach(dom, [edu1], timeout=180))
+        assert gone == [qdev_id(edu1)]
+        assert cdev_of(edu1) not in qemu_fds(pid)
+    finally:
+        conn.close()
+        destroy("api")

@@ -67,7 +67,6 @@ _LIFECYCLE_STARTED, _LIFECYCLE_RESUMED, _LIFECYCLE_STOPPED, _LIFECYCLE_CRASHED =
 UNIT = """\
 [Unit]
 Description=kvmvfio agent: hand PCI devices to libvirt domains by file descriptor
-Documentation=file://{docs}
 After=libvirtd.service virtqemud.service
 Wants=libvirtd.service
 
@@ -372,4 +371,4 @@ class Agent:
 
 def unit_text(python: str) -> str:
     """The systemd unit of the agent, for ``python``."""
-    return UNIT.format(python=python, docs="/usr/share/doc/kvmvfio/libvirt.md")
+    return UNIT.format(python=python)

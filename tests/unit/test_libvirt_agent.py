@@ -1,0 +1,120 @@
+"""The agent's bookkeeping against a fake libvirt connection: what it releases, and what not.
+
+The handoff itself, and restarts of the agent and of libvirtd, are in the
+lab (tests/lab/test_libvirt.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fakesysfs import Dev, Topology
+
+from kvmvfio.errors import KvmvfioError
+from kvmvfio.host import Host
+from kvmvfio.libvirt.agent import Agent, DomainState, StateStore
+from kvmvfio.libvirt.metadata import NAMESPACE
+from kvmvfio.prepare import status
+from kvmvfio.prepare.journal import Journal, Record
+
+BuildHost = Callable[[Topology], Host]
+
+
+class NoDomain(Exception):
+    def get_error_code(self) -> int:
+        return 42  # VIR_ERR_NO_DOMAIN
+
+
+class FakeDomain:
+    def __init__(
+        self, name: str, *, active: bool = True, uuid: str = "u-1", meta: str = ""
+    ) -> None:
+        self._name, self.active, self.uuid, self.meta = name, active, uuid, meta
+
+    def name(self) -> str:
+        return self._name
+
+    def UUIDString(self) -> str:
+        return self.uuid
+
+    def isActive(self) -> int:
+        return int(self.active)
+
+    def XMLDesc(self, flags: int = 0) -> str:
+        return f"<domain><name>{self._name}</name><metadata>{self.meta}</metadata></domain>"
+
+
+class FakeConn:
+    def __init__(self, *domains: FakeDomain) -> None:
+        self.domains = {d.name(): d for d in domains}
+
+    def listAllDomains(self, flags: int = 0) -> list[FakeDomain]:
+        return list(self.domains.values())
+
+    def lookupByName(self, name: str) -> FakeDomain:
+        if name not in self.domains:
+            raise NoDomain(name)
+        return self.domains[name]
+
+
+@pytest.fixture
+def agent(tmp_path: Path, build_host: BuildHost) -> Agent:
+    host = build_host(
+        Topology(devices=[Dev("0000:00:03.0", group=1), Dev("0000:00:04.0", group=2)])
+    )
+    return Agent(root=tmp_path / "run", sysfs=host.sysfs, devfs=host.devfs)
+
+
+def _claim(agent: Agent, group: int, owner: str) -> None:
+    Journal(agent.root).write(Record(group, owner, 0))
+
+
+def test_state_records_round_trip_and_refuse_path_names(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.write(DomainState("vm1", "u-1", {"0000:00:03.0": True}))
+    assert store.read("vm1") == DomainState("vm1", "u-1", {"0000:00:03.0": True})
+    assert store.names() == ["vm1"]
+    store.remove("vm1")
+    assert store.read("vm1") is None
+    store.remove("vm1")  # idempotent
+    with pytest.raises(KvmvfioError, match="cannot name a file"):
+        store.read("../etc")
+
+
+async def test_a_vanished_domain_loses_its_claims_and_nobody_else_does(agent: Agent) -> None:
+    _claim(agent, 1, "libvirt:gone")
+    _claim(agent, 2, "vm-cli")  # a claim `kvmvfio prepare --owner vm-cli` made
+    agent.store.write(DomainState("gone", "u-9", {"0000:00:03.0": False}))
+    await agent.reconcile_all(FakeConn())
+    assert [(s.group, s.owner) for s in status(root=agent.root)] == [(2, "vm-cli")]
+    assert agent.store.names() == []
+
+
+async def test_a_stopped_domain_is_released_and_a_running_one_left_alone(agent: Agent) -> None:
+    _claim(agent, 1, "libvirt:stopped")
+    _claim(agent, 2, "libvirt:running")
+    conn = FakeConn(FakeDomain("stopped", active=False), FakeDomain("running"))
+    await agent.reconcile_all(conn)
+    # "running" asks nothing of the agent (no handoff='agent' devices): its
+    # claim is the hook's, for its own <hostdev>, and stays.
+    assert [(s.group, s.owner) for s in status(root=agent.root)] == [(2, "libvirt:running")]
+
+
+async def test_a_new_domain_of_an_old_name_does_not_inherit_its_record(agent: Agent) -> None:
+    _claim(agent, 1, "libvirt:vm1")
+    agent.store.write(DomainState("vm1", "old-uuid", {"0000:00:03.0": False}))
+    await agent.reconcile(FakeConn(FakeDomain("vm1", uuid="new-uuid")), "vm1")
+    assert status(root=agent.root) == []
+    assert agent.store.read("vm1") is None
+
+
+async def test_bad_metadata_of_one_domain_is_reported_not_fatal(
+    agent: Agent, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = f'<k:devices xmlns:k="{NAMESPACE}"><k:device address="zz"/></k:devices>'
+    _claim(agent, 2, "libvirt:gone")
+    await agent.reconcile_all(FakeConn(FakeDomain("bad", meta=bad)))
+    assert "domain 'bad': <kvmvfio:device address='zz'>" in caplog.text
+    assert status(root=agent.root) == []  # the other domain's work still happened

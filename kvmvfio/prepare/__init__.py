@@ -59,7 +59,8 @@ class ClaimedBy(KvmvfioError):
         self.pid = pid
         self.alive = alive
         gone = (
-            f"; its process (pid {pid}) is gone: `kvmvfio release --owner {owner}` frees it"
+            f"; its process (pid {pid}) is gone: `kvmvfio release --owner {owner} ADDR` "
+            "(ADDR: any device of the group) frees it"
             if pid > 0 and not alive
             else ""
         )

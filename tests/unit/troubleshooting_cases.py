@@ -1,0 +1,73 @@
+"""The errors docs/troubleshooting.md explains, each built as kvmvfio raises it.
+
+Shared by tests/unit/test_docs.py, which checks that the page quotes each
+message exactly as kvmvfio prints it: when a message changes, the page must.
+"""
+
+from __future__ import annotations
+
+from kvmvfio.errors import (
+    Blocker,
+    Busy,
+    CoherencyRefused,
+    DetachTimeout,
+    DeviceNotBoundToVfio,
+    GroupNotViable,
+    KernelUnsupported,
+    KvmvfioError,
+    MemlockTooLow,
+    NoHotplugPort,
+    NoInterruptRemapping,
+    NoIommuGroup,
+)
+from kvmvfio.libvirt.metadata import MetadataError
+from kvmvfio.prepare import ClaimedBy
+from kvmvfio.prepare.safety import UnsafeToUnbind
+
+CASES: dict[str, KvmvfioError] = {
+    "not viable": GroupNotViable(
+        "14",
+        [
+            Blocker(
+                "0000:01:00.1",
+                "snd_hda_intel",
+                "bound to snd_hda_intel, a host driver that does DMA; rebind it to vfio-pci",
+            )
+        ],
+    ),
+    "not listed": GroupNotViable(
+        "9",
+        [
+            Blocker(
+                "0000:03:00.1",
+                "snd_hda_intel",
+                "on host driver snd_hda_intel, and domain 'vm1' does not list it in its "
+                "kvmvfio metadata; list it to have kvmvfio move it too",
+            )
+        ],
+    ),
+    "busy": Busy(16, "open", "/dev/vfio/14", "IOMMU group 14", "pid 4242 (qemu-system-x86)"),
+    "no interrupt remapping": NoInterruptRemapping(
+        "VFIO_SET_IOMMU", "/dev/vfio/vfio", "the container of IOMMU group 14"
+    ),
+    "no hotplug port": NoHotplugPort("0000:03:00.0", []),
+    "coherency refused": CoherencyRefused("IOMMU group 14", ["0000:03:00.0"]),
+    "not on vfio-pci": DeviceNotBoundToVfio("0000:03:00.0", "e1000e"),
+    "memlock": MemlockTooLow(
+        4242, 8 << 20, (256 << 20) + (1 << 30), "kvmvfio was told not to raise it"
+    ),
+    "unsafe to unbind": UnsafeToUnbind(
+        "0000:00:05.0", "e1000e", "default-route", "carries the default route (eth0)"
+    ),
+    "claimed": ClaimedBy(14, "vm1", 4242, False),
+    "detach timeout": DetachTimeout("0000:03:00.0", "kvmvfio-0000-03-00-0", 30),
+    "no IOMMU group": NoIommuGroup("0000:03:00.0"),
+    "no cdev": KernelUnsupported(
+        "the cdev path", "the kernel has no /dev/iommu (CONFIG_IOMMUFD); use --path group"
+    ),
+    "bad metadata": MetadataError(
+        "vm1",
+        "<kvmvfio:device> has an unknown attribute 'coherncy' (known: address, handoff, "
+        "path, coherency, reset)",
+    ),
+}

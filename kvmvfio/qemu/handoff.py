@@ -411,11 +411,16 @@ async def detach(
     *,
     timeout: float = 30.0,
     host: Host | None = None,
+    drop_iommufd: bool = False,
 ) -> list[str]:
     """Detach devices kvmvfio attached: ``device_del``, wait for ``DEVICE_DELETED``.
 
-    Then revoke the legacy path's access grant, and remove the iommufd
-    object once no kvmvfio device uses it. Returns the QEMU ids detached.
+    Then revoke the legacy path's access grant. The VM's iommufd object
+    stays for the next attach (as libvirt keeps one per domain): QEMU never
+    closes an iommufd it was given by fd, so each delete-and-recreate left
+    one more open file in QEMU, and QEMU 10.0 crashed (SIGSEGV) after about
+    a dozen such cycles in kvmvfio's soak test. ``drop_iommufd`` removes it
+    once no kvmvfio device uses it. Returns the QEMU ids detached.
     Raises :class:`NotAttached` for a device kvmvfio did not attach there,
     and :class:`DetachTimeout` when the guest does not let go in time (the
     device stays attached as QEMU has it).
@@ -430,7 +435,8 @@ async def detach(
         for addr in missing:
             with contextlib.suppress(KvmvfioError):
                 revoke(host.group_of(addr).dev_node(host.devfs), qemu.uid)
-        await _drop_unused_object(qemu)
+        if drop_iommufd:
+            await _drop_unused_object(qemu)
         raise NotAttached(missing[0], qdev_id(missing[0]))
     gone = []
     for addr in addrs:
@@ -440,7 +446,8 @@ async def detach(
         if not present[ident]:  # legacy: QEMU opened the group node through our grant
             revoke(host.group_of(addr).dev_node(host.devfs), qemu.uid)
         log.info("detached %s (%s) from QEMU pid %d", addr, ident, qemu.pid)
-    await _drop_unused_object(qemu)
+    if drop_iommufd:
+        await _drop_unused_object(qemu)
     return gone
 
 

@@ -3,7 +3,7 @@
 # and build the lab images on first use (cached under ~/.cache/kvmvfio).
 PYTHON ?= python3
 
-.PHONY: deps demo test unit lab lint types docs bench soak
+.PHONY: deps demo test unit lab lint types docs bench soak compare
 
 deps:
 	./.ci/install-host-deps
@@ -29,3 +29,8 @@ bench: deps
 # 200 prepare/release cycles of the e1000e, inside L1 (figures: docs/BENCHMARKS.md).
 soak: deps
 	$(PYTHON) -m kvmvfio lab run --timeout 14400 -- python3 bench/soak.py
+
+# kvmvfio against libvirt's managed hostdev and a hand-written hook, in one lab run
+# (figures: docs/COMPARISON.md).
+compare: deps
+	$(PYTHON) -m kvmvfio lab run -- python3 bench/compare.py

@@ -1,0 +1,274 @@
+"""kvmvfio against libvirt's managed hostdev and a hand-written hook, in one lab run (inside L1).
+
+    make compare     # = kvmvfio lab run -- python3 bench/compare.py
+
+The task: a libvirt domain of type kvm gets the lab's e1000e NIC when it
+starts and the host gets it back when it stops. Three ways:
+
+``kvmvfio``   kvmvfio's hook, the domain's kvmvfio metadata, ``<hostdev managed='no'>``
+``libvirt``   ``<hostdev managed='yes'>``: libvirt detaches and reattaches itself
+``hook.sh``   the hook script people write (below): driver_override, unbind,
+              drivers_probe at ``prepare begin``, the reverse at ``release end``
+
+For each: the time to start and to get the NIC back (median of RUNS);
+what it checks before acting (a group with another member on a host
+driver; the NIC carrying the host's default route; a coherency demand);
+and what is left after a failure half-way: libvirtd and the VM's QEMU
+killed while the VM runs, libvirtd started again. For the two hooks also:
+the hook itself killed right after it unbound the NIC. Prints markdown;
+writes JSON to /mnt/job/compare.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kvmvfio.lab import topology as topo_mod
+from kvmvfio.lab.libvirtd import Libvirtd, domain_xml, qemu_pid, virsh
+from kvmvfio.libvirt import install
+from kvmvfio.libvirt.metadata import NAMESPACE
+from kvmvfio.prepare import recover, status
+
+PCI = Path("/sys/bus/pci/devices")
+HOOKS = Path("/etc/libvirt/hooks")
+WORK = Path("/run/kvmvfio-compare")
+RUNS = 3
+
+HAND_HOOK = """#!/bin/sh
+# A typical hand-written libvirt hook (the pattern found in passthrough guides).
+[ "$1" = vm ] || exit 0
+DEV=@DEV@
+if [ "$2" = prepare ] && [ "$3" = begin ]; then
+    echo vfio-pci > /sys/bus/pci/devices/$DEV/driver_override
+    [ -e /sys/bus/pci/devices/$DEV/driver ] && echo $DEV > /sys/bus/pci/devices/$DEV/driver/unbind
+    [ -n "$KILL_AFTER_UNBIND" ] && kill -9 $$   # the bench's failure injection, not in the original
+    echo $DEV > /sys/bus/pci/drivers_probe
+elif [ "$2" = release ] && [ "$3" = end ]; then
+    [ -e /sys/bus/pci/devices/$DEV/driver ] && echo $DEV > /sys/bus/pci/devices/$DEV/driver/unbind
+    echo > /sys/bus/pci/devices/$DEV/driver_override
+    echo $DEV > /sys/bus/pci/drivers_probe
+fi
+exit 0
+"""
+
+
+def driver(addr: str) -> str:
+    link = PCI / addr / "driver"
+    return os.path.basename(os.readlink(link)) if link.exists() else "none"
+
+
+def override(addr: str) -> str:
+    return (PCI / addr / "driver_override").read_text().strip() or "(empty)"
+
+
+def wait(check: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+class Way:
+    def __init__(self, name: str, nic: str) -> None:
+        self.name, self.nic = name, nic
+
+    def install(self) -> None:
+        (HOOKS / "qemu.d").mkdir(parents=True, exist_ok=True)
+        if self.name == "kvmvfio":
+            install.install(HOOKS, python=sys.executable)
+        elif self.name == "hook.sh":
+            path = HOOKS / "qemu.d" / "passthrough"
+            path.write_text(HAND_HOOK.replace("@DEV@", self.nic))
+            path.chmod(0o755)
+
+    def uninstall(self) -> None:
+        install.uninstall(HOOKS)
+        (HOOKS / "qemu.d" / "passthrough").unlink(missing_ok=True)
+
+    def xml(self, devices: list[str], coherency: str = "warn") -> str:
+        managed = self.name == "libvirt"
+        meta = ""
+        if self.name == "kvmvfio":
+            items = "".join(f'<k:device address="{d}"/>' for d in devices)
+            meta = f'<k:devices xmlns:k="{NAMESPACE}" coherency="{coherency}">{items}</k:devices>'
+        text = domain_xml("vm", metadata=meta, hostdevs=devices)
+        return text.replace("managed='no'", "managed='yes'") if managed else text
+
+
+def start(way: Way, xml: str, timeout: float = 120) -> tuple[bool, float, str]:
+    path = WORK / "vm.xml"
+    path.write_text(xml)
+    t = time.monotonic()
+    try:
+        done = virsh("create", str(path), "--paused", check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, time.monotonic() - t, f"did not start within {timeout:g} s"
+    ok = done.returncode == 0
+    said = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+    return ok, time.monotonic() - t, said
+
+
+def stop(nic: str, original: str) -> float:
+    t = time.monotonic()
+    virsh("destroy", "vm", check=False)
+    wait(lambda: driver(nic) == original, 30)
+    return time.monotonic() - t
+
+
+def reset_host(daemon: Libvirtd, nic: str, original: str) -> None:
+    """Between experiments: no domain, NIC on its driver, empty journal."""
+    virsh("destroy", "vm", check=False)
+    recover()
+    if driver(nic) != original:
+        if driver(nic) != "none":
+            (PCI / nic / "driver" / "unbind").write_text(nic)
+        (PCI / nic / "driver_override").write_text("\n")
+        Path("/sys/bus/pci/drivers_probe").write_text(nic)
+        wait(lambda: driver(nic) == original, 10)
+
+
+def main() -> int:
+    topology = topo_mod.load(os.environ.get("KVMVFIO_LAB_TOPOLOGY", "default"))
+    nic = topology.guest_address("nic0")
+    edu2, edu3 = topology.guest_address("edu2"), topology.guest_address("edu3")
+    original = driver(nic)
+    WORK.mkdir(parents=True, exist_ok=True)
+    # libvirt's managed mode looks up VFIO variant drivers in modules.alias; the
+    # lab's kernel has every driver built in and no /lib/modules at all.
+    alias = Path(f"/lib/modules/{os.uname().release}/modules.alias")
+    alias.parent.mkdir(parents=True, exist_ok=True)
+    alias.touch()
+    daemon = Libvirtd()
+    results: dict[str, dict[str, object]] = {}
+    for name in ("kvmvfio", "libvirt", "hook.sh"):
+        way = Way(name, nic)
+        way.install()
+        if name == "kvmvfio":
+            daemon.start()
+        else:
+            daemon.restart()  # libvirt looks for hooks when it starts
+        r: dict[str, object] = {}
+        # 1. The task, RUNS times.
+        starts, stops, fails = [], [], []
+        for _ in range(RUNS):
+            ok, took, said = start(way, way.xml([nic]))
+            moved = driver(nic)
+            if not ok:
+                fails.append(said)
+                reset_host(daemon, nic, original)
+                daemon.restart()
+                continue
+            starts.append(took)
+            stops.append(stop(nic, original))
+            r.setdefault("driver while running", moved)
+        r["start s"] = round(statistics.median(starts), 2) if starts else None
+        r["stop to NIC back s"] = round(statistics.median(stops), 2) if stops else None
+        r["start failures"] = fails
+        r["NIC back after stop"] = driver(nic) == original
+        reset_host(daemon, nic, original)
+        # 2. Checks before acting.
+        # a) a group with another member on a host driver
+        (PCI / edu3 / "driver_override").write_text("pci-pf-stub")
+        Path("/sys/bus/pci/drivers_probe").write_text(edu3)
+        way_grp = Way(name, edu2)
+        if name == "hook.sh":
+            way_grp.install()
+        ok, _, said = start(way_grp, way_grp.xml([edu2]))
+        r["group with a member on a host driver"] = {
+            "started": ok,
+            "said": said[-200:],
+            "edu2 after": driver(edu2),
+            "edu3 after": driver(edu3),
+        }
+        virsh("destroy", "vm", check=False)
+        wait(lambda: driver(edu2) == "none", 10)
+        recover()
+        (PCI / edu3 / "driver" / "unbind").write_text(edu3)
+        (PCI / edu3 / "driver_override").write_text("\n")
+        if name == "hook.sh":
+            way.install()
+        # b) the NIC carries the host's default route
+        iface = sorted(os.listdir(PCI / nic / "net"))[0]
+        subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{iface}.disable_ipv6=1"], check=False)
+        subprocess.run(["ip", "link", "set", iface, "up"], check=False)
+        subprocess.run(["ip", "route", "add", "default", "dev", iface], check=False)
+        ok, _, said = start(way, way.xml([nic]))
+        r["NIC carries the default route"] = {
+            "started": ok, "said": said[-200:], "NIC during": driver(nic)
+        }  # fmt: skip
+        virsh("destroy", "vm", check=False)
+        reset_host(daemon, nic, original)
+        subprocess.run(["ip", "route", "del", "default"], check=False)
+        # c) coherency demanded (kvmvfio only has the notion)
+        if name == "kvmvfio":
+            ok, _, said = start(way, way.xml([nic], coherency="require"))
+            r["coherency='require' on a non-snooping IOMMU"] = {"started": ok, "said": said[-200:]}
+            virsh("destroy", "vm", check=False)
+            reset_host(daemon, nic, original)
+        # 3. Failure half-way: libvirtd and QEMU killed while the VM runs.
+        ok, _, said = start(way, way.xml([nic]))
+        if ok:
+            pid = qemu_pid("vm")
+            for p in subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True,
+                                    text=True, check=False).stdout.split():  # fmt: skip
+                os.kill(int(p), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(1)
+            daemon.stop()
+            daemon.start()
+            # libvirt finds the VM dead on reconnecting and runs its stop hooks:
+            # give them time to finish (the driver comes back before the journal goes).
+            wait(lambda: driver(nic) == original and not status(), 20)
+            r["libvirtd and QEMU killed, libvirtd restarted"] = {
+                "NIC": driver(nic),
+                "driver_override": override(nic),
+                "journal": [f"group {s.group} ({s.owner})" for s in status()],
+            }
+        reset_host(daemon, nic, original)
+        # 4. The hook itself killed right after the unbind (hooks only).
+        if name in ("kvmvfio", "hook.sh"):
+            hook = HOOKS / "qemu.d" / ("kvmvfio" if name == "kvmvfio" else "passthrough")
+            env = {**os.environ, "KVMVFIO_TEST_KILL_AFTER": "2", "KILL_AFTER_UNBIND": "1"}
+            subprocess.run([str(hook), "vm", "prepare", "begin", "-"], input=way.xml([nic]),
+                           text=True, env=env, capture_output=True, check=False)  # fmt: skip
+            left = {"NIC": driver(nic), "driver_override": override(nic)}
+            left["journal"] = [f"group {s.group} ({s.owner})" for s in status()]  # type: ignore[assignment]
+            # What the way itself offers to repair it: kvmvfio recover; the script's release branch.
+            if name == "kvmvfio":
+                subprocess.run(["kvmvfio", "recover"], capture_output=True, check=False)
+            else:
+                subprocess.run([str(hook), "vm", "release", "end", "-"], input="",
+                               text=True, capture_output=True, check=False)  # fmt: skip
+            wait(lambda: driver(nic) == original, 10)
+            left["after its own repair"] = f"{driver(nic)}, override {override(nic)}"
+            r["hook killed after the unbind"] = left
+        reset_host(daemon, nic, original)
+        way.uninstall()
+        results[name] = r
+        print(f"compare: {name}: {json.dumps(r)}", flush=True)
+    daemon.stop()
+    print("\n| | kvmvfio | libvirt managed='yes' | hand-written hook.sh |")
+    print("| --- | --- | --- | --- |")
+    keys = [k for k in results["kvmvfio"]] + [
+        k for k in results["libvirt"] if k not in results["kvmvfio"]
+    ]
+    for key in keys:
+        cells = [json.dumps(results[n].get(key, "n/a")) for n in ("kvmvfio", "libvirt", "hook.sh")]
+        print(f"| {key} | " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    job = Path(os.environ.get("KVMVFIO_LAB_JOB", "/tmp"))
+    (job / "compare.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

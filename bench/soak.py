@@ -40,6 +40,7 @@ from kvmvfio.qemu import Qemu, attach, detach
 
 PCI = Path("/sys/bus/pci/devices")
 RSS_SLACK = 8 << 20
+EVERY = int(os.environ.get("KVMVFIO_SOAK_EVERY", "100"))
 
 
 @dataclass
@@ -102,7 +103,7 @@ async def part1(cycles: int, edus: list[str], samples: list[Sample], *, guest: b
                 return s
 
             for cycle in range(cycles + 1):
-                if cycle % 100 == 0 or cycle == cycles or (guest and cycle % 5 == 0):
+                if cycle % EVERY == 0 or cycle == cycles or (guest and cycle % 5 == 0):
                     sample(cycle)
                 if cycle == cycles:
                     break
@@ -117,6 +118,8 @@ async def part1(cycles: int, edus: list[str], samples: list[Sample], *, guest: b
 
 def _post_mortem(l2: L2Qemu) -> None:
     """What a failed cycle needs to be understood: QEMU's words, the kernel's, memory."""
+    time.sleep(0.5)
+    print(f"soak: QEMU exit status: {l2.proc.poll()} (negative: killed by that signal)")
     print("soak: QEMU stderr:", l2.stderr.read_text(errors="replace")[-2000:], sep="\n")
     dmesg = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
     print("soak: dmesg tail:", *dmesg.splitlines()[-25:], sep="\n")

@@ -6,6 +6,7 @@ this test process itself, so SO_PEERCRED reports our own pid.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -140,3 +141,20 @@ async def test_detach_of_a_device_kvmvfio_did_not_attach(fake: FakeQmp) -> None:
     async with Qemu(fake.path) as qemu:
         with pytest.raises(NotAttached, match="kvmvfio-0000-00-03-0"):
             await detach(qemu, ["0000:00:03.0"], host=Host("/nonexistent"))
+
+
+async def test_events_nobody_waits_for_are_not_kept(fake: FakeQmp) -> None:
+    """A long-lived connection (1000 cycles in the soak) must not hoard QEMU's events."""
+    fake.replies["query-status"] = {"running": True}
+    fake.events["query-status"] = [
+        {"event": "DEVICE_DELETED", "data": {"device": f"d{i}"}} for i in range(50)
+    ]
+    async with Qemu(fake.path) as qemu:
+        for _ in range(4):
+            await qemu.execute("query-status")
+        await asyncio.sleep(0.1)  # let the reader take in the events
+        queued = sum(
+            listener._queue.qsize() + len(listener._history)  # qemu.qmp keeps both
+            for listener in qemu.client._listeners
+        )
+        assert queued == 0

@@ -8,9 +8,12 @@ stopped (``-S``): its guest never powers the hotplug slots, so QEMU
 completes each unplug at once. A guest that answers hot-unplug costs PCIe's
 5 s attention-button wait per device (1000 cycles: about three hours), so
 part 1b runs GUEST_CYCLES cycles on a booted guest that answers them, with
-the same counters. (A booted guest told to leave the slots alone,
-``pcie_ports=compat``, was tried first: after a dozen instant unplugs one
-waited for the guest forever.)
+the same counters. Tried first, and given up: a booted guest told to leave
+the slots alone (``pcie_ports=compat``: after a dozen instant unplugs one
+waited for the guest forever), and a booted guest answering through q35's
+ACPI hotplug (``L2Qemu(acpi_hotplug=True)``; QEMU 10.0.13 died of SIGSEGV in
+the first cycle). QEMU also died of SIGSEGV after about a dozen cycles of
+part 1 when L1 ran other work beside the soak: run it alone.
 
 Part 2: PREPARE_CYCLES prepare/release cycles of the e1000e through
 kvmvfio.prepare (driver e1000e -> vfio-pci -> e1000e, netdev back).

@@ -86,6 +86,7 @@ class L2Qemu:
         pass_fds: Sequence[int] = (),
         preexec_fn: Callable[[], None] | None = None,
         append: str = "",
+        acpi_hotplug: bool = False,
     ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="kvmvfio-l2-"))
         os.chmod(self.dir, 0o777)
@@ -99,11 +100,15 @@ class L2Qemu:
             "qemu-system-x86_64",
             "-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "256",
             "-nodefaults", "-display", "none", "-no-user-config",
-            "-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
             "-qmp", f"unix:{self.qmp},server=on,wait=off",
             "-pidfile", str(self.pidfile),
             "-serial", f"file:{self.serial}",
         ]  # fmt: skip
+        if not acpi_hotplug:
+            # Native PCIe hotplug on the root ports (pciehp in the guest; an
+            # unplug waits for its 5 s attention button). With acpi_hotplug,
+            # q35's default: ACPI hotplug, which the guest answers at once.
+            argv += ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
         for i in range(ports):
             argv += ["-device", f"pcie-root-port,id=rp{i},chassis={i + 1}"]
         if guest:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import termios
 from typing import Any
 
 from kvmvfio.errors import UsageError
@@ -62,6 +63,20 @@ def register(sub: Any) -> None:
     test.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per topology")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST_ARGS")
     test.set_defaults(handler=_test)
+
+    shell = labsub.add_parser(
+        "shell",
+        help="boot L1 and give this terminal a root shell in it (exit ends the VM)",
+        description=(
+            "Boot L1 with a topology and open an interactive root shell on its console, in "
+            "the checkout (kvmvfio is on PATH). With --libvirt, libvirtd runs there already "
+            "(no systemd in L1: `python3 -m kvmvfio.lab.libvirtd restart` restarts it). "
+            "`exit` powers L1 off."
+        ),
+    )
+    _common(shell)
+    shell.add_argument("--libvirt", action="store_true", help="start libvirtd in L1 first")
+    shell.set_defaults(handler=_shell)
 
     demo = labsub.add_parser(
         "demo", help="boot the default topology and show what kvmvfio does, step by step"
@@ -138,6 +153,39 @@ def _test(args: argparse.Namespace) -> int:
         )
     print(summary(results), flush=True)
     return 0 if all(r.ok for r in results) else 1
+
+
+#: The guest side of ``kvmvfio lab shell``: the console becomes the shell's
+#: controlling terminal (init gave the job /dev/null and a plain console).
+_SHELL = (
+    "{libvirt}"
+    "exec </dev/hvc0 >/dev/hvc0 2>&1; stty sane; "
+    "echo 'kvmvfio lab shell: L1 on topology {topology}; exit (or Ctrl-D) powers it off'; "
+    "exec setsid -c bash -i"
+)
+
+
+def _shell(args: argparse.Namespace) -> int:
+    if not sys.stdin.isatty():
+        raise UsageError("kvmvfio lab shell needs a terminal; use `kvmvfio lab run -- CMD`")
+    topology = topo_mod.load(args.topology)
+    builder = ImageBuilder()
+    images = builder.ensure()
+    libvirt = "python3 -m kvmvfio.lab.libvirtd start && " if args.libvirt else ""
+    script = _SHELL.format(libvirt=libvirt, topology=topology.name)
+    run = LabRun(
+        topology=topology,
+        images=images,
+        checkout=builder.checkout,
+        command=("sh", "-c", script),
+        timeout=args.timeout,
+        interactive=True,
+    )
+    saved = termios.tcgetattr(sys.stdin.fileno())
+    try:
+        return asyncio.run(run_in_lab(run))
+    finally:  # QEMU leaves the terminal raw if it is killed
+        termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
 
 
 def _demo(args: argparse.Namespace) -> int:

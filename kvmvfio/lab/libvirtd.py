@@ -192,3 +192,22 @@ def wait_guest(name: str, timeout: float = 300) -> None:
 def qemu_pid(name: str) -> int:
     """The pid of domain ``name``'s QEMU."""
     return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python3 -m kvmvfio.lab.libvirtd start|stop|restart`` (L1 has no systemctl)."""
+    import sys  # noqa: PLC0415
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    daemon = Libvirtd()
+    actions = {"start": daemon.start, "stop": daemon.stop, "restart": daemon.restart}
+    if len(args) != 1 or args[0] not in actions:
+        print("usage: python3 -m kvmvfio.lab.libvirtd start|stop|restart", file=sys.stderr)
+        return 2
+    actions[args[0]]()
+    print(f"libvirtd: {args[0]} done")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

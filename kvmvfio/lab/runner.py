@@ -57,6 +57,8 @@ class LabRun:
     timeout: float = 1800.0
     qemu: str = QEMU
     extra_qemu_args: tuple[str, ...] = field(default=())
+    #: The guest's console on this terminal, both ways (``kvmvfio lab shell``).
+    interactive: bool = False
 
 
 def kernel_cmdline(topology: Topology) -> str:
@@ -178,20 +180,24 @@ async def run_in_lab(run: LabRun, out: BinaryIO | None = None, job_dir: Path | N
         console_log = job_dir / "console.log"
         console_log.unlink(missing_ok=True)
         argv = qemu_argv(run, job_dir, console_log)
+        # Interactive: QEMU gets this terminal (its stdio chardev makes it raw,
+        # and signal=off sends Ctrl-C to the guest) and stays in our session.
+        pipe = None if run.interactive else asyncio.subprocess.PIPE
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
+                stdin=None if run.interactive else asyncio.subprocess.DEVNULL,
+                stdout=pipe,
+                stderr=pipe,
+                start_new_session=not run.interactive,
                 preexec_fn=_die_with_parent(os.getpid()),
             )
         except OSError as err:
             raise LabError(f"cannot start {run.qemu}: {err.strerror}") from err
         try:
             async with asyncio.timeout(run.timeout):
-                stderr = await _pump(proc, stream)
+                stderr = b"" if run.interactive else await _pump(proc, stream)
+                await proc.wait()
         except TimeoutError:
             raise LabError(
                 f"the lab run on topology {run.topology.name} did not finish within "
@@ -247,7 +253,10 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
         return
     for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 30.0)):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:  # interactive: QEMU is in our session, not its own
+                os.kill(proc.pid, sig)
         try:
             # Shielded: this also runs while our task is being cancelled (Ctrl-C).
             await asyncio.shield(asyncio.wait_for(proc.wait(), grace))

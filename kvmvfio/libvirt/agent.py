@@ -358,7 +358,8 @@ class Agent:
         for addr in addrs:
             if host.group_of(addr).number in keep:
                 continue  # another device of the group is still the domain's
-            for r in release([addr], _owner_of(name), reset=reset, host=host, root=self.root):
+            resets = [addr] if reset else []
+            for r in release([addr], _owner_of(name), reset=resets, host=host, root=self.root):
                 log.info("domain %s: %s back on %s", name, r.address, r.driver or "no driver")
 
     def _release_stopped(self, name: str) -> None:

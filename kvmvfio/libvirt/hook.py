@@ -241,7 +241,6 @@ def main(
     name, op, subop = args[:3]
     if (op, subop) not in (PREPARE, RELEASE):
         return 0
-    _setup_logging()
     data = _read_bounded(stdin or sys.stdin.buffer)
     try:
         request = parse_domain(data, expected_name=name)
@@ -271,4 +270,5 @@ def main(
 
 
 if __name__ == "__main__":
+    _setup_logging()  # libvirt's hook process only: tests and callers keep their own logging
     sys.exit(main())

@@ -45,7 +45,16 @@ def cli_page() -> str:
     from kvmvfio.cli import make_parser  # noqa: PLC0415 (after sys.path is set in main)
 
     os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal: make it one width
-    parser = make_parser()
+    # Some defaults name this interpreter (`hook install --python`): write the
+    # page as for the system's python3, whatever venv or tox runs this.
+    executable, sys.executable = sys.executable, "/usr/bin/python3"
+    try:
+        return _cli_text(make_parser())
+    finally:
+        sys.executable = executable
+
+
+def _cli_text(parser: argparse.ArgumentParser) -> str:
     parser.prog = "kvmvfio"
     out = [_HEADER, "# CLI reference\n\n", "```text\n", parser.format_help(), "```\n"]
     for name, sub in _subparsers(parser).items():

@@ -441,7 +441,9 @@ async def detach(
     gone = []
     for addr in addrs:
         ident = qdev_id(addr)
+        nodes = _device_nodes(host, addr)
         await _device_del(qemu, addr, ident, timeout)
+        await _until_closed(qemu, addr, nodes)
         gone.append(ident)
         if not present[ident]:  # legacy: QEMU opened the group node through our grant
             revoke(host.group_of(addr).dev_node(host.devfs), qemu.uid)
@@ -449,6 +451,47 @@ async def detach(
     if drop_iommufd:
         await _drop_unused_object(qemu)
     return gone
+
+
+def _device_nodes(host: Host, addr: str) -> set[str]:
+    """The VFIO files of ``addr`` QEMU may hold: its group node and its cdev."""
+    nodes: set[str] = set()
+    with contextlib.suppress(KvmvfioError):
+        nodes.add(str(host.group_of(addr).dev_node(host.devfs)))
+        cdev = host.device(addr).vfio_cdev
+        if cdev:
+            nodes.add(str(host.devfs / "vfio" / "devices" / cdev))
+    return nodes
+
+
+def _holds(pid: int, nodes: set[str]) -> bool:
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return False  # QEMU is gone, or not ours to look at: nothing to wait for
+    for name in names:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"{fd_dir}/{name}") in nodes:
+                return True
+    return False
+
+
+async def _until_closed(qemu: Monitor, addr: str, nodes: set[str], limit: float = 10.0) -> None:
+    """Wait until QEMU has closed the device's files.
+
+    QEMU reports a device deleted (QOM, ``DEVICE_DELETED``) before it
+    finalizes it and closes its VFIO fd; in the lab, a libvirt-run QEMU
+    still held the cdev just after. Until it closes, the device is not free:
+    releasing it would be refused as busy.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while _holds(qemu.pid, nodes):
+        if loop.time() > deadline:
+            log.warning("QEMU pid %d still holds %s %g s after deleting it", qemu.pid, addr, limit)
+            return
+        await asyncio.sleep(0.05)
 
 
 async def _drop_unused_object(qemu: Monitor) -> None:

@@ -418,9 +418,8 @@ async def detach(
     Then revoke the legacy path's access grant. The VM's iommufd object
     stays for the next attach (as libvirt keeps one per domain): QEMU never
     closes an iommufd it was given by fd, so each delete-and-recreate left
-    one more open file in QEMU, and QEMU 10.0 crashed (SIGSEGV) after about
-    a dozen such cycles in kvmvfio's soak test. ``drop_iommufd`` removes it
-    once no kvmvfio device uses it. Returns the QEMU ids detached.
+    one more open file in QEMU (kvmvfio's soak test). ``drop_iommufd``
+    removes it once no kvmvfio device uses it. Returns the QEMU ids detached.
     Raises :class:`NotAttached` for a device kvmvfio did not attach there,
     and :class:`DetachTimeout` when the guest does not let go in time (the
     device stays attached as QEMU has it).

@@ -31,10 +31,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from labkit import driver
+
 from kvmvfio.lab import topology as topo_mod
-from kvmvfio.lab.libvirtd import Libvirtd, domain_xml, qemu_pid, virsh
+from kvmvfio.lab.libvirtd import Libvirtd, domain_xml, virsh
 from kvmvfio.libvirt import install
 from kvmvfio.libvirt.metadata import NAMESPACE
+from kvmvfio.libvirt.monitor import qemu_pid
 from kvmvfio.prepare import recover, status
 
 PCI = Path("/sys/bus/pci/devices")
@@ -58,11 +61,6 @@ elif [ "$2" = release ] && [ "$3" = end ]; then
 fi
 exit 0
 """
-
-
-def driver(addr: str) -> str:
-    link = PCI / addr / "driver"
-    return os.path.basename(os.readlink(link)) if link.exists() else "none"
 
 
 def override(addr: str) -> str:

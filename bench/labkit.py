@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -16,6 +17,12 @@ def bind(addr: str, driver: str | None) -> None:
     sysfs.set_override(addr, driver)
     if driver:
         sysfs.probe(addr)
+
+
+def driver(addr: str) -> str:
+    """The driver ``addr`` is bound to, or ``"none"``."""
+    link = f"/sys/bus/pci/devices/{addr}/driver"
+    return os.path.basename(os.readlink(link)) if os.path.exists(link) else "none"
 
 
 def median_ms(fn: Callable[[], None], rounds: int) -> float:

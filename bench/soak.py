@@ -36,6 +36,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from labkit import bind
+from labkit import driver as _driver
+
 from kvmvfio.lab import topology as topo_mod
 from kvmvfio.lab.l2 import L2Qemu
 from kvmvfio.prepare import prepare, release
@@ -68,21 +71,10 @@ def _rss_kib() -> int:
     return 0
 
 
-def _driver(addr: str) -> str:
-    link = PCI / addr / "driver"
-    return os.path.basename(os.readlink(link)) if link.exists() else "none"
-
-
-def _bind_vfio(addr: str) -> None:
-    if _driver(addr) == "vfio-pci":
-        return
-    (PCI / addr / "driver_override").write_text("vfio-pci")
-    Path("/sys/bus/pci/drivers_probe").write_text(addr)
-
-
 async def part1(cycles: int, edus: list[str], samples: list[Sample], *, guest: bool) -> None:
     for addr in edus:
-        _bind_vfio(addr)
+        if _driver(addr) != "vfio-pci":
+            bind(addr, "vfio-pci")
     label = "attach/detach x2 by fd, guest running" if guest else "attach/detach x2 by fd"
     l2 = L2Qemu(ports=2, guest=guest)
     try:

@@ -189,11 +189,6 @@ def wait_guest(name: str, timeout: float = 300) -> None:
     raise LabError(f"the guest of domain {name} did not come up within {timeout:g} s")
 
 
-def qemu_pid(name: str) -> int:
-    """The pid of domain ``name``'s QEMU."""
-    return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python3 -m kvmvfio.lab.libvirtd start|stop|restart`` (L1 has no systemctl)."""
     import sys  # noqa: PLC0415

@@ -50,7 +50,7 @@ from kvmvfio.libvirt.metadata import (
     parse_domain,
 )
 from kvmvfio.libvirt.metadata import owner_of as _owner_of
-from kvmvfio.libvirt.monitor import RUN_DIR, DomainMonitor, VirDomain, call_libvirt
+from kvmvfio.libvirt.monitor import RUN_DIR, DomainMonitor, VirDomain, call_libvirt, error_of
 from kvmvfio.prepare import prepare, release, release_owner, status
 from kvmvfio.prepare.journal import DEFAULT_ROOT
 from kvmvfio.qemu.handoff import attach, detach, kvmvfio_devices, qdev_id
@@ -293,10 +293,10 @@ class Agent:
         try:
             return await call_libvirt(conn.lookupByName, name)
         except Exception as err:
-            code = getattr(err, "get_error_code", lambda: None)()
+            code, message = error_of(err)
             if code == 42:  # VIR_ERR_NO_DOMAIN
                 return None
-            raise LibvirtError("virDomainLookupByName", int(code or -1), str(err), name) from err
+            raise LibvirtError("virDomainLookupByName", code, message, name) from err
 
     async def _converge(
         self,

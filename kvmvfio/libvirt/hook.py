@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from kvmvfio.errors import Blocker, GroupNotViable, KvmvfioError
-from kvmvfio.host import Host, IommuGroup, driver_managed_dma
+from kvmvfio.host import Host, IommuGroup
 from kvmvfio.libvirt.metadata import (
     MAX_XML_BYTES,
     DevicePath,
@@ -46,7 +46,15 @@ from kvmvfio.libvirt.metadata import (
     MetadataError,
     parse_domain,
 )
-from kvmvfio.prepare import ClaimedBy, Prepared, Restored, prepare, release
+from kvmvfio.prepare import (
+    ClaimedBy,
+    Prepared,
+    Restored,
+    groups_of,
+    needs_moving,
+    prepare,
+    release,
+)
 from kvmvfio.prepare.journal import DEFAULT_ROOT
 from kvmvfio.vfio.policy import Backend, Coherency
 
@@ -62,11 +70,7 @@ _STRICTNESS = {Coherency.IGNORE: 0, Coherency.WARN: 1, Coherency.REQUIRE: 2}
 
 
 def _groups_of(host: Host, request: DomainRequest) -> dict[int, IommuGroup]:
-    groups: dict[int, IommuGroup] = {}
-    for dev in request.devices:
-        group = host.group_of(dev.address)
-        groups.setdefault(group.number, group)
-    return groups
+    return groups_of(host, [d.address for d in request.devices])
 
 
 def refuse_unlisted(request: DomainRequest, groups: dict[int, IommuGroup]) -> None:
@@ -87,10 +91,7 @@ def refuse_unlisted(request: DomainRequest, groups: dict[int, IommuGroup]) -> No
                 "its kvmvfio metadata; list it to have kvmvfio move it too",
             )
             for m in group.members
-            if str(m.address) not in listed
-            and not m.is_bridge
-            and m.driver is not None
-            and not driver_managed_dma(m.driver)
+            if str(m.address) not in listed and m.driver is not None and needs_moving(m)
         ]
         if blockers:
             raise GroupNotViable(str(number), blockers)

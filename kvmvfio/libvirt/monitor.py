@@ -94,7 +94,8 @@ async def call_libvirt(fn: Callable[..., T], *args: object) -> T:
     return await asyncio.to_thread(fn, *args)
 
 
-def _error_of(err: Exception) -> tuple[int, str]:
+def error_of(err: Exception) -> tuple[int, str]:
+    """libvirt's error code and message of ``err`` (-1 and its text for other errors)."""
     code = getattr(err, "get_error_code", lambda: -1)()
     message = getattr(err, "get_error_message", lambda: str(err))()
     return int(code or -1), str(message or err)
@@ -193,7 +194,7 @@ class DomainMonitor(Monitor):
         await self.close()
 
     def _map(self, call: str, err: Exception) -> QemuError | LibvirtError:
-        code, message = _error_of(err)
+        code, message = error_of(err)
         if code in _GONE_CODES:
             return QemuGone(f"{call} on domain {self.name}", message)
         return LibvirtError(call, code, message, self.name)

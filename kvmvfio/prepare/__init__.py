@@ -42,6 +42,8 @@ __all__ = [
     "JournalError",
     "Prepared",
     "Restored",
+    "groups_of",
+    "needs_moving",
     "prepare",
     "recover",
     "release",
@@ -111,7 +113,8 @@ def _group_lock(root: Path, group: int) -> Iterator[None]:
         os.close(fd)
 
 
-def _needs_moving(member: PciDevice) -> bool:
+def needs_moving(member: PciDevice) -> bool:
+    """Whether :func:`prepare` moves this group member to vfio-pci."""
     if member.is_bridge:
         return False  # bridges and ports stay on pcieport (or no driver)
     return member.driver is None or not driver_managed_dma(member.driver)
@@ -147,7 +150,8 @@ class _Changes:
         _after_change()
 
 
-def _groups(host: Host, addresses: Sequence[str]) -> dict[int, IommuGroup]:
+def groups_of(host: Host, addresses: Sequence[str]) -> dict[int, IommuGroup]:
+    """The IOMMU groups of ``addresses``, by number (each once)."""
     groups: dict[int, IommuGroup] = {}
     for addr in addresses:
         group = host.group_of(addr)
@@ -183,7 +187,7 @@ def prepare(
     journal = Journal(root)
     addrs = [str(PciAddress.coerce(a)) for a in addresses]
     done = []
-    for number, group in _groups(host, addrs).items():
+    for number, group in groups_of(host, addrs).items():
         with _group_lock(Path(root), number):
             done.append(
                 _prepare_group(host, sysfs, journal, group, owner, owner_pid=owner_pid, force=force)
@@ -207,7 +211,7 @@ def _prepare_group(
         raise ClaimedBy(number, record.owner, record.pid, pid_alive(record.pid))
     if record is None:
         record = Record(number, owner, owner_pid or 0)
-    movers = [m for m in group.members if _needs_moving(m)]
+    movers = [m for m in group.members if needs_moving(m)]
     accepted: list[str] = []
     for m in movers:
         if m.driver is not None:
@@ -315,7 +319,7 @@ def release(
     host = host or Host()
     journal = Journal(root)
     out: list[Restored] = []
-    for number in _groups(host, [str(PciAddress.coerce(a)) for a in addresses]):
+    for number in groups_of(host, [str(PciAddress.coerce(a)) for a in addresses]):
         with _group_lock(Path(root), number):
             record = journal.read(number)
             if record is None:

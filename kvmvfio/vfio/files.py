@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from kvmvfio._closing import Closing
@@ -77,19 +77,23 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def holders(*paths: str | Path, proc: str | Path = "/proc") -> list[str]:
+def holders(
+    *paths: str | Path, proc: str | Path = "/proc", pids: Collection[int] | None = None
+) -> list[str]:
     """Other processes that have any of ``paths`` open, as ``"pid N (comm)"`` (best effort).
 
-    Reads ``/proc/*/fd``; processes we may not inspect are skipped.
+    Reads ``/proc/*/fd`` (only ``pids``' when given); processes we may not
+    inspect, or that are gone, are skipped.
     """
     targets = {str(p) for p in paths}
-    found = []
+    found: list[str] = []
     me = os.getpid()
-    try:
-        pids = [p for p in os.listdir(proc) if p.isdigit()]
-    except OSError:
-        return []
-    for pid in pids:
+    if pids is None:
+        try:
+            pids = [int(p) for p in os.listdir(proc) if p.isdigit()]
+        except OSError:
+            return []
+    for pid in map(str, pids):
         if int(pid) == me:
             continue
         fd_dir = os.path.join(proc, pid, "fd")

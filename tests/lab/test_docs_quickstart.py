@@ -9,7 +9,6 @@ step, what the page promises is checked on the kernel and in libvirt.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import time
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vfiokit import driver
 
 from kvmvfio.lab.libvirtd import Libvirtd, virsh
 from kvmvfio.lab.topology import Topology
@@ -36,11 +36,6 @@ def blocks(page: Path = PAGE) -> list[tuple[str, str, str]]:
         title = re.search(r'title="([^"]+)"', info)
         out.append((lang, title.group(1) if title else "", body))
     return out
-
-
-def driver(addr: str) -> str | None:
-    link = Path("/sys/bus/pci/devices") / addr / "driver"
-    return os.path.basename(os.readlink(link)) if link.exists() else None
 
 
 @pytest.fixture

@@ -20,12 +20,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from vfiokit import cdev_of, group_of
+from vfiokit import cdev_of, driver, group_of
 
-from kvmvfio.lab.libvirtd import Libvirtd, domain_xml, qemu_pid, virsh, wait_guest
+from kvmvfio.lab.libvirtd import Libvirtd, domain_xml, virsh, wait_guest
 from kvmvfio.lab.topology import Topology
 from kvmvfio.libvirt import install
 from kvmvfio.libvirt.metadata import NAMESPACE, DevicePath, DeviceRequest, Handoff, to_xml
+from kvmvfio.libvirt.monitor import qemu_pid
 from kvmvfio.prepare import recover, status
 from kvmvfio.qemu.handoff import qdev_id
 
@@ -34,11 +35,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.topology("default")]
 PCI = Path("/sys/bus/pci/devices")
 HOOKS = Path("/etc/libvirt/hooks")
 HOOK_LOG = Path("/var/log/kvmvfio/hook.log")
-
-
-def driver(addr: str) -> str | None:
-    link = PCI / addr / "driver"
-    return os.path.basename(os.readlink(link)) if link.exists() else None
 
 
 def qemu_fds(pid: int) -> list[str]:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vfiokit import driver
 
 from kvmvfio.errors import Busy
 from kvmvfio.host import Host
@@ -32,11 +33,6 @@ def _leave_nothing_behind(tmp_path: Path) -> Iterator[None]:
     """Whatever a failing test left prepared is put back before the next one."""
     yield
     recover(root=tmp_path)
-
-
-def driver(addr: str) -> str | None:
-    link = PCI / addr / "driver"
-    return os.path.basename(os.readlink(link)) if link.exists() else None
 
 
 def override(addr: str) -> str:

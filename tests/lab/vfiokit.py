@@ -21,6 +21,12 @@ def fd_table() -> dict[int, str]:
     return table
 
 
+def driver(addr: str) -> str | None:
+    """The driver ``addr`` is bound to, as sysfs shows it (None: no driver)."""
+    link = f"/sys/bus/pci/devices/{addr}/driver"
+    return os.path.basename(os.readlink(link)) if os.path.exists(link) else None
+
+
 def group_of(addr: str) -> int:
     return int(os.path.basename(os.readlink(f"/sys/bus/pci/devices/{addr}/iommu_group")))
 

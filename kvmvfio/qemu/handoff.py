@@ -7,15 +7,18 @@ and passes QEMU file descriptors over its QMP socket.
 iommufd path (QEMU >= 9 with its ``iommufd`` object; a kernel with
 ``/dev/iommu`` and VFIO device cdevs)::
 
-    getfd      kvmvfio-iommufd-XXXX   <- /dev/iommu            (once per VM)
-    object-add iommufd id=kvmvfio-iommufd fd=kvmvfio-iommufd-XXXX
-    getfd      kvmvfio-XXXX           <- /dev/vfio/devices/vfioN (unbound)
-    device_add vfio-pci id=kvmvfio-DDDD-BB-SS-F iommufd=kvmvfio-iommufd fd=kvmvfio-XXXX bus=PORT
+    getfd      kvmvfio-iommufd-fd     <- /dev/iommu            (once per VM)
+    object-add iommufd id=kvmvfio-iommufd fd=kvmvfio-iommufd-fd
+    getfd      kvmvfio-fd-DDDD-BB-SS-F <- /dev/vfio/devices/vfioN (unbound)
+    device_add vfio-pci id=kvmvfio-DDDD-BB-SS-F iommufd=kvmvfio-iommufd fd=kvmvfio-fd-... bus=PORT
 
 QEMU binds the cdev and makes the KVM association itself, in the right
 order; kvmvfio must not bind the cdev before handing it over. A failed
-``device_add`` consumes the fd name, so every attempt sends its own fd
-under a fresh name.
+``device_add`` consumes the fd name, so every attempt sends the fd again.
+The names are fixed per VM and per device: a ``getfd`` of a name QEMU
+already holds replaces (and closes) the old fd, so an fd that a killed
+kvmvfio passed but never used (between ``getfd`` and ``device_add``) is
+dropped by the next attempt instead of keeping the device open in QEMU.
 
 Legacy path (no iommufd in QEMU or the kernel): QEMU refuses passed fds
 there ("Use FD passing only with iommufd backend") and keeps a refused
@@ -38,7 +41,6 @@ import logging
 import os
 import re
 import resource
-import secrets
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -62,7 +64,7 @@ from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice
 from kvmvfio.qemu.paths import HandoffPath
 from kvmvfio.qemu.qmp import JsonObject, Monitor
 from kvmvfio.vfio import Coherency, VfioSession
-from kvmvfio.vfio.files import open_node
+from kvmvfio.vfio.files import holders, open_node
 from kvmvfio.vfio.policy import apply_coherency
 from kvmvfio.vfio.session import check_devices, probe_cdev_coherency
 
@@ -231,7 +233,7 @@ async def _ensure_iommufd_object(qemu: Monitor, host: Host) -> bool:
     objects = {str(o["name"]) for o in await qemu.qom_list("/objects")}
     if IOMMUFD_OBJECT in objects:
         return False
-    name = f"kvmvfio-iommufd-{secrets.token_hex(4)}"
+    name = f"{IOMMUFD_OBJECT}-fd"
     fd = open_node(host.devfs / "iommu", "iommufd (/dev/iommu)")
     try:
         await qemu.send_fd(fd, name)
@@ -251,7 +253,7 @@ async def _attach_fd(
 ) -> None:
     assert dev.vfio_cdev is not None
     addr = str(dev.address)
-    name = f"kvmvfio-{secrets.token_hex(4)}"
+    name = qdev_id(addr).replace("kvmvfio-", "kvmvfio-fd-", 1)
     cdev = host.devfs / "vfio" / "devices" / dev.vfio_cdev
     fd = open_node(cdev, f"device {addr} ({dev.vfio_cdev})", related=[group.dev_node(host.devfs)])
     try:
@@ -463,19 +465,6 @@ def _device_nodes(host: Host, addr: str) -> set[str]:
     return nodes
 
 
-def _holds(pid: int, nodes: set[str]) -> bool:
-    fd_dir = f"/proc/{pid}/fd"
-    try:
-        names = os.listdir(fd_dir)
-    except OSError:
-        return False  # QEMU is gone, or not ours to look at: nothing to wait for
-    for name in names:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"{fd_dir}/{name}") in nodes:
-                return True
-    return False
-
-
 async def _until_closed(qemu: Monitor, addr: str, nodes: set[str], limit: float = 10.0) -> None:
     """Wait until QEMU has closed the device's files.
 
@@ -486,7 +475,7 @@ async def _until_closed(qemu: Monitor, addr: str, nodes: set[str], limit: float 
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit
-    while _holds(qemu.pid, nodes):
+    while nodes and holders(*nodes, pids=[qemu.pid]):
         if loop.time() > deadline:
             log.warning("QEMU pid %d still holds %s %g s after deleting it", qemu.pid, addr, limit)
             return

@@ -306,7 +306,6 @@ class Agent:
         wanted: dict[str, DeviceRequest],
     ) -> None:
         name = state.name
-        owner = _owner_of(name)
         async with DomainMonitor(dom, run_dir=self.run_dir) as monitor:
             present = set(await kvmvfio_devices(monitor))
             # Take back what we attached and the domain no longer lists.
@@ -325,30 +324,48 @@ class Agent:
             for addr, dev in wanted.items():
                 if qdev_id(addr) in present:
                     continue
-                host = self._host()
-                group = host.group_of(addr)
                 assert request is not None  # it lists addr
-                refuse_unlisted(request, {group.number: group})
-                prepare([addr], owner, host=host, root=self.root)
-                state.devices[addr] = dev.reset
-                self.store.write(state)  # before QEMU has it: a crash now still leads back
-                (done,) = await attach(
-                    monitor,
-                    [addr],
-                    path=HandoffPath.IOMMUFD,
-                    coherency=dev.coherency,
-                    host=self._host(),
-                )
-                log.info(
-                    "domain %s: attached %s by fd to QEMU pid %d as %s on %s",
-                    name,
-                    addr,
-                    monitor.pid,
-                    done.qdev_id,
-                    done.bus,
-                )
+                try:
+                    await self._attach_one(monitor, state, request, addr, dev)
+                except QemuGone:
+                    raise
+                except KvmvfioError as err:
+                    # One device's refusal (coherency, a busy group...) must not
+                    # keep the domain's other devices from it.
+                    log.error(
+                        "domain %s: %s not attached: %s (tried again at the next reconcile)",
+                        name,
+                        addr,
+                        err,
+                    )
         if not state.devices:
             self.store.remove(name)
+
+    async def _attach_one(
+        self,
+        monitor: DomainMonitor,
+        state: DomainState,
+        request: DomainRequest,
+        addr: str,
+        dev: DeviceRequest,
+    ) -> None:
+        host = self._host()
+        group = host.group_of(addr)
+        refuse_unlisted(request, {group.number: group})
+        prepare([addr], _owner_of(state.name), host=host, root=self.root)
+        state.devices[addr] = dev.reset
+        self.store.write(state)  # before QEMU has it: a crash now still leads back
+        (done,) = await attach(
+            monitor, [addr], path=HandoffPath.IOMMUFD, coherency=dev.coherency, host=host
+        )
+        log.info(
+            "domain %s: attached %s by fd to QEMU pid %d as %s on %s",
+            state.name,
+            addr,
+            monitor.pid,
+            done.qdev_id,
+            done.bus,
+        )
 
     def _release_addresses(
         self, name: str, addrs: list[str], reset: bool, wanted: dict[str, DeviceRequest]

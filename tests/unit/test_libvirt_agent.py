@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from fakesysfs import Dev, Topology
 
-from kvmvfio.errors import KvmvfioError
+import kvmvfio.libvirt.agent as agent_mod
+from kvmvfio.errors import CoherencyRefused, KvmvfioError
 from kvmvfio.host import Host
 from kvmvfio.libvirt.agent import Agent, DomainState, StateStore
 from kvmvfio.libvirt.metadata import NAMESPACE
@@ -118,3 +120,56 @@ async def test_bad_metadata_of_one_domain_is_reported_not_fatal(
     await agent.reconcile_all(FakeConn(FakeDomain("bad", meta=bad)))
     assert "domain 'bad': <kvmvfio:device address='zz'>" in caplog.text
     assert status(root=agent.root) == []  # the other domain's work still happened
+
+
+class FakeMonitor:
+    """What _converge needs of a DomainMonitor: an async context and a pid."""
+
+    pid = 4242
+
+    def __init__(self, dom: object, run_dir: object = None) -> None:
+        pass
+
+    async def __aenter__(self) -> FakeMonitor:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+async def test_one_refused_device_does_not_keep_the_others_from_the_domain(
+    agent: Agent, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    attached: list[str] = []
+    prepared: list[tuple[list[str], str]] = []
+
+    def fake_prepare(addrs: list[str], owner: str, **kw: object) -> None:
+        prepared.append((addrs, owner))
+
+    async def no_devices(monitor: object) -> list[str]:
+        return []
+
+    async def fake_attach(monitor: object, addrs: list[str], **kw: object) -> list[object]:
+        if addrs == ["0000:00:03.0"]:
+            raise CoherencyRefused("device 0000:00:03.0", addrs)
+        attached.extend(addrs)
+        return [SimpleNamespace(qdev_id="kvmvfio-0000-00-04-0", bus="rp1")]
+
+    monkeypatch.setattr(agent_mod, "DomainMonitor", FakeMonitor)
+    monkeypatch.setattr(agent_mod, "kvmvfio_devices", no_devices)
+    monkeypatch.setattr(agent_mod, "attach", fake_attach)
+    monkeypatch.setattr(agent_mod, "prepare", fake_prepare)
+    meta = (
+        f'<k:devices xmlns:k="{NAMESPACE}">'
+        '<k:device address="00:03.0" handoff="agent" coherency="require"/>'
+        '<k:device address="00:04.0" handoff="agent"/></k:devices>'
+    )
+    await agent.reconcile(FakeConn(FakeDomain("vm1", meta=meta)), "vm1")
+    assert attached == ["0000:00:04.0"]
+    assert "domain vm1: 0000:00:03.0 not attached:" in caplog.text
+    assert "tried again at the next reconcile" in caplog.text
+    # Both are the domain's (prepared, recorded): its stop gives both back.
+    assert prepared == [(["0000:00:03.0"], "libvirt:vm1"), (["0000:00:04.0"], "libvirt:vm1")]
+    state = agent.store.read("vm1")
+    assert state is not None
+    assert sorted(state.devices) == ["0000:00:03.0", "0000:00:04.0"]

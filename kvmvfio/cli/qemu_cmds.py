@@ -1,24 +1,29 @@
 """``kvmvfio attach`` and ``kvmvfio detach``: devices in and out of a running QEMU.
 
 Both talk to QEMU over its QMP socket, after checking that the socket's
-peer is the QEMU the user named (``--pid`` or ``--pidfile``); see
-:mod:`kvmvfio.qemu.handoff` for what crosses the socket.
+peer is the QEMU the user named (``--pid`` or ``--pidfile``), or to a
+libvirt domain's QEMU through libvirt (``--domain``, by fd on the iommufd
+path); see :mod:`kvmvfio.qemu.handoff` for what crosses the socket.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from kvmvfio.errors import UsageError
 from kvmvfio.host import Host, PciAddress
 from kvmvfio.qemu.paths import HandoffPath
 from kvmvfio.vfio.policy import Coherency
 
 if TYPE_CHECKING:
     from kvmvfio.qemu.handoff import Attachment
+    from kvmvfio.qemu.qmp import Monitor
 
 SCHEMA = 1
 
@@ -80,21 +85,54 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("addresses", nargs="+", metavar="ADDR", help="PCI address, e.g. 03:00.0")
-    parser.add_argument("--qmp", required=True, metavar="SOCKET", help="QEMU's QMP UNIX socket")
-    who = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("--qmp", metavar="SOCKET", help="QEMU's QMP UNIX socket")
+    who = parser.add_mutually_exclusive_group()
     who.add_argument("--pid", type=int, help="QEMU's pid: the socket's peer must be this process")
     who.add_argument("--pidfile", help="QEMU's -pidfile, instead of --pid")
+    parser.add_argument(
+        "--domain",
+        metavar="NAME",
+        help="a running libvirt domain, reached through libvirt (instead of --qmp and --pid)",
+    )
+    parser.add_argument(
+        "--uri", default="qemu:///system", help="libvirt URI for --domain (default qemu:///system)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON (docs/cli-json.md)")
     parser.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
     parser.add_argument("--dev-root", default="/dev", help=argparse.SUPPRESS)
 
 
-def _pid(args: argparse.Namespace) -> int:
-    from kvmvfio.qemu.qmp import read_pidfile  # noqa: PLC0415 (imported on use)
+@contextlib.asynccontextmanager
+async def _monitor(args: argparse.Namespace) -> AsyncIterator[Monitor]:
+    """QEMU's monitor as the arguments name it: a QMP socket and its pid, or a libvirt domain.
 
-    # Every argument is checked before QEMU is contacted.
+    Every argument is checked before QEMU (or libvirt) is contacted.
+    """
     args.addresses = [str(PciAddress.parse(a)) for a in args.addresses]
-    return int(args.pid) if args.pid is not None else read_pidfile(args.pidfile)
+    if args.domain is not None:
+        if args.qmp or args.pid is not None or args.pidfile:
+            raise UsageError(
+                "--domain reaches QEMU through libvirt: give no --qmp, --pid or --pidfile"
+            )
+        if getattr(args, "path", HandoffPath.IOMMUFD.value) == HandoffPath.LEGACY.value:
+            raise UsageError(
+                f"--path legacy cannot go through libvirt (domain {args.domain!r}): QEMU would "
+                "have to open /dev/vfio itself; give the domain a <hostdev managed='no'> instead"
+            )
+        args.path = HandoffPath.IOMMUFD.value
+        from kvmvfio.libvirt.monitor import DomainMonitor, open_domain  # noqa: PLC0415
+
+        with open_domain(args.uri, args.domain) as dom:
+            async with DomainMonitor(dom) as monitor:
+                yield monitor
+        return
+    if not args.qmp or (args.pid is None and not args.pidfile):
+        raise UsageError("say which QEMU: --qmp SOCKET with --pid or --pidfile, or --domain NAME")
+    from kvmvfio.qemu.qmp import Qemu, read_pidfile  # noqa: PLC0415 (imported on use)
+
+    pid = int(args.pid) if args.pid is not None else read_pidfile(args.pidfile)
+    async with Qemu(args.qmp, pid=pid) as qemu:
+        yield qemu
 
 
 def attachment_json(a: Attachment) -> dict[str, object]:
@@ -111,14 +149,13 @@ def attachment_json(a: Attachment) -> dict[str, object]:
 
 
 def _attach(args: argparse.Namespace) -> int:
-    from kvmvfio.qemu import Qemu, attach  # noqa: PLC0415 (imported on use)
+    from kvmvfio.qemu import attach  # noqa: PLC0415 (imported on use)
 
     host = Host(args.sysfs_root, args.dev_root)
-    pid = _pid(args)
 
-    async def run() -> list[Attachment]:
-        async with Qemu(args.qmp, pid=pid) as qemu:
-            return await attach(
+    async def run() -> tuple[int, list[Attachment]]:
+        async with _monitor(args) as qemu:
+            done = await attach(
                 qemu,
                 args.addresses,
                 path=args.path,
@@ -127,8 +164,9 @@ def _attach(args: argparse.Namespace) -> int:
                 raise_memlock=not args.no_raise_memlock,
                 host=host,
             )
+            return qemu.pid, done
 
-    done = asyncio.run(run())
+    pid, done = asyncio.run(run())
     if args.json:
         doc = {"schema": SCHEMA, "qemu_pid": pid, "attached": [attachment_json(a) for a in done]}
         json.dump(doc, sys.stdout, indent=2)
@@ -143,16 +181,15 @@ def _attach(args: argparse.Namespace) -> int:
 
 
 def _detach(args: argparse.Namespace) -> int:
-    from kvmvfio.qemu import Qemu, detach  # noqa: PLC0415 (imported on use)
+    from kvmvfio.qemu import detach  # noqa: PLC0415 (imported on use)
 
     host = Host(args.sysfs_root, args.dev_root)
-    pid = _pid(args)
 
-    async def run() -> list[str]:
-        async with Qemu(args.qmp, pid=pid) as qemu:
-            return await detach(qemu, args.addresses, timeout=args.timeout, host=host)
+    async def run() -> tuple[int, list[str]]:
+        async with _monitor(args) as qemu:
+            return qemu.pid, await detach(qemu, args.addresses, timeout=args.timeout, host=host)
 
-    gone = asyncio.run(run())
+    pid, gone = asyncio.run(run())
     if args.json:
         doc = {"schema": SCHEMA, "qemu_pid": pid, "detached": gone}
         json.dump(doc, sys.stdout, indent=2)

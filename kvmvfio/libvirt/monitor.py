@@ -23,15 +23,16 @@ knows of).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol, Self, TypeVar, cast
+from typing import Any, Protocol, Self, TypeVar, cast
 
-from kvmvfio.errors import LibvirtError, QemuError, QemuGone, QemuRefused, UsageError
+from kvmvfio.errors import KvmvfioError, LibvirtError, QemuError, QemuGone, QemuRefused, UsageError
 from kvmvfio.host import Host, PciAddress
 from kvmvfio.qemu.handoff import Attachment
 from kvmvfio.qemu.handoff import attach as _attach
@@ -240,6 +241,42 @@ class DomainMonitor(Monitor):
         log.info(
             "passed %s to domain %s (QEMU pid %d) as %r", fd.subject, self.name, self.pid, name
         )
+
+
+@contextlib.contextmanager
+def open_domain(
+    uri: str, name: str, *, opener: Callable[[str], Any] | None = None
+) -> Iterator[VirDomain]:
+    """A connection to libvirt at ``uri`` and its domain ``name``, closed on exit.
+
+    Raises :class:`~kvmvfio.errors.LibvirtError` naming the URI or the domain
+    when libvirt cannot be reached or has no such domain.
+    """
+    if opener is None:
+        try:
+            import libvirt  # noqa: PLC0415 (only where libvirt is used)
+        except ImportError:
+            raise KvmvfioError(
+                "the libvirt Python bindings are not installed (Debian: python3-libvirt)"
+            ) from None
+        opener = libvirt.open
+    try:
+        conn = opener(uri)
+    except Exception as err:
+        code, message = error_of(err)
+        raise LibvirtError(f"a connection to {uri}", code, message) from None
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except Exception as err:
+            code, message = error_of(err)
+            if code == 42:  # VIR_ERR_NO_DOMAIN
+                raise UsageError(f"libvirt at {uri} has no domain named {name!r}") from None
+            raise LibvirtError("virDomainLookupByName", code, message, name) from None
+        yield cast(VirDomain, dom)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
 
 
 async def attach(

@@ -343,6 +343,38 @@ def test_python_api_attaches_and_detaches_by_virdomain(
         gone = asyncio.run(monitor.detach(dom, [edu1], timeout=180))
         assert gone == [qdev_id(edu1)]
         assert cdev_of(edu1) not in qemu_fds(pid)
+
+        # The same from the command line: kvmvfio attach/detach --domain.
+        cli = [sys.executable, "-m", "kvmvfio"]
+        out = subprocess.run(
+            [*cli, "attach", edu1, "--domain", "api", "--json"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert doc["qemu_pid"] == pid
+        assert [a["path"] for a in doc["attached"]] == ["iommufd"]
+        assert cdev_of(edu1) in qemu_fds(pid)
+        out = subprocess.run(
+            [*cli, "detach", edu1, "--domain", "api", "--timeout", "180"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == f"detached {qdev_id(edu1)} from QEMU pid {pid}"
+        assert cdev_of(edu1) not in qemu_fds(pid)
+        out = subprocess.run(
+            [*cli, "attach", edu1, "--domain", "nosuch"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 2
+        assert "libvirt at qemu:///system has no domain named 'nosuch'" in out.stderr
+        assert "Traceback" not in out.stderr
     finally:
         conn.close()
         destroy("api")

@@ -39,8 +39,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "install",
         help="write HOOKS_DIR/qemu.d/kvmvfio (atomically; replaces an older kvmvfio hook)",
         description=(
-            "Write the hook front to HOOKS_DIR/qemu.d/kvmvfio, mode 0755, atomically. An older "
-            "kvmvfio hook is replaced; any other file there is left alone unless --force. "
+            "Check that the interpreter imports kvmvfio's hook (and cffi, qemu.qmp) as "
+            "libvirt will run it, then write the hook front to HOOKS_DIR/qemu.d/kvmvfio, mode "
+            "0755, atomically. An older kvmvfio hook is replaced; any other file there is left "
+            "alone unless --force. "
             "Exit status: 0 installed, 1 refused, 2 bad arguments."
         ),
     )
@@ -82,8 +84,9 @@ def _python(parser: argparse.ArgumentParser) -> None:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from kvmvfio.libvirt.install import install  # noqa: PLC0415 (see the top)
+    from kvmvfio.libvirt.install import check_imports, install  # noqa: PLC0415 (see the top)
 
+    check_imports(args.python)  # before anything is written
     res = install(args.hooks_dir, args.python, force=args.force)
     if res.replaced:
         what = f"replaced the kvmvfio hook {res.path}"

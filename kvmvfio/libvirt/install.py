@@ -29,6 +29,7 @@ import os
 import re
 import shlex
 import stat
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -143,6 +144,37 @@ def check_python(python: str) -> str:
     if not stat.S_ISREG(st.st_mode) or not os.access(python, os.X_OK):
         raise UsageError(f"the hook's interpreter {python} is not an executable file")
     return python
+
+
+#: What the hook imports when it runs (kvmvfio's hook, and what it needs).
+HOOK_IMPORTS = ("kvmvfio.libvirt.hook", "cffi", "qemu.qmp")
+
+
+def check_imports(python: str, pythonpath: str | None = None) -> None:
+    """Run ``python`` as libvirt will run the hook, and check it imports what the hook needs.
+
+    Raises :class:`UsageError` naming the interpreter and Python's own words
+    (``No module named 'cffi'``) when it cannot: a hook installed with such
+    an interpreter would fail every domain start that asks for kvmvfio.
+    """
+    check_python(python)
+    if pythonpath is None:
+        pythonpath = default_pythonpath()
+    code = "import " + ", ".join(HOOK_IMPORTS)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": pythonpath}
+    try:
+        proc = subprocess.run(
+            [python, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise UsageError(f"the hook's interpreter {python} could not be run: {err}") from None
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        why = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise UsageError(
+            f"the hook's interpreter {python} cannot import kvmvfio's hook "
+            f"(PYTHONPATH={pythonpath}): {why}"
+        )
 
 
 def default_pythonpath() -> str:

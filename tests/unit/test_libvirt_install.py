@@ -17,6 +17,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -646,3 +647,39 @@ def test_cli_show(fake: FakePython, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _cli(["hook", "show", "--python", str(fake.path)], capsys)
     assert (code, err) == (0, "")
     assert out == render(str(fake.path))
+
+
+# -- the interpreter can import the hook -------------------------------------------
+
+
+def test_this_interpreter_imports_the_hook() -> None:
+    inst.check_imports(sys.executable)  # what `kvmvfio hook install` checks by default
+
+
+def test_an_interpreter_without_the_hooks_imports_is_refused_by_name(tmp_path: Path) -> None:
+    bad = make_fake_python(
+        tmp_path / "venv" / "bin",
+        exit_code=1,
+        stderr="Traceback (most recent call last):\n  ...\n"
+        "ModuleNotFoundError: No module named 'cffi'\n",
+    )
+    with pytest.raises(UsageError) as refused:
+        inst.check_imports(str(bad.path), str(tmp_path))
+    said = str(refused.value)
+    assert f"the hook's interpreter {bad.path} cannot import kvmvfio's hook" in said
+    assert said.endswith("No module named 'cffi'")
+    assert bad.argv() == ["-c", "import kvmvfio.libvirt.hook, cffi, qemu.qmp"]
+    assert bad.pythonpath() == str(tmp_path)
+
+
+def test_cli_install_checks_the_interpreter_before_writing(
+    hooks: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = make_fake_python(tmp_path / "bin", exit_code=1, stderr="No module named 'kvmvfio'\n")
+    hooks.mkdir(parents=True)
+    code = run(["hook", "install", "--hooks-dir", str(hooks), "--python", str(bad.path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cannot import kvmvfio's hook" in err
+    assert "No module named 'kvmvfio'" in err
+    assert not (hooks / "qemu.d").exists()

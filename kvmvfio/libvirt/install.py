@@ -270,13 +270,14 @@ def _fsync_dir(path: Path) -> None:
 def _write_atomically(target: Path, data: bytes) -> None:
     """Replace ``target`` by an executable file holding ``data``, all or nothing.
 
-    The temporary file stays mode 0600 until it is complete, so libvirt
-    (which runs every executable file of the folder) never runs a partial
-    one; it becomes 0755 just before the rename.
+    libvirt runs every executable file of ``qemu.d``, so the temporary file
+    is written one folder up (libvirt runs nothing there but files named
+    after its drivers), mode 0600 until complete and 0755 just before the
+    rename into ``qemu.d``: libvirt never sees a partial hook, nor two.
     """
     folder = target.parent
-    with _oserror("open", folder):
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+    with _oserror("open", folder.parent):
+        fd, tmp = tempfile.mkstemp(dir=folder.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with _oserror("write", Path(tmp)):
             try:

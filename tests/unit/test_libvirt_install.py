@@ -429,6 +429,23 @@ def test_reinstall_replaces_and_needs_no_restart(front: Path, fake: FakePython) 
     assert os.listdir(front.parent) == ["kvmvfio"]
 
 
+def test_libvirt_never_sees_a_second_hook_while_one_is_written(
+    front: Path, fake: FakePython, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[list[str]] = []
+    real_replace = os.replace
+
+    def replace(src: str, dst: object) -> None:
+        seen.append(sorted(os.listdir(front.parent)))  # what libvirt would run now
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inst.os, "replace", replace)
+    install(front.parent.parent, str(fake.path), pythonpath="/elsewhere")
+    assert seen == [["kvmvfio"]]
+    assert sorted(os.listdir(front.parent)) == ["kvmvfio"]
+    assert [e for e in os.listdir(front.parent.parent) if e.endswith(".tmp")] == []
+
+
 def _exe(path: Path, text: str = "#!/bin/sh\n", mode: int = 0o755) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -14,7 +14,9 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
+import cffi
 import pytest
 
 from kvmvfio import uapi
@@ -511,3 +513,36 @@ def test_cli_bad_arguments_exit_2(args: list[str]) -> None:
     assert done.returncode == 2
     assert "usage:" in done.stderr
     assert done.stdout == ""
+
+
+# -- the pre-parsed declarations (kvmvfio/uapi/_ffi.py) ------------------------------
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import gen_ffi  # noqa: E402 (tools/ is not a package)
+
+
+def test_the_pre_parsed_declarations_are_the_cdef_text() -> None:
+    """Every constant, size and offset as cffi parsing _cdef now gives them.
+
+    Compared by meaning, not text: another cffi release may write the same
+    declarations differently. A failure means: run ``python tools/gen_ffi.py``.
+    """
+    assert gen_ffi.TARGET.exists()
+    parsed = cffi.FFI()
+    for _header, text in uapi._cdef.HEADERS:
+        parsed.cdef(text)
+    lib = parsed.dlopen(None)
+    assert {n: int(getattr(lib, n)) for n in sorted(dir(lib))} == uapi.CONSTANTS
+    structs = sorted(parsed.list_types()[1])
+    assert sorted(uapi.SIZES) == structs
+    for name in structs:
+        assert uapi.SIZES[name] == parsed.sizeof(f"struct {name}"), name
+        for field, _ in parsed.typeof(f"struct {name}").fields:
+            key = f"{name}.{field}"
+            assert uapi.field_offsets()[key] == parsed.offsetof(f"struct {name}", field), key
+
+
+def test_importing_uapi_needs_no_c_parser() -> None:
+    code = "import sys, kvmvfio.uapi; print('pycparser' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -386,6 +386,20 @@ class QemuGone(QemuError):
         )
 
 
+class QemuNoAnswer(QemuError):
+    """QEMU did not answer a QMP command in time: it is stuck, or far too slow."""
+
+    def __init__(self, command: str, pid: int, timeout: float) -> None:
+        self.command = command
+        self.pid = pid
+        self.timeout = timeout
+        super().__init__(
+            f"QEMU pid {pid} did not answer {command} within {timeout:g} s; it may be stuck "
+            f"(its threads' kernel stacks: /proc/{pid}/task/*/stack). kvmvfio released "
+            "everything it had opened"
+        )
+
+
 class NoHotplugPort(QemuError):
     """The VM has no free PCIe port a device could be hot-plugged into."""
 

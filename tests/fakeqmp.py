@@ -18,7 +18,10 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-Reply = object  # a value, an Error, or a callable(arguments) -> value | Error
+Reply = object  # a value, an Error, SILENT, or a callable(arguments) -> value | Error
+
+#: A reply that never comes (a QEMU stuck in a command).
+SILENT = object()
 
 
 @dataclass
@@ -109,6 +112,8 @@ class FakeQmp:
         )
         if callable(reply):
             reply = reply(args)
+        if reply is SILENT:
+            return
         out: dict[str, object] = {"id": msg.get("id")}
         if isinstance(reply, Error):
             out["error"] = {"class": reply.cls, "desc": reply.desc}

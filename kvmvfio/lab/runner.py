@@ -110,6 +110,9 @@ def qemu_argv(run: LabRun, job_dir: Path, console_log: Path) -> list[str]:
         "-chardev", "stdio,id=out,signal=off",
         "-device", f"virtio-serial-pci,addr={slots['console']}",
         "-device", "virtconsole,chardev=out",
+        # L1's human monitor, for a person looking into a run that hangs:
+        # `socat - UNIX-CONNECT:JOB/l1-monitor.sock`, then `info registers`, `nmi`...
+        "-monitor", f"unix:{job_dir / 'l1-monitor.sock'},server=on,wait=off",
         *run.extra_qemu_args,
     ]  # fmt: skip
     return argv

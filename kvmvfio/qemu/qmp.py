@@ -28,7 +28,14 @@ from qemu.qmp import (
     StateError,
 )
 
-from kvmvfio.errors import QemuError, QemuGone, QemuPeerMismatch, QemuRefused, UsageError
+from kvmvfio.errors import (
+    QemuError,
+    QemuGone,
+    QemuNoAnswer,
+    QemuPeerMismatch,
+    QemuRefused,
+    UsageError,
+)
 from kvmvfio.vfio.files import OwnedFd, pid_alive
 
 log = logging.getLogger(__name__)
@@ -130,10 +137,16 @@ class Qemu(Monitor):
     """
 
     def __init__(
-        self, socket_path: str | Path, pid: int | None = None, *, greeting_timeout: float = 10.0
+        self,
+        socket_path: str | Path,
+        pid: int | None = None,
+        *,
+        greeting_timeout: float = 10.0,
+        command_timeout: float = 120.0,
     ) -> None:
         self.socket_path = str(socket_path)
         self.greeting_timeout = greeting_timeout
+        self.command_timeout = command_timeout
         self.expected_pid = pid
         self.pid = 0
         self.uid = 0
@@ -203,11 +216,16 @@ class Qemu(Monitor):
     async def execute(self, command: str, arguments: JsonObject | None = None) -> object:
         """Run a QMP command; :class:`QemuRefused` keeps QEMU's error class and words.
 
-        :class:`QemuGone` when the connection drops meanwhile.
+        :class:`QemuGone` when the connection drops meanwhile,
+        :class:`QemuNoAnswer` when QEMU does not answer within
+        ``command_timeout`` seconds (a stuck QEMU must not hang its caller).
         """
         log.debug("qmp %s %s", command, arguments or "")
         try:
-            return await self.client.execute(command, arguments)
+            async with asyncio.timeout(self.command_timeout):
+                return await self.client.execute(command, arguments)
+        except TimeoutError:
+            raise QemuNoAnswer(command, self.pid, self.command_timeout) from None
         except ExecuteError as err:
             raise QemuRefused(command, err.error_class, str(err)) from err
         except (

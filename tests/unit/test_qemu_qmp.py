@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from fakeqmp import Error, FakeQmp
+from fakeqmp import SILENT, Error, FakeQmp
 from fakesysfs import Dev, Topology
 
 from kvmvfio.errors import (
@@ -20,6 +20,7 @@ from kvmvfio.errors import (
     NoHotplugPort,
     NotAttached,
     QemuError,
+    QemuNoAnswer,
     QemuPeerMismatch,
     QemuRefused,
 )
@@ -158,3 +159,15 @@ async def test_events_nobody_waits_for_are_not_kept(fake: FakeQmp) -> None:
             for listener in qemu.client._listeners
         )
         assert queued == 0
+
+
+async def test_a_qemu_that_does_not_answer_is_named_not_waited_for_forever(
+    fake: FakeQmp,
+) -> None:
+    fake.replies["query-status"] = SILENT
+    async with Qemu(fake.path, pid=os.getpid(), command_timeout=0.3) as qemu:
+        with pytest.raises(QemuNoAnswer) as stuck:
+            await qemu.execute("query-status")
+    said = str(stuck.value)
+    assert f"QEMU pid {os.getpid()} did not answer query-status within 0.3 s" in said
+    assert f"/proc/{os.getpid()}/task/*/stack" in said

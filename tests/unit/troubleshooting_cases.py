@@ -19,6 +19,7 @@ from kvmvfio.errors import (
     NoHotplugPort,
     NoInterruptRemapping,
     NoIommuGroup,
+    QemuNoAnswer,
 )
 from kvmvfio.libvirt.metadata import MetadataError
 from kvmvfio.prepare import ClaimedBy
@@ -61,6 +62,7 @@ CASES: dict[str, KvmvfioError] = {
     ),
     "claimed": ClaimedBy(14, "vm1", 4242, False),
     "detach timeout": DetachTimeout("0000:03:00.0", "kvmvfio-0000-03-00-0", 30),
+    "QEMU does not answer": QemuNoAnswer("device_add", 4242, 120),
     "no IOMMU group": NoIommuGroup("0000:03:00.0"),
     "no cdev": KernelUnsupported(
         "the cdev path", "the kernel has no /dev/iommu (CONFIG_IOMMUFD); use --path group"

@@ -35,6 +35,9 @@ mount -t sysfs sysfs "$root/sys"
 mount --bind /dev "$root/dev"
 mount --bind /dev/pts "$root/dev/pts"
 printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
+# trixie-backports too: apt takes nothing from it but what packages.txt
+# names as PACKAGE/trixie-backports (and what that needs).
+echo "deb $mirror trixie-backports main" >"$root/etc/apt/sources.list.d/backports.list"
 chmod +x "$root/usr/sbin/policy-rc.d"
 pkgs=$(grep -v '^#' "$here/packages.txt" | xargs)
 echo "rootfs: apt-get install $pkgs"

@@ -20,6 +20,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,11 +28,14 @@ from kvmvfio.errors import LabError
 
 NOBODY = 65534
 READY = "KVMVFIO-L2-READY"
+PCI_EVENT = "KVMVFIO-L2-PCI"
 
 _INIT = f"""#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sys /sys
 /bin/busybox mount -t devtmpfs dev /dev
+/bin/busybox uevent /bin/busybox sh -c \
+    '[ "$SUBSYSTEM" = pci ] && echo "{PCI_EVENT} $ACTION $PCI_SLOT_NAME $PCI_ID" >/dev/ttyS0' &
 echo {READY} > /dev/ttyS0
 while true; do /bin/busybox sleep 3600; done
 """
@@ -93,6 +97,8 @@ class L2Qemu:
         self.qmp = self.dir / "qmp.sock"
         self.pidfile = self.dir / "qemu.pid"
         self.serial = self.dir / "serial.log"
+        self._console_pos = 0
+        self._pci_counts: Counter[tuple[str, str]] = Counter()
         self.guest = guest
         subprocess.run(["setfacl", "-m", f"u:{NOBODY}:rw", "/dev/kvm"], check=True)
         argv = [
@@ -147,12 +153,84 @@ class L2Qemu:
         raise TimeoutError(f"L2 QEMU: no {what} within {timeout} s")
 
     def wait_guest(self, timeout: float = 300) -> None:
-        """Wait until the guest's init reported on the serial port (slow under TCG)."""
-        self._wait_for(
-            lambda: self.serial.exists() and READY in self.serial.read_text(errors="replace"),
-            timeout,
-            "guest boot",
-        )
+        """Wait until the guest's init reported on the serial port (slow under TCG).
+
+        On a timeout the error ends with the guest's last serial lines and
+        QEMU's CPU time: a guest that printed nothing for minutes while QEMU
+        used no CPU is stuck (waiting for an interrupt), not slow.
+        """
+        try:
+            self._wait_for(lambda: READY in self.console(), timeout, "guest boot")
+        except TimeoutError as e:
+            tail = "\n".join(f"  | {line}" for line in self.console().splitlines()[-15:])
+            cpu = self.cpu_seconds()
+            raise TimeoutError(f"{e}; QEMU used {cpu:.0f} s of CPU; serial:\n{tail}") from None
+
+    def console(self) -> str:
+        """What the guest printed on its serial port so far."""
+        try:
+            return self.serial.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def pci_event_counts(self) -> Counter[tuple[str, str]]:
+        """How many PCI uevents of each (action, vendor:device) the guest sent so far.
+
+        The guest's init runs busybox ``uevent`` and prints each PCI uevent
+        on the serial port, so a test sees what the guest itself saw: a
+        device it enumerated (``add``) and one it let go of (``remove``).
+        Reads only what the guest printed since the last call (a soak's
+        console grows by thousands of lines; reading it whole at every
+        sample would grow this process's heap with it).
+        """
+        try:
+            with open(self.serial, "rb") as f:
+                f.seek(self._console_pos)
+                chunk = f.read()
+        except FileNotFoundError:
+            return self._pci_counts
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next call
+        self._console_pos += end
+        for raw in chunk[:end].splitlines():
+            fields = raw.decode(errors="replace").split()
+            if len(fields) == 4 and fields[0] == PCI_EVENT:
+                self._pci_counts[fields[1], fields[3].lower()] += 1
+        return self._pci_counts
+
+    def wait_pci_events(
+        self,
+        pci_id: str,
+        want: tuple[int, int],
+        *,
+        since: tuple[int, int] = (0, 0),
+        timeout: float = 30,
+    ) -> tuple[int, int]:
+        """Wait until the guest added and removed ``pci_id`` as often as ``want`` says.
+
+        ``want`` and the result are (adds, removes), counted beyond ``since``
+        (a result of an earlier call). Returns once both reach ``want``, or
+        as they are at the timeout: the guest prints its uevents a moment
+        after QEMU's side of the (un)plug.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            counts = self.pci_event_counts()
+            seen = (
+                counts["add", pci_id.lower()] - since[0],
+                counts["remove", pci_id.lower()] - since[1],
+            )
+            if (seen[0] >= want[0] and seen[1] >= want[1]) or time.monotonic() > deadline:
+                return seen
+            time.sleep(0.2)
+
+    def cpu_seconds(self) -> float:
+        """CPU time QEMU used so far (user + system), from /proc; 0 once it is gone."""
+        try:
+            stat_line = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
+            return 0.0
+        fields = stat_line.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def fds(self) -> list[str]:
         """What QEMU has open, as /proc shows it."""

@@ -59,6 +59,7 @@ def running() -> Iterator[L2Qemu]:
         qemu.kill()
 
 
+EDU_ID = "1234:11e8"  # QEMU's edu device, as the guest's uevents name it
 _VFIO_FILES = ("/dev/vfio", "/dev/iommu", "anon_inode:[vfio", "anon_inode:kvm-vfio")
 
 
@@ -98,9 +99,12 @@ async def test_attach_two_by_fd_and_detach_from_a_running_guest(
     running: L2Qemu, edus: tuple[str, str]
 ) -> None:
     ours = _ours()
+    since = running.wait_pci_events(EDU_ID, (0, 0), timeout=0)  # what the guest saw so far
     async with Qemu(running.qmp, pid=running.pid) as qemu:
         done = await attach(qemu, edus)
         assert [a.path for a in done] == ["iommufd", "iommufd"]
+        # The guest itself enumerated both (its uevents, on its serial port).
+        assert running.wait_pci_events(EDU_ID, (2, 0), since=since) == (2, 0)
         assert sorted(a.bus or "" for a in done) == ["rp0", "rp1"]
         peripherals = {i["name"]: i["type"] for i in await qemu.qom_list("/machine/peripheral")}
         for addr in edus:
@@ -119,6 +123,7 @@ async def test_attach_two_by_fd_and_detach_from_a_running_guest(
 
         gone = await detach(qemu, edus, timeout=120)
         assert gone == [qdev_id(a) for a in edus]
+        assert running.wait_pci_events(EDU_ID, (2, 2), since=since) == (2, 2)
         peripherals = {i["name"] for i in await qemu.qom_list("/machine/peripheral")}
         assert not {qdev_id(a) for a in edus} & peripherals
         # The VM's iommufd object stays for the next attach: QEMU never closes

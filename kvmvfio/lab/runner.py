@@ -31,9 +31,10 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from kvmvfio.errors import LabError
+from kvmvfio.lab import stall
 from kvmvfio.lab.images import LabImages
 from kvmvfio.lab.topology import Topology
 
@@ -199,8 +200,7 @@ async def run_in_lab(run: LabRun, out: BinaryIO | None = None, job_dir: Path | N
             raise LabError(f"cannot start {run.qemu}: {err.strerror}") from err
         try:
             async with asyncio.timeout(run.timeout):
-                stderr = b"" if run.interactive else await _pump(proc, stream)
-                await proc.wait()
+                stderr = await _run_watched(proc, stream, run, job_dir / "l1-monitor.sock")
         except TimeoutError:
             raise LabError(
                 f"the lab run on topology {run.topology.name} did not finish within "
@@ -222,6 +222,32 @@ async def run_in_lab(run: LabRun, out: BinaryIO | None = None, job_dir: Path | N
             return int(rc_file.read_text().strip())
         except ValueError:
             raise LabError(f"the L1 guest wrote a malformed exit status to {rc_file}") from None
+
+
+async def _run_watched(
+    proc: asyncio.subprocess.Process, stream: BinaryIO, run: LabRun, monitor: Path
+) -> bytes:
+    """Pump the job's output until QEMU exits; a stalled L1 ends it (:mod:`.stall`)."""
+    if run.interactive:
+        main: asyncio.Future[bytes] = asyncio.ensure_future(_wait_bytes(proc))
+    else:
+        main = asyncio.ensure_future(_pump(proc, stream))
+    watcher: asyncio.Future[None] = asyncio.ensure_future(stall.watch(proc.pid, monitor))
+    both: list[asyncio.Future[Any]] = [main, watcher]
+    try:
+        await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        if not main.done() and (stalled := watcher.exception()) is not None:
+            raise stalled
+        return await main
+    finally:
+        for task in (main, watcher):
+            task.cancel()
+        await asyncio.gather(main, watcher, return_exceptions=True)
+
+
+async def _wait_bytes(proc: asyncio.subprocess.Process) -> bytes:
+    await proc.wait()
+    return b""
 
 
 async def _pump(proc: asyncio.subprocess.Process, stream: BinaryIO) -> bytes:

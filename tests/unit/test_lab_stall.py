@@ -77,8 +77,8 @@ async def test_a_stalled_l1_ends_the_run_with_what_was_seen(tmp_path: Path, idle
         with pytest.raises(LabError) as stalled:
             await asyncio.wait_for(stall.watch(idle_pid, fake.path, window=0.2, probe_gap=0.05), 10)
     said = str(stalled.value)
-    assert said.startswith("L1 stopped taking interrupts: its QEMU used 0.0 s of CPU in 0 s")
-    assert "interrupt 236 stayed pending in its local APIC" in said
+    assert said.startswith("L1 stopped taking interrupts: interrupt 236 stayed pending")
+    assert "its timer not re-armed" in said
     assert len(fake.commands) == 3
 
 
@@ -92,6 +92,31 @@ async def test_an_idle_l1_whose_interrupts_arrive_is_left_alone(
                 stall.watch(idle_pid, fake.path, window=0.2, probe_gap=0.05), 1.5
             )
     assert len(fake.commands) >= 3  # it looked, and found nothing stuck
+
+
+async def test_a_busy_l1_whose_timer_is_re_armed_is_left_alone(
+    tmp_path: Path, idle_pid: int
+) -> None:
+    """The timer fires and is re-armed: a vector seen in IRR at each look is a coincidence."""
+    fake, server = await _monitor(tmp_path, LAPIC_STALLED)
+    counts = iter(range(1000, 100000, 7))
+
+    async def rearming(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        fake.lapic = LAPIC_STALLED.replace(
+            "initial_count = 6665", f"initial_count = {next(counts)}"
+        )
+        await FakeMonitor.serve(fake, reader, writer)
+
+    server.close()
+    await server.wait_closed()
+    fake.path.unlink()
+    server = await asyncio.start_unix_server(rearming, path=str(fake.path))
+    async with server:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(
+                stall.watch(idle_pid, fake.path, window=0.2, probe_gap=0.05), 1.5
+            )
+    assert len(fake.commands) >= 3
 
 
 async def test_a_gone_qemu_ends_the_watch_quietly(tmp_path: Path) -> None:

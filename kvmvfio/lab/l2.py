@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kvmvfio.errors import LabError
+from kvmvfio.lab.stall import cpu_seconds
 
 NOBODY = 65534
 READY = "KVMVFIO-L2-READY"
@@ -226,11 +227,9 @@ class L2Qemu:
     def cpu_seconds(self) -> float:
         """CPU time QEMU used so far (user + system), from /proc; 0 once it is gone."""
         try:
-            stat_line = Path(f"/proc/{self.pid}/stat").read_text()
+            return cpu_seconds(self.pid)
         except OSError:
             return 0.0
-        fields = stat_line.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def fds(self) -> list[str]:
         """What QEMU has open, as /proc shows it."""

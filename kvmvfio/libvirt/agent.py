@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmvfio.errors import KvmvfioError, LibvirtError, QemuGone
+from kvmvfio.errors import KvmvfioError, QemuGone
 from kvmvfio.host import Host
 from kvmvfio.libvirt.hook import refuse_unlisted
 from kvmvfio.libvirt.metadata import (
@@ -50,7 +50,13 @@ from kvmvfio.libvirt.metadata import (
     parse_domain,
 )
 from kvmvfio.libvirt.metadata import owner_of as _owner_of
-from kvmvfio.libvirt.monitor import RUN_DIR, DomainMonitor, VirDomain, call_libvirt, error_of
+from kvmvfio.libvirt.monitor import (
+    RUN_DIR,
+    DomainMonitor,
+    VirDomain,
+    call_libvirt,
+    lookup_domain,
+)
 from kvmvfio.prepare import prepare, release, release_owner, status
 from kvmvfio.prepare.journal import DEFAULT_ROOT
 from kvmvfio.qemu.handoff import attach, detach, kvmvfio_devices, qdev_id
@@ -266,7 +272,7 @@ class Agent:
         """Bring one domain's QEMU to what its metadata asks; release a stopped one's devices."""
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            dom = await self._lookup(conn, name)
+            dom = await call_libvirt(lookup_domain, conn, name)
             if dom is None or not await call_libvirt(dom.isActive):
                 self._release_stopped(name)
                 return
@@ -288,15 +294,6 @@ class Agent:
             except QemuGone as err:
                 # Starting up (no QEMU yet) or stopping: the next event brings us back.
                 log.info("domain %s: QEMU not reachable now (%s)", name, err)
-
-    async def _lookup(self, conn: Any, name: str) -> VirDomain | None:
-        try:
-            return await call_libvirt(conn.lookupByName, name)
-        except Exception as err:
-            code, message = error_of(err)
-            if code == 42:  # VIR_ERR_NO_DOMAIN
-                return None
-            raise LibvirtError("virDomainLookupByName", code, message, name) from err
 
     async def _converge(
         self,

@@ -47,8 +47,9 @@ T = TypeVar("T")
 
 #: Where the system libvirt daemon keeps its QEMU pid files.
 RUN_DIR = Path("/run/libvirt/qemu")
+VIR_ERR_NO_DOMAIN = 42
 # libvirt error codes that mean the domain (or its QEMU) is not there.
-_GONE_CODES = {42, 55}  # VIR_ERR_NO_DOMAIN, VIR_ERR_OPERATION_INVALID ("not running")
+_GONE_CODES = {VIR_ERR_NO_DOMAIN, 55}  # and VIR_ERR_OPERATION_INVALID ("not running")
 
 
 class VirDomain(Protocol):
@@ -243,6 +244,21 @@ class DomainMonitor(Monitor):
         )
 
 
+def lookup_domain(conn: Any, name: str) -> VirDomain | None:
+    """``conn.lookupByName(name)``; None when libvirt has no such domain.
+
+    Raises :class:`~kvmvfio.errors.LibvirtError` for any other refusal.
+    Blocking: call it through :func:`call_libvirt` from async code.
+    """
+    try:
+        return cast(VirDomain, conn.lookupByName(name))
+    except Exception as err:
+        code, message = error_of(err)
+        if code == VIR_ERR_NO_DOMAIN:
+            return None
+        raise LibvirtError("virDomainLookupByName", code, message, name) from err
+
+
 @contextlib.contextmanager
 def open_domain(
     uri: str, name: str, *, opener: Callable[[str], Any] | None = None
@@ -266,14 +282,10 @@ def open_domain(
         code, message = error_of(err)
         raise LibvirtError(f"a connection to {uri}", code, message) from None
     try:
-        try:
-            dom = conn.lookupByName(name)
-        except Exception as err:
-            code, message = error_of(err)
-            if code == 42:  # VIR_ERR_NO_DOMAIN
-                raise UsageError(f"libvirt at {uri} has no domain named {name!r}") from None
-            raise LibvirtError("virDomainLookupByName", code, message, name) from None
-        yield cast(VirDomain, dom)
+        dom = lookup_domain(conn, name)
+        if dom is None:
+            raise UsageError(f"libvirt at {uri} has no domain named {name!r}")
+        yield dom
     finally:
         with contextlib.suppress(Exception):
             conn.close()

@@ -45,7 +45,6 @@ from kvmvfio.lab.l2 import L2Qemu
 from kvmvfio.prepare import prepare, release
 from kvmvfio.qemu import Qemu, attach, detach
 
-PCI = Path("/sys/bus/pci/devices")
 RSS_SLACK = 8 << 20
 EVERY = int(os.environ.get("KVMVFIO_SOAK_EVERY", "100"))
 
@@ -144,7 +143,7 @@ class Watchdog(threading.Thread):
 
 
 def _stacks(pid: int) -> str:
-    """Where each of QEMU's threads is in the kernel (root only), and its CPU time."""
+    """Where each of QEMU's threads is in the kernel (root only): name, wchan, stack."""
     out = []
     for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
         try:

@@ -189,14 +189,14 @@ class L2Qemu:
                 f.seek(self._console_pos)
                 chunk = f.read()
         except FileNotFoundError:
-            return self._pci_counts
+            return Counter(self._pci_counts)
         end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next call
         self._console_pos += end
         for raw in chunk[:end].splitlines():
             fields = raw.decode(errors="replace").split()
             if len(fields) == 4 and fields[0] == PCI_EVENT:
                 self._pci_counts[fields[1], fields[3].lower()] += 1
-        return self._pci_counts
+        return Counter(self._pci_counts)  # a copy: the running count stays ours
 
     def wait_pci_events(
         self,

@@ -20,14 +20,12 @@ the bridge group's edu2 and edu3). Compared in the same run:
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import tempfile
 from pathlib import Path
 
-from labkit import median_ms
+from labkit import lab_topology, median_ms
 
-from kvmvfio.lab import topology as topo_mod
 from kvmvfio.prepare import prepare, release
 
 _SCRIPT = """
@@ -46,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
-    topo = topo_mod.load(os.environ.get("KVMVFIO_LAB_TOPOLOGY", "default"))
+    topo = lab_topology()
     edus = [topo.guest_address(i) for i in ("edu0", "edu1", "edu2", "edu3")]
     sets = {1: edus[:1], 2: edus[:2], 4: edus}
     root = Path(tempfile.mkdtemp(prefix="kvmvfio-bench-"))

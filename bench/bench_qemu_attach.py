@@ -31,9 +31,8 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable
 
-from labkit import bind
+from labkit import bind, lab_topology
 
-from kvmvfio.lab import topology as topo_mod
 from kvmvfio.lab.l2 import NOBODY, L2Qemu
 from kvmvfio.qemu import Qemu, attach, detach, qdev_id
 from kvmvfio.qemu.handoff import _device_del, ensure_memlock
@@ -73,7 +72,7 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
     logging.disable(logging.WARNING)
-    topology = topo_mod.load(os.environ.get("KVMVFIO_LAB_TOPOLOGY", "default"))
+    topology = lab_topology()
     addr = topology.guest_address("edu0")
     bind(addr, "vfio-pci")
     group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{addr}/iommu_group"))

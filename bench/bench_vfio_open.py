@@ -23,11 +23,10 @@ import os
 import struct
 from collections.abc import Callable
 
-from labkit import bind, median_ms
+from labkit import bind, lab_topology, median_ms
 
 from kvmvfio import uapi
 from kvmvfio.kvm import KvmVfioDevice, KvmVm
-from kvmvfio.lab import topology as topo_mod
 from kvmvfio.vfio import VfioSession
 
 # -- the floor: bare ioctls, numbers from the uAPI table, structs packed inline ----
@@ -80,7 +79,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # the coherency warning, once per round
-    topology = topo_mod.load(os.environ.get("KVMVFIO_LAB_TOPOLOGY", "default"))
+    topology = lab_topology()
     addr = topology.guest_address("edu0")
     bind(addr, "vfio-pci")
     # Unbinding vfio-pci while a device fd is open blocks until it is closed,

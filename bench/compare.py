@@ -31,9 +31,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from labkit import driver
+from labkit import driver, lab_topology
 
-from kvmvfio.lab import topology as topo_mod
 from kvmvfio.lab.libvirtd import Libvirtd, domain_xml, virsh
 from kvmvfio.libvirt import install
 from kvmvfio.libvirt.metadata import NAMESPACE
@@ -136,7 +135,7 @@ def reset_host(daemon: Libvirtd, nic: str, original: str) -> None:
 
 
 def main() -> int:
-    topology = topo_mod.load(os.environ.get("KVMVFIO_LAB_TOPOLOGY", "default"))
+    topology = lab_topology()
     nic = topology.guest_address("nic0")
     edu2, edu3 = topology.guest_address("edu2"), topology.guest_address("edu3")
     original = driver(nic)

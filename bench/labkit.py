@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
+from kvmvfio.errors import LabError
+from kvmvfio.lab import topology as topo_mod
+from kvmvfio.lab.topology import Topology
 from kvmvfio.prepare.driver import Sysfs
+
+
+def lab_topology() -> Topology:
+    """The topology L1 was booted with (``KVMVFIO_LAB_TOPOLOGY``, set by the lab runner).
+
+    Exits with the sentence that names what is wrong when it cannot be read.
+    """
+    try:
+        return topo_mod.load(os.environ.get("KVMVFIO_LAB_TOPOLOGY", "default"))
+    except LabError as err:
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: {err}") from None
 
 
 def bind(addr: str, driver: str | None) -> None:

@@ -37,10 +37,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from labkit import bind
+from labkit import bind, lab_topology
 from labkit import driver as _driver
 
-from kvmvfio.lab import topology as topo_mod
 from kvmvfio.lab.l2 import L2Qemu
 from kvmvfio.prepare import prepare, release
 from kvmvfio.qemu import Qemu, attach, detach
@@ -224,7 +223,7 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=1000)
     parser.add_argument("--prepare-cycles", type=int, default=200)
     args = parser.parse_args()
-    topology = topo_mod.load(os.environ.get("KVMVFIO_LAB_TOPOLOGY", "default"))
+    topology = lab_topology()
     edus = [topology.guest_address("edu0"), topology.guest_address("edu1")]
     nic = topology.guest_address("nic0")
     samples: list[Sample] = []

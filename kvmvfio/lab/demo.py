@@ -46,8 +46,8 @@ def _say(text: str = "") -> None:
 def main() -> int:
     """Run the demo; return the exit status."""
     logging.basicConfig(level=logging.WARNING, format="   kvmvfio warns: %(message)s")
-    name = os.environ.get("KVMVFIO_LAB_TOPOLOGY", "default")
-    topology = topo_mod.load(name)
+    topology = topo_mod.load(os.environ.get("KVMVFIO_LAB_TOPOLOGY", "default"))
+    name = topology.name
     host = Host()
     edu0 = topology.guest_address("edu0")
     results: list[tuple[str, bool]] = []

@@ -127,7 +127,7 @@ def job_script(run: LabRun) -> str:
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
         "HOME": "/root",
-        "KVMVFIO_LAB_TOPOLOGY": run.topology.name,
+        "KVMVFIO_LAB_TOPOLOGY": guest_topology(run.topology),
         "KVMVFIO_LAB_JOB": _GUEST_JOB,
         # L1's own kernel, for the L2 guests the QEMU handoff tests boot.
         "KVMVFIO_LAB_KERNEL": f"{_GUEST_JOB}/bzImage",
@@ -137,6 +137,28 @@ def job_script(run: LabRun) -> str:
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     lines += [f"cd {_GUEST_SRC}", "exec " + shlex.join(run.command)]
     return "\n".join(lines) + "\n"
+
+
+def guest_topology(topology: Topology) -> str:
+    """What a job in L1 loads ``topology`` by: a built-in one's name, or the copy of its file.
+
+    :func:`run_in_lab` puts that copy in the job folder, under the file's own
+    name (so the topology keeps its name in L1).
+    """
+    if topology.file is None:
+        return topology.name
+    return f"{_GUEST_JOB}/topology/{topology.file.name}"
+
+
+def _share_topology(topology: Topology, job_dir: Path) -> None:
+    if topology.file is None:
+        return
+    target = job_dir / "topology" / topology.file.name
+    try:
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(topology.file, target)
+    except OSError as err:
+        raise LabError(f"cannot copy topology file {topology.file} for L1: {err.strerror}") from err
 
 
 def _share_kernel(kernel: Path, target: Path) -> None:
@@ -181,6 +203,7 @@ async def run_in_lab(run: LabRun, out: BinaryIO | None = None, job_dir: Path | N
         (job_dir / "rc").unlink(missing_ok=True)
         (job_dir / "job.sh").write_text(job_script(run))
         _share_kernel(run.images.kernel, job_dir / "bzImage")
+        _share_topology(run.topology, job_dir)
         console_log = job_dir / "console.log"
         console_log.unlink(missing_ok=True)
         argv = qemu_argv(run, job_dir, console_log)

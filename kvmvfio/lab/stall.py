@@ -88,12 +88,27 @@ async def watch(
                 used = cpu_seconds(pid) - before
             except OSError:
                 return
+            record = await _record(monitor, lapic)
             raise LabError(
                 f"L1 stopped taking interrupts: interrupt {seen[0][0]} stayed pending in its "
                 f"local APIC, its timer not re-armed, for {probes * probe_gap:.0f} s (its QEMU "
                 f"used {used:.1f} s of CPU meanwhile); a known TCG problem, docs/lab.md. "
-                "Stopped the run"
+                f"Stopped the run{record}"
             )
+
+
+async def _record(monitor: Path, lapic: str) -> str:
+    """Keep L1's CPU state beside its monitor socket, for whoever looks into the stall."""
+    try:
+        registers = await hmp(monitor, "info registers")
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return ""
+    path = monitor.parent / "l1-stall.txt"
+    try:
+        path.write_text(f"info registers\n{registers}\ninfo lapic\n{lapic}")
+    except OSError:
+        return ""
+    return f"; its CPU state is in {path}"
 
 
 def _timer_line(lapic: str) -> str:

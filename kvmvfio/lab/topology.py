@@ -81,6 +81,13 @@ class Topology:
     smp: int = 1
     source: str = field(default="", compare=False)
 
+    @property
+    def file(self) -> Path | None:
+        """The file this topology was read from (None for a built-in one)."""
+        if not self.source or self.source.startswith("built-in "):
+            return None
+        return Path(self.source)
+
     def viommu_arg(self) -> str:
         """The value of the vIOMMU's ``-device`` option."""
         if self.viommu == "intel-iommu":

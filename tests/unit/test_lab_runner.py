@@ -8,6 +8,7 @@ lab tier itself proves the real QEMU boots with these arguments.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 import shutil
@@ -210,6 +211,29 @@ async def test_runner_streams_output_and_returns_exit_code(
     run = _fake_run(tmp_path, fake_qemu, ("sh", "-c", "echo hello from L1; exit 7"))
     assert await run_in_lab(run, out=out, job_dir=tmp_path / "job") == 7
     assert out.getvalue() == b"hello from L1\n"
+
+
+async def test_a_topology_file_reaches_the_job_under_its_own_name(
+    tmp_path: Path, fake_qemu: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job in L1 loads the topology it was booted with, also one from a file of the user's."""
+    monkeypatch.setenv("FAKE_QEMU_MODE", "ok")
+    mine = tmp_path / "mine.toml"
+    mine.write_text(
+        'description = "one edu"\nkernel-args = ["nokaslr"]\n'
+        '[viommu]\nmodel = "intel-iommu"\n[[device]]\ndriver = "edu"\nid = "edu0"\n'
+    )
+    run = dataclasses.replace(
+        _fake_run(tmp_path, fake_qemu, ("sh", "-c", 'echo "$KVMVFIO_LAB_TOPOLOGY"')),
+        topology=topo_mod.load(str(mine)),
+    )
+    out = io.BytesIO()
+    job = tmp_path / "job"
+    assert await run_in_lab(run, out=out, job_dir=job) == 0
+    assert out.getvalue() == b"/mnt/job/topology/mine.toml\n"
+    in_l1 = topo_mod.load(str(job / "topology" / "mine.toml"))
+    assert in_l1 == run.topology
+    assert in_l1.name == "mine"
 
 
 async def test_crashed_guest_shows_console_tail(

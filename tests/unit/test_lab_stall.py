@@ -25,6 +25,13 @@ APR 0x00 TPR 0x10 DFR 0x0f LDR 0x00 PPR 0x10\r
 LAPIC_IDLE = LAPIC_STALLED.replace("IRR\t 236 ", "IRR\t (none)")
 
 
+# The start of QEMU 7.2's `info registers` on a stalled L1 (trimmed).
+REGISTERS = (
+    "RAX=0000000000000000 RBX=0000000000000000 RCX=0000000000000000 RDX=0000000000000000\r\n"
+    "RIP=ffffffff81e2a1b4 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1\r\n"
+)
+
+
 class FakeMonitor:
     """A UNIX socket that talks like QEMU's human monitor (banner, echo, prompt)."""
 
@@ -36,7 +43,8 @@ class FakeMonitor:
         line = (await reader.readline()).decode().strip()
         self.commands.append(line)
         echo = "".join(f"{line[: i + 1]}\x1b[K\x1b[{i + 1}D" for i in range(len(line)))
-        writer.write(f"{echo}\r\n{self.lapic}(qemu) ".encode())
+        reply = REGISTERS if line == "info registers" else self.lapic
+        writer.write(f"{echo}\r\n{reply}(qemu) ".encode())
         await writer.drain()
         writer.close()
 
@@ -79,7 +87,14 @@ async def test_a_stalled_l1_ends_the_run_with_what_was_seen(tmp_path: Path, idle
     said = str(stalled.value)
     assert said.startswith("L1 stopped taking interrupts: interrupt 236 stayed pending")
     assert "its timer not re-armed" in said
-    assert len(fake.commands) == 3
+    assert fake.commands == ["info lapic"] * 3 + ["info registers"]
+    # What L1's CPU looked like is kept beside the monitor, and the sentence says where.
+    record = tmp_path / "l1-stall.txt"
+    assert said.endswith(f"its CPU state is in {record}")
+    kept = record.read_text()
+    assert "RIP=ffffffff81e2a1b4" in kept
+    assert "HLT=1" in kept
+    assert "236" in stall.pending_irr(kept)
 
 
 async def test_an_idle_l1_whose_interrupts_arrive_is_left_alone(

@@ -517,6 +517,7 @@ FILES = [
 @given(name=st.sampled_from(FILES), data=st.binary(max_size=200))
 @example(name="numa_node", data=b"")
 @example(name="driver_override", data=b"\n")
+@example(name="sriov_totalvfs", data=b"0")
 def test_any_bytes_in_a_file_give_a_device_or_sysfs_error(
     fuzz_host: Host, name: str, data: bytes
 ) -> None:
@@ -528,7 +529,10 @@ def test_any_bytes_in_a_file_give_a_device_or_sysfs_error(
     finally:
         path.write_bytes(original)
     if isinstance(out, SysfsError):
-        assert out.path == str(fuzz_host.sysfs / "bus/pci/devices/0000:00:02.0" / name)
+        # A total below the VFs already made is told at sriov_numvfs ("2 VFs, above 0").
+        at_fault = {name, "sriov_numvfs"} if name == "sriov_totalvfs" else {name}
+        assert Path(out.path).parent == fuzz_host.sysfs / "bus/pci/devices/0000:00:02.0"
+        assert Path(out.path).name in at_fault
     else:
         assert isinstance(out, PciDevice)
         assert out.address == A("0000:00:02.0")

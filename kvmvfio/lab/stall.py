@@ -88,7 +88,7 @@ async def watch(
                 used = cpu_seconds(pid) - before
             except OSError:
                 return
-            record = await _record(monitor, lapic)
+            record = await _record(monitor)
             raise LabError(
                 f"L1 stopped taking interrupts: interrupt {seen[0][0]} stayed pending in its "
                 f"local APIC, its timer not re-armed, for {probes * probe_gap:.0f} s (its QEMU "
@@ -97,18 +97,14 @@ async def watch(
             )
 
 
-async def _record(monitor: Path, lapic: str) -> str:
-    """Keep L1's CPU state beside its monitor socket, for whoever looks into the stall."""
+async def _record(monitor: Path) -> str:
+    """L1's instruction pointer, flags and halt state, for whoever looks into the stall."""
     try:
         registers = await hmp(monitor, "info registers")
     except (OSError, TimeoutError, asyncio.IncompleteReadError):
         return ""
-    path = monitor.parent / "l1-stall.txt"
-    try:
-        path.write_text(f"info registers\n{registers}\ninfo lapic\n{lapic}")
-    except OSError:
-        return ""
-    return f"; its CPU state is in {path}"
+    rip = next((ln.strip() for ln in registers.splitlines() if ln.startswith("RIP=")), "")
+    return f"; L1's CPU then: {rip}" if rip else ""
 
 
 def _timer_line(lapic: str) -> str:

@@ -88,13 +88,10 @@ async def test_a_stalled_l1_ends_the_run_with_what_was_seen(tmp_path: Path, idle
     assert said.startswith("L1 stopped taking interrupts: interrupt 236 stayed pending")
     assert "its timer not re-armed" in said
     assert fake.commands == ["info lapic"] * 3 + ["info registers"]
-    # What L1's CPU looked like is kept beside the monitor, and the sentence says where.
-    record = tmp_path / "l1-stall.txt"
-    assert said.endswith(f"its CPU state is in {record}")
-    kept = record.read_text()
-    assert "RIP=ffffffff81e2a1b4" in kept
-    assert "HLT=1" in kept
-    assert "236" in stall.pending_irr(kept)
+    # Where L1's CPU was is in the sentence (the job folder may be a temporary one).
+    assert said.endswith(
+        "L1's CPU then: RIP=ffffffff81e2a1b4 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1"
+    )
 
 
 async def test_an_idle_l1_whose_interrupts_arrive_is_left_alone(

@@ -32,7 +32,8 @@ def register(sub: Any) -> None:
     labsub.required = True
 
     build = labsub.add_parser(
-        "build", help="build the kernel and root filesystem images, or reuse the cached ones"
+        "build",
+        help="build the kernel, the root filesystem and L1's QEMU, or reuse the cached ones",
     )
     build.add_argument(
         "--rebuild", action="store_true", help="build even when the cache is current"
@@ -105,7 +106,7 @@ def _strip_dashes(items: list[str]) -> list[str]:
 
 def _build(args: argparse.Namespace) -> int:
     images = ImageBuilder().ensure(rebuild=args.rebuild)
-    print(f"kernel: {images.kernel}\nrootfs: {images.rootfs}")
+    print(f"kernel: {images.kernel}\nrootfs: {images.rootfs}\nqemu:   {images.qemu}")
     return 0
 
 

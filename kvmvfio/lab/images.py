@@ -1,10 +1,11 @@
-"""Lab images: the L1 kernel and root filesystem, built from ``vm-images/``.
+"""Lab images: the L1 kernel, its root filesystem and the QEMU it runs under, from ``vm-images/``.
 
 Each image is built by a recipe, a folder of ``vm-images/`` with a
 ``build.sh OUTDIR WORKDIR``. What a recipe built is cached under
 ``~/.cache/kvmvfio/`` (``$KVMVFIO_CACHE`` overrides) in a folder named after a
 hash of the recipe's files and of its inputs (the kernel source package), so
-an image is rebuilt only when its recipe changes. A build goes to a temporary
+an image is rebuilt only when its recipe changes (or its input: the kernel
+source package, the host's qemu-system-x86 package). A build goes to a temporary
 folder first and is renamed into place when complete: an interrupted build
 leaves nothing that looks finished. Long builds print what step they are on
 and the elapsed time.
@@ -32,12 +33,20 @@ KERNEL_SOURCE = Path("/usr/src/linux-source-6.12.tar.xz")
 
 #: Free space a cold build needs in the cache folder (kernel tree with
 #: objects, root filesystem tree and image), with a margin.
-_NEEDED_BYTES = {"kernel": 4 << 30, "rootfs": 3 << 30}
-_ARTIFACTS = {"kernel": ("bzImage",), "rootfs": ("rootfs.img",)}
+_NEEDED_BYTES = {"kernel": 4 << 30, "rootfs": 3 << 30, "qemu": 1 << 30}
+_ARTIFACTS = {"kernel": ("bzImage",), "rootfs": ("rootfs.img",), "qemu": ("qemu-system-x86_64",)}
+KINDS = tuple(_ARTIFACTS)
 #: Debian packages the host needs to build each image (checked before a build).
 _HOST_TOOLS = {
     "kernel": {"make": "make", "gcc": "gcc", "bc": "bc", "flex": "flex", "bison": "bison"},
     "rootfs": {"debootstrap": "debootstrap", "mkfs.ext4": "e2fsprogs"},
+    "qemu": {
+        "apt-get": "apt",
+        "patch": "patch",
+        "meson": "meson",
+        "ninja": "ninja-build",
+        "pkg-config": "pkg-config",
+    },
 }
 
 
@@ -61,10 +70,11 @@ def checkout_dir() -> Path:
 
 @dataclass(frozen=True)
 class LabImages:
-    """Paths of a built kernel and root filesystem image."""
+    """Paths of a built kernel, root filesystem image and L1 emulator."""
 
     kernel: Path
     rootfs: Path
+    qemu: Path
 
 
 def recipe_key(recipe: Path, extra: bytes = b"") -> str:
@@ -77,6 +87,9 @@ def recipe_key(recipe: Path, extra: bytes = b"") -> str:
 
 
 def _inputs(kind: str) -> bytes:
+    if kind == "qemu":
+        # Debian's source of the host's QEMU is the input: a new package, a new build.
+        return _qemu_package_version().encode()
     if kind != "kernel":
         return b""
     # The kernel source is an input: a new linux-source package means a new kernel.
@@ -87,6 +100,24 @@ def _inputs(kind: str) -> bytes:
             f"{KERNEL_SOURCE} is missing: install it with `apt-get install linux-source-6.12`"
         ) from None
     return f"{st.st_size}:{int(st.st_mtime)}".encode()
+
+
+def _qemu_package_version() -> str:
+    try:
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", "qemu-system-x86"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except FileNotFoundError:
+        out = None
+    if out is None or out.returncode != 0 or not out.stdout:
+        raise LabError(
+            "qemu-system-x86 is not installed: install it with `apt-get install qemu-system-x86` "
+            "(the lab builds its L1 emulator from that package's source)"
+        )
+    return out.stdout
 
 
 class ImageBuilder:
@@ -118,9 +149,11 @@ class ImageBuilder:
         Raises :class:`LabError` when a tool is missing, the disk is too full,
         or a build fails (with the end of its log).
         """
-        folders = {kind: self._ensure_one(kind, rebuild) for kind in ("kernel", "rootfs")}
+        folders = {kind: self._ensure_one(kind, rebuild) for kind in KINDS}
         return LabImages(
-            kernel=folders["kernel"] / "bzImage", rootfs=folders["rootfs"] / "rootfs.img"
+            kernel=folders["kernel"] / "bzImage",
+            rootfs=folders["rootfs"] / "rootfs.img",
+            qemu=folders["qemu"] / "qemu-system-x86_64",
         )
 
     def _ensure_one(self, kind: str, rebuild: bool) -> Path:

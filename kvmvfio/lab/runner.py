@@ -38,7 +38,6 @@ from kvmvfio.lab import stall
 from kvmvfio.lab.images import LabImages
 from kvmvfio.lab.topology import Topology
 
-QEMU = "qemu-system-x86_64"
 #: Addresses of the lab's own devices on pcie.0, high enough to stay out of
 #: the way of topology devices (which may ask for any slot below 0x10).
 _INFRA_SLOTS = {"root": "0x10", "src": "0x11", "job": "0x12", "console": "0x13"}
@@ -56,7 +55,8 @@ class LabRun:
     command: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
     timeout: float = 1800.0
-    qemu: str = QEMU
+    #: The emulator; by default the lab's own build (``images.qemu``, vm-images/qemu).
+    qemu: str | None = None
     extra_qemu_args: tuple[str, ...] = field(default=())
     #: The guest's console on this terminal, both ways (``kvmvfio lab shell``).
     interactive: bool = False
@@ -81,7 +81,7 @@ def qemu_argv(run: LabRun, job_dir: Path, console_log: Path) -> list[str]:
     """The full QEMU command line for ``run`` (pure: easy to test)."""
     topo = run.topology
     argv = [
-        run.qemu,
+        emulator(run),
         "-machine", "q35",
         # thread=single: L1 crashed early in boot in a few percent of boots
         # with multi-threaded TCG, and never with it single (LAB.md).
@@ -117,6 +117,11 @@ def qemu_argv(run: LabRun, job_dir: Path, console_log: Path) -> list[str]:
         *run.extra_qemu_args,
     ]  # fmt: skip
     return argv
+
+
+def emulator(run: LabRun) -> str:
+    """The QEMU binary ``run`` boots L1 with."""
+    return run.qemu if run.qemu is not None else str(run.images.qemu)
 
 
 def job_script(run: LabRun) -> str:
@@ -189,11 +194,9 @@ async def run_in_lab(run: LabRun, out: BinaryIO | None = None, job_dir: Path | N
     console lines), or the timeout passes; the VM is stopped in every case.
     """
     stream = out or sys.stdout.buffer
-    if shutil.which(run.qemu) is None:
-        raise LabError(
-            f"{run.qemu} not found on the host: install it with `apt-get install qemu-system-x86`"
-        )
-    for image in (run.images.kernel, run.images.rootfs):
+    if run.qemu is not None and shutil.which(run.qemu) is None:
+        raise LabError(f"{run.qemu} not found on the host")
+    for image in (run.images.kernel, run.images.rootfs, run.images.qemu):
         if not image.is_file():
             raise LabError(f"lab image {image} is missing: run `kvmvfio lab build`")
     with contextlib.ExitStack() as stack:
@@ -220,7 +223,7 @@ async def run_in_lab(run: LabRun, out: BinaryIO | None = None, job_dir: Path | N
                 preexec_fn=_die_with_parent(os.getpid()),
             )
         except OSError as err:
-            raise LabError(f"cannot start {run.qemu}: {err.strerror}") from err
+            raise LabError(f"cannot start {emulator(run)}: {err.strerror}") from err
         try:
             async with asyncio.timeout(run.timeout):
                 stderr = await _run_watched(proc, stream, run, job_dir / "l1-monitor.sock")

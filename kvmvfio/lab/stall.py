@@ -1,10 +1,12 @@
 """Tell a stalled L1 from a slow one, from the host, through L1's human monitor.
 
-Under TCG, L1 sometimes stops taking interrupts for good (docs/lab.md): its
-QEMU then uses no CPU, and its local APIC keeps an interrupt pending in IRR
-that is never delivered. A run in that state would wait for its
-``--timeout`` (hours for the soak); :func:`watch` ends it within minutes
-with a :class:`~kvmvfio.errors.LabError` that says what was seen.
+Under Debian's packaged QEMU 7.2, L1 sometimes stopped taking interrupts for
+good: TCG lost the request that makes the CPU poll its local APIC, so an
+interrupt stayed pending in IRR, never delivered (docs/lab.md; the lab's own
+QEMU build, ``vm-images/qemu``, fixes it). A run in that state would wait for
+its ``--timeout`` (hours for the soak); :func:`watch` stays so that a stall of
+any cause ends a run within minutes, with a :class:`~kvmvfio.errors.LabError`
+that says what was seen and where L1's CPU was.
 
 A working L1 takes its timer interrupt within moments and re-arms its
 one-shot timer all the time, idle or busy. So a stall is: every
@@ -92,7 +94,7 @@ async def watch(
             raise LabError(
                 f"L1 stopped taking interrupts: interrupt {seen[0][0]} stayed pending in its "
                 f"local APIC, its timer not re-armed, for {probes * probe_gap:.0f} s (its QEMU "
-                f"used {used:.1f} s of CPU meanwhile); a known TCG problem, docs/lab.md. "
+                f"used {used:.1f} s of CPU meanwhile); see docs/lab.md. "
                 f"Stopped the run{record}"
             )
 

@@ -8,7 +8,6 @@ lab tier itself proves the real QEMU boots with these arguments.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import os
 import shutil
@@ -16,13 +15,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from kvmvfio.errors import LabError
 from kvmvfio.lab import topology as topo_mod
-from kvmvfio.lab.images import ImageBuilder, LabImages, recipe_key
+from kvmvfio.lab.images import KINDS, ImageBuilder, LabImages, recipe_key
 from kvmvfio.lab.runner import LabRun, job_script, kernel_cmdline, qemu_argv, run_in_lab
 from kvmvfio.lab.tier import read_junit, summary
 
@@ -113,10 +113,11 @@ def test_user_topology_file_without_code(tmp_path: Path) -> None:
 
 
 def _images(tmp_path: Path) -> LabImages:
-    kernel, rootfs = tmp_path / "bzImage", tmp_path / "rootfs.img"
+    kernel, rootfs, qemu = tmp_path / "bzImage", tmp_path / "rootfs.img", tmp_path / "qemu"
     kernel.write_bytes(b"k")
     rootfs.write_bytes(b"r")
-    return LabImages(kernel=kernel, rootfs=rootfs)
+    qemu.write_bytes(b"q")
+    return LabImages(kernel=kernel, rootfs=rootfs, qemu=qemu)
 
 
 def test_qemu_command_line(tmp_path: Path) -> None:
@@ -124,6 +125,9 @@ def test_qemu_command_line(tmp_path: Path) -> None:
     run = LabRun(topology=topo, images=_images(tmp_path), checkout=tmp_path, command=("true",))
     argv = qemu_argv(run, tmp_path / "job", tmp_path / "console.log")
     joined = " ".join(argv)
+    # L1 runs under the lab's own QEMU build unless the run names another.
+    assert argv[0] == str(tmp_path / "qemu")
+    assert qemu_argv(replace(run, qemu="/opt/q"), tmp_path, tmp_path / "c")[0] == "/opt/q"
     assert argv[argv.index("-accel") + 1] == "tcg,thread=single"
     assert argv[argv.index("-smp") + 1] == "1"
     assert "-no-reboot" in argv
@@ -223,7 +227,7 @@ async def test_a_topology_file_reaches_the_job_under_its_own_name(
         'description = "one edu"\nkernel-args = ["nokaslr"]\n'
         '[viommu]\nmodel = "intel-iommu"\n[[device]]\ndriver = "edu"\nid = "edu0"\n'
     )
-    run = dataclasses.replace(
+    run = replace(
         _fake_run(tmp_path, fake_qemu, ("sh", "-c", 'echo "$KVMVFIO_LAB_TOPOLOGY"')),
         topology=topo_mod.load(str(mine)),
     )
@@ -321,10 +325,13 @@ def test_a_killed_runner_takes_the_vm_with_it(
 
 
 async def test_missing_qemu_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(
-        LabError, match=r"no-such-qemu not found on the host.*apt-get install qemu-system-x86"
-    ):
+    with pytest.raises(LabError, match=r"^no-such-qemu not found on the host$"):
         await run_in_lab(_fake_run(tmp_path, "no-such-qemu", ("true",)))
+    # The lab's own build of QEMU is an image like the others.
+    run = replace(_fake_run(tmp_path, "unused", ("true",)), qemu=None)
+    run.images.qemu.unlink()
+    with pytest.raises(LabError, match=r"qemu is missing: run `kvmvfio lab build`"):
+        await run_in_lab(run)
 
 
 async def test_missing_image_is_a_clear_error(tmp_path: Path, fake_qemu: str) -> None:
@@ -344,7 +351,7 @@ def test_recipe_key_changes_with_the_recipe(tmp_path: Path) -> None:
 
 def _fake_checkout(tmp_path: Path, body: str) -> Path:
     checkout = tmp_path / "checkout"
-    for kind in ("kernel", "rootfs"):
+    for kind in KINDS:
         recipe = checkout / "vm-images" / kind
         recipe.mkdir(parents=True)
         (recipe / "build.sh").write_text(body)
@@ -367,16 +374,19 @@ def test_build_caches_by_recipe_and_reports_failures(
 ) -> None:
     checkout = _fake_checkout(
         tmp_path,
-        'echo "step one"; for f in bzImage rootfs.img; do echo x > "$1/$f"; done; '
+        'echo "step one"; for f in bzImage rootfs.img qemu-system-x86_64; do '
+        'echo x > "$1/$f"; done; '
         'echo built >> "$2/count"\n',
     )
     monkeypatch.setattr("kvmvfio.lab.images._inputs", lambda _k: b"")
     monkeypatch.setattr("kvmvfio.lab.images.os.geteuid", lambda: 0)
-    monkeypatch.setattr("kvmvfio.lab.images._HOST_TOOLS", {"kernel": {}, "rootfs": {}})
+    monkeypatch.setattr("kvmvfio.lab.images._HOST_TOOLS", {kind: {} for kind in KINDS})
     log = io.StringIO()
     builder = ImageBuilder(checkout=checkout, cache=tmp_path / "cache", out=log)
     images = builder.ensure()
     assert images.kernel.read_text() == "x\n"
+    assert images.qemu.name == "qemu-system-x86_64"
+    assert images.qemu.read_text() == "x\n"
     assert "step one" in log.getvalue()
     builder.ensure()  # cached: the recipe does not run again
     assert (tmp_path / "cache" / "work" / "kernel" / "count").read_text() == "built\n"
@@ -403,3 +413,27 @@ def test_junit_summary(tmp_path: Path) -> None:
     assert summary([result]) == "lab: 3 passed, 2 failed, 2 skipped"
     missing = read_junit(tmp_path / "absent.xml", "coherent", 2)
     assert not missing.ok
+
+
+def test_the_emulator_build_follows_the_hosts_qemu_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """L1's QEMU is rebuilt when the host's qemu-system-x86 changes, and needs it installed."""
+    version = ["1:7.2+dfsg-7+deb12u18"]
+
+    def dpkg_query(argv: list[str], **_kw: object) -> subprocess.CompletedProcess[str]:
+        assert argv[:2] == ["dpkg-query", "-W"]
+        if not version[0]:
+            return subprocess.CompletedProcess(argv, 1, "", "no packages found")
+        return subprocess.CompletedProcess(argv, 0, version[0], "")
+
+    monkeypatch.setattr("kvmvfio.lab.images.subprocess.run", dpkg_query)
+    checkout = _fake_checkout(tmp_path, "exit 0")
+    builder = ImageBuilder(checkout=checkout, cache=tmp_path / "cache", out=io.StringIO())
+    first = builder.path_for("qemu")
+    assert builder.path_for("qemu") == first
+    version[0] = "1:7.2+dfsg-7+deb12u19"
+    assert builder.path_for("qemu") != first
+    version[0] = ""
+    with pytest.raises(LabError, match=r"qemu-system-x86 is not installed: install it with"):
+        builder.path_for("qemu")

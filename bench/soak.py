@@ -78,7 +78,13 @@ async def part1(cycles: int, edus: list[str], samples: list[Sample]) -> None:
     edu_id = "1234:11e8"
     l2 = L2Qemu(ports=2, guest=True, acpi_hotplug=True)
     try:
+        booting = time.monotonic()
         l2.wait_guest(timeout=600)
+        print(
+            f"soak: the L2 guest booted in {time.monotonic() - booting:.0f} s "
+            f"(its QEMU used {l2.cpu_seconds():.0f} s of CPU)",
+            flush=True,
+        )
         start = time.monotonic()
         async with Qemu(l2.qmp, pid=l2.pid) as qemu:
 
@@ -95,6 +101,8 @@ async def part1(cycles: int, edus: list[str], samples: list[Sample]) -> None:
                     f"+{adds} -{removes}",
                 )
                 print(f"soak: {s}", flush=True)
+                if s.guest != f"+{2 * cycle} -{2 * cycle}" and l2.garbled_pci_lines:
+                    print(f"soak: the guest's garbled lines: {l2.garbled_pci_lines}", flush=True)
                 samples.append(s)
 
             watchdog = Watchdog(l2, stall=180)

@@ -35,11 +35,32 @@ _INIT = f"""#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sys /sys
 /bin/busybox mount -t devtmpfs dev /dev
+# From here on the kernel keeps to itself what is not an emergency: a warning
+# printed in the middle of one of our lines would garble it.
+echo 1 > /proc/sys/kernel/printk
 /bin/busybox uevent /bin/busybox sh -c \
     '[ "$SUBSYSTEM" = pci ] && echo "{PCI_EVENT} $ACTION $PCI_SLOT_NAME $PCI_ID" >/dev/ttyS0' &
 echo {READY} > /dev/ttyS0
 while true; do /bin/busybox sleep 3600; done
 """
+
+
+def parse_pci_events(text: str) -> tuple[Counter[tuple[str, str]], list[str]]:
+    """The PCI uevents in lines the guest's init printed, by (action, vendor:device).
+
+    Also returns the lines that name an event but do not read as one (a
+    kernel message printed into the middle of a line garbles it), so that a
+    count that falls short can be told from an event the guest never sent.
+    """
+    counts: Counter[tuple[str, str]] = Counter()
+    garbled = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 4 and fields[0] == PCI_EVENT:
+            counts[fields[1], fields[3].lower()] += 1
+        elif PCI_EVENT in line:
+            garbled.append(line)
+    return counts, garbled
 
 
 def _cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> bytes:
@@ -100,6 +121,8 @@ class L2Qemu:
         self.serial = self.dir / "serial.log"
         self._console_pos = 0
         self._pci_counts: Counter[tuple[str, str]] = Counter()
+        #: Lines that name a PCI event but do not read as one (the last few).
+        self.garbled_pci_lines: list[str] = []
         self.guest = guest
         subprocess.run(["setfacl", "-m", f"u:{NOBODY}:rw", "/dev/kvm"], check=True)
         argv = [
@@ -192,10 +215,9 @@ class L2Qemu:
             return Counter(self._pci_counts)
         end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next call
         self._console_pos += end
-        for raw in chunk[:end].splitlines():
-            fields = raw.decode(errors="replace").split()
-            if len(fields) == 4 and fields[0] == PCI_EVENT:
-                self._pci_counts[fields[1], fields[3].lower()] += 1
+        counts, garbled = parse_pci_events(chunk[:end].decode(errors="replace"))
+        self._pci_counts.update(counts)
+        self.garbled_pci_lines = [*self.garbled_pci_lines, *garbled][-10:]
         return Counter(self._pci_counts)  # a copy: the running count stays ours
 
     def wait_pci_events(

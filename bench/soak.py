@@ -201,6 +201,7 @@ def part2(cycles: int, nic: str, root: Path, samples: list[Sample]) -> None:
         prepare([nic], "soak", root=root)
         assert _driver(nic) == "vfio-pci"
         release([nic], "soak", root=root)
+        assert _driver(nic) == "e1000e"
 
 
 def verdict(samples: list[Sample]) -> list[str]:

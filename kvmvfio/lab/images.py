@@ -32,7 +32,8 @@ from kvmvfio.errors import LabError
 KERNEL_SOURCE = Path("/usr/src/linux-source-6.12.tar.xz")
 
 #: Free space a cold build needs in the cache folder (kernel tree with
-#: objects, root filesystem tree and image), with a margin.
+#: objects, root filesystem tree and image, QEMU's source and build trees:
+#: about 350 MiB), with a margin.
 _NEEDED_BYTES = {"kernel": 4 << 30, "rootfs": 3 << 30, "qemu": 1 << 30}
 _ARTIFACTS = {"kernel": ("bzImage",), "rootfs": ("rootfs.img",), "qemu": ("qemu-system-x86_64",)}
 KINDS = tuple(_ARTIFACTS)

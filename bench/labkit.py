@@ -15,12 +15,12 @@ from kvmvfio.prepare.driver import Sysfs
 
 
 def lab_topology() -> Topology:
-    """The topology L1 was booted with (``KVMVFIO_LAB_TOPOLOGY``, set by the lab runner).
+    """The topology L1 was booted with (:func:`kvmvfio.lab.topology.booted`).
 
     Exits with the sentence that names what is wrong when it cannot be read.
     """
     try:
-        return topo_mod.load(os.environ.get("KVMVFIO_LAB_TOPOLOGY", "default"))
+        return topo_mod.booted()
     except LabError as err:
         raise SystemExit(f"{os.path.basename(sys.argv[0])}: {err}") from None
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from labkit import bind, lab_topology
 from labkit import driver as _driver
 
-from kvmvfio.lab.l2 import L2Qemu
+from kvmvfio.lab.l2 import EDU_ID, L2Qemu
 from kvmvfio.prepare import prepare, release
 from kvmvfio.qemu import Qemu, attach, detach
 
@@ -75,7 +75,6 @@ async def part1(cycles: int, edus: list[str], samples: list[Sample]) -> None:
     for addr in edus:
         if _driver(addr) != "vfio-pci":
             bind(addr, "vfio-pci")
-    edu_id = "1234:11e8"
     l2 = L2Qemu(ports=2, guest=True, acpi_hotplug=True)
     try:
         booting = time.monotonic()
@@ -89,7 +88,7 @@ async def part1(cycles: int, edus: list[str], samples: list[Sample]) -> None:
         async with Qemu(l2.qmp, pid=l2.pid) as qemu:
 
             def sample(cycle: int) -> None:
-                adds, removes = l2.wait_pci_events(edu_id, (2 * cycle, 2 * cycle), timeout=10)
+                adds, removes = l2.wait_pci_events(EDU_ID, (2 * cycle, 2 * cycle), timeout=10)
                 s = Sample(
                     "attach/detach x2 by fd, guest running",
                     cycle,
@@ -101,7 +100,7 @@ async def part1(cycles: int, edus: list[str], samples: list[Sample]) -> None:
                     f"+{adds} -{removes}",
                 )
                 print(f"soak: {s}", flush=True)
-                if s.guest != f"+{2 * cycle} -{2 * cycle}" and l2.garbled_pci_lines:
+                if s.guest != _guest_should_see(cycle) and l2.garbled_pci_lines:
                     print(f"soak: the guest's garbled lines: {l2.garbled_pci_lines}", flush=True)
                 samples.append(s)
 
@@ -204,6 +203,11 @@ def part2(cycles: int, nic: str, root: Path, samples: list[Sample]) -> None:
         assert _driver(nic) == "e1000e"
 
 
+def _guest_should_see(cycle: int) -> str:
+    """A sample's guest column after ``cycle`` cycles: both devices added and removed."""
+    return f"+{2 * cycle} -{2 * cycle}"
+
+
 def verdict(samples: list[Sample]) -> list[str]:
     problems = []
     for part in sorted({s.part for s in samples}):
@@ -221,9 +225,9 @@ def verdict(samples: list[Sample]) -> list[str]:
         if any(s.drivers != first.drivers for s in mine):
             problems.append(f"{part}: drivers changed: {[s.drivers for s in mine]}")
         for s in mine:
-            if s.guest != "-" and s.guest != f"+{2 * s.cycle} -{2 * s.cycle}":
+            if s.guest not in ("-", _guest_should_see(s.cycle)):
                 problems.append(f"{part}: at cycle {s.cycle} the guest saw {s.guest}, "
-                                f"not +{2 * s.cycle} -{2 * s.cycle}")  # fmt: skip
+                                f"not {_guest_should_see(s.cycle)}")  # fmt: skip
     return problems
 
 

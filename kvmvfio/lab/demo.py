@@ -46,7 +46,7 @@ def _say(text: str = "") -> None:
 def main() -> int:
     """Run the demo; return the exit status."""
     logging.basicConfig(level=logging.WARNING, format="   kvmvfio warns: %(message)s")
-    topology = topo_mod.load(os.environ.get("KVMVFIO_LAB_TOPOLOGY", "default"))
+    topology = topo_mod.booted()
     name = topology.name
     host = Host()
     edu0 = topology.guest_address("edu0")

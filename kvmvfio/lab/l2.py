@@ -30,6 +30,8 @@ from kvmvfio.lab.stall import cpu_seconds
 NOBODY = 65534
 READY = "KVMVFIO-L2-READY"
 PCI_EVENT = "KVMVFIO-L2-PCI"
+#: QEMU's edu device, as the guest's uevents name it (vendor:device).
+EDU_ID = "1234:11e8"
 
 _INIT = f"""#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc

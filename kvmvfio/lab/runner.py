@@ -36,7 +36,7 @@ from typing import Any, BinaryIO
 from kvmvfio.errors import LabError
 from kvmvfio.lab import stall
 from kvmvfio.lab.images import LabImages
-from kvmvfio.lab.topology import Topology
+from kvmvfio.lab.topology import BOOTED_ENV, Topology
 
 #: Addresses of the lab's own devices on pcie.0, high enough to stay out of
 #: the way of topology devices (which may ask for any slot below 0x10).
@@ -132,7 +132,7 @@ def job_script(run: LabRun) -> str:
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
         "HOME": "/root",
-        "KVMVFIO_LAB_TOPOLOGY": guest_topology(run.topology),
+        BOOTED_ENV: guest_topology(run.topology),
         "KVMVFIO_LAB_JOB": _GUEST_JOB,
         # L1's own kernel, for the L2 guests the QEMU handoff tests boot.
         "KVMVFIO_LAB_KERNEL": f"{_GUEST_JOB}/bzImage",

@@ -27,6 +27,8 @@ from kvmvfio.errors import LabError
 
 _IRR = re.compile(rb"^IRR\s+(.*)$", re.MULTILINE)
 _PROMPT = b"(qemu) "
+#: What :func:`hmp` raises when the monitor is gone or does not answer.
+_NO_MONITOR = (OSError, TimeoutError, asyncio.IncompleteReadError)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -81,9 +83,9 @@ async def watch(
         for _ in range(probes):
             try:
                 lapic = await hmp(monitor, "info lapic")
-            except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            except _NO_MONITOR:
                 return
-            seen.append((pending_irr(lapic), _timer_line(lapic)))
+            seen.append((pending_irr(lapic), _first_line(lapic, "Timer")))
             await asyncio.sleep(probe_gap)
         if seen[0][0] and all(s == seen[0] for s in seen):
             try:
@@ -103,11 +105,12 @@ async def _record(monitor: Path) -> str:
     """L1's instruction pointer, flags and halt state, for whoever looks into the stall."""
     try:
         registers = await hmp(monitor, "info registers")
-    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+    except _NO_MONITOR:
         return ""
-    rip = next((ln.strip() for ln in registers.splitlines() if ln.startswith("RIP=")), "")
+    rip = _first_line(registers, "RIP=")
     return f"; L1's CPU then: {rip}" if rip else ""
 
 
-def _timer_line(lapic: str) -> str:
-    return next((ln.strip() for ln in lapic.splitlines() if ln.startswith("Timer")), "")
+def _first_line(text: str, prefix: str) -> str:
+    """The first line of monitor output that starts with ``prefix``, stripped ("" if none)."""
+    return next((ln.strip() for ln in text.splitlines() if ln.startswith(prefix)), "")

@@ -29,6 +29,7 @@ file and the field.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -143,6 +144,16 @@ def builtin_names() -> list[str]:
     """Names of the topologies that ship with kvmvfio."""
     folder = resources.files("kvmvfio.lab") / "topologies"
     return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+#: How the lab runner tells a job in L1 which topology L1 was booted with
+#: (a built-in name, or the path of a copy of its file).
+BOOTED_ENV = "KVMVFIO_LAB_TOPOLOGY"
+
+
+def booted() -> Topology:
+    """The topology L1 was booted with, for a job inside L1 (``default`` if unset)."""
+    return load(os.environ.get(BOOTED_ENV, "default"))
 
 
 def load(name_or_path: str) -> Topology:

@@ -19,7 +19,7 @@ import pytest
 from vfiokit import assert_released, cdev_of, fd_table, group_of, raw_cdev_bind
 
 from kvmvfio.errors import NoHotplugPort, NotAttached, QemuError, QemuPeerMismatch
-from kvmvfio.lab.l2 import NOBODY, L2Qemu
+from kvmvfio.lab.l2 import EDU_ID, NOBODY, L2Qemu
 from kvmvfio.lab.topology import Topology
 from kvmvfio.qemu import Qemu, attach, coldplug, detach, qdev_id
 from kvmvfio.qemu.handoff import IOMMUFD_OBJECT, memlock_limit
@@ -59,7 +59,6 @@ def running() -> Iterator[L2Qemu]:
         qemu.kill()
 
 
-EDU_ID = "1234:11e8"  # QEMU's edu device, as the guest's uevents name it
 _VFIO_FILES = ("/dev/vfio", "/dev/iommu", "anon_inode:[vfio", "anon_inode:kvm-vfio")
 
 

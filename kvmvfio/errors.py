@@ -13,10 +13,57 @@ Errno is mapped once, where the call is made, and kept.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import enum
 import errno as _errno
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+
+#: Longest piece of untrusted text :func:`shown` keeps.
+MAX_SHOWN = 200
+
+
+def shown(text: str, limit: int = MAX_SHOWN) -> str:
+    """``text`` as it may be printed: control characters escaped, at most ``limit`` characters.
+
+    For strings kvmvfio did not write itself (owner names read back from the
+    journal, QEMU's words, XML values): a terminal must never receive their
+    control characters raw.
+    """
+    if text.isprintable() and len(text) <= limit:
+        return text
+    safe = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return safe if len(safe) <= limit else f"{safe[: limit - 1]}…"
+
+
+class Interface(enum.Enum):
+    """Where a user meets kvmvfio: advice in messages is worded for it."""
+
+    API = "api"  # a Python caller: arguments
+    CLI = "cli"  # the kvmvfio command: flags
+    METADATA = "metadata"  # a libvirt domain's kvmvfio metadata: attributes
+
+
+_interface: contextvars.ContextVar[Interface] = contextvars.ContextVar(
+    "kvmvfio_interface", default=Interface.API
+)
+
+
+def interface() -> Interface:
+    """The interface the current call reached kvmvfio through (``API`` unless set)."""
+    return _interface.get()
+
+
+@contextlib.contextmanager
+def speaking_to(where: Interface) -> Iterator[None]:
+    """Word the advice of errors raised inside this block for ``where``."""
+    token = _interface.set(where)
+    try:
+        yield
+    finally:
+        _interface.reset(token)
 
 
 class KvmvfioError(Exception):

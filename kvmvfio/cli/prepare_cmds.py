@@ -12,8 +12,18 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from kvmvfio.errors import shown
 from kvmvfio.host import Host, PciAddress
-from kvmvfio.prepare import Prepared, Restored, prepare, recover, release, safety, status
+from kvmvfio.prepare import (
+    GroupStatus,
+    Prepared,
+    Restored,
+    prepare,
+    recover,
+    release,
+    safety,
+    status,
+)
 from kvmvfio.prepare.journal import DEFAULT_ROOT
 
 SCHEMA = 1
@@ -49,7 +59,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.add_argument("--reset", action="store_true", help="reset each device before it leaves")
     r.set_defaults(handler=_release)
 
-    rc = sub.add_parser("recover", help="restore every device a crashed kvmvfio left moved")
+    rc = sub.add_parser(
+        "recover",
+        help="restore what dead owners left moved; live claims are left alone and listed",
+        description=(
+            "Put back every group of the journal whose owner is gone (its process, its libvirt "
+            "domain, and every process holding its VFIO files). Claims whose owner is alive are "
+            "left alone and listed; a group that cannot be restored is reported and the others "
+            "are still restored (exit status 1 then)."
+        ),
+    )
     _common(rc, addresses=False)
     rc.set_defaults(handler=_recover)
 
@@ -119,21 +138,37 @@ def _recover(args: argparse.Namespace) -> int:
     host = Host(args.sysfs_root, args.dev_root)
     done = recover(host=host, root=Path(args.root))
     if args.json:
-        _out({"recovered": [asdict(r) for r in done]})
+        _out(
+            {
+                "recovered": [asdict(r) for r in done.restored],
+                "skipped": [_status_doc(g) for g in done.skipped],
+                "failed": [{"group": n, "message": m} for n, m in done.failed],
+            }
+        )
     else:
-        _print_restored(done, "recover")
-    return 0
+        _print_restored(list(done.restored), "recover")
+        for g in done.skipped:
+            print(f"recover: left IOMMU group {g.group} to {shown(g.owner)}: {g.why}")
+        for number, message in done.failed:
+            print(f"recover: IOMMU group {number} not restored: {message}", file=sys.stderr)
+    return 1 if done.failed else 0
+
+
+def _status_doc(g: GroupStatus) -> dict[str, object]:
+    return asdict(g)
 
 
 def _status(args: argparse.Namespace) -> int:
-    groups = status(root=Path(args.root))
+    groups = status(host=Host(args.sysfs_root, args.dev_root), root=Path(args.root))
     if args.json:
-        _out({"groups": [asdict(g) for g in groups]})
+        _out({"groups": [_status_doc(g) for g in groups]})
         return 0
     if not groups:
         print("kvmvfio holds no IOMMU group")
     for g in groups:
-        who = f"{g.owner}" + (f" (pid {g.pid}{'' if g.alive else ', gone'})" if g.pid else "")
+        state = "owner alive" if g.alive else "owner gone"
         moved = ", ".join(e.address for e in g.devices) or "none"
-        print(f"IOMMU group {g.group}: claimed by {who}; moved: {moved}")
+        print(
+            f"IOMMU group {g.group}: claimed by {shown(g.owner)}; {state}: {g.why}; moved: {moved}"
+        )
     return 0

@@ -43,6 +43,7 @@ from xml.parsers import expat
 
 from kvmvfio.errors import InvalidAddress, UsageError
 from kvmvfio.host.address import PciAddress
+from kvmvfio.prepare.owners import LIBVIRT_PREFIX, libvirt_owner
 from kvmvfio.vfio.policy import Coherency
 
 #: kvmvfio's XML namespace in libvirt domain metadata.
@@ -126,12 +127,9 @@ class DomainRequest:
 
 
 #: Owners of journal records kvmvfio's libvirt integration made start with this.
-OWNER_PREFIX = "libvirt:"
-
-
-def owner_of(name: str) -> str:
-    """The journal owner of the domain called ``name``."""
-    return f"{OWNER_PREFIX}{name}"
+OWNER_PREFIX = LIBVIRT_PREFIX
+#: The journal owner of the domain called ``name``.
+owner_of = libvirt_owner
 
 
 # -- the parser --------------------------------------------------------------------------

@@ -25,12 +25,13 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmvfio.errors import Busy, KvmvfioError, UsageError
+from kvmvfio.errors import Busy, KvmvfioError, UsageError, shown
 from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice, driver_managed_dma
+from kvmvfio.host.procs import ProcessId, holders
 from kvmvfio.prepare import safety
 from kvmvfio.prepare.driver import Sysfs
 from kvmvfio.prepare.journal import DEFAULT_ROOT, Entry, Journal, JournalError, Record
-from kvmvfio.vfio.files import holders, pid_alive
+from kvmvfio.prepare.owners import Liveness, OwnerWatch
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,9 @@ __all__ = [
     "ClaimedBy",
     "GroupStatus",
     "JournalError",
+    "OwnerWatch",
     "Prepared",
+    "Recovery",
     "Restored",
     "groups_of",
     "needs_moving",
@@ -55,18 +58,20 @@ __all__ = [
 class ClaimedBy(KvmvfioError):
     """Another owner holds the group."""
 
-    def __init__(self, group: int, owner: str, pid: int, alive: bool) -> None:
+    def __init__(self, group: int, owner: str, pid: int, liveness: Liveness) -> None:
         self.group = group
         self.owner = owner
         self.pid = pid
-        self.alive = alive
-        gone = (
-            f"; its process (pid {pid}) is gone: `kvmvfio release --owner {owner} ADDR` "
-            "(ADDR: any device of the group) frees it"
-            if pid > 0 and not alive
-            else ""
-        )
-        super().__init__(f"IOMMU group {group} is claimed by {owner!r}{gone}")
+        self.alive = liveness.alive
+        self.why = liveness.why
+        if liveness.alive:
+            tail = f" ({liveness.why})"
+        else:
+            tail = (
+                f", which is gone ({liveness.why}): `kvmvfio release --owner {owner} ADDR` "
+                "(ADDR: any device of the group) or `kvmvfio recover` frees it"
+            )
+        super().__init__(f"IOMMU group {group} is claimed by {shown(owner)!r}{tail}")
 
 
 @dataclass(frozen=True)
@@ -92,13 +97,30 @@ class Restored:
 
 @dataclass(frozen=True)
 class GroupStatus:
-    """A journal record as :func:`status` reports it."""
+    """A journal record as :func:`status` reports it, with its owner's liveness.
+
+    ``alive`` says whether the owner is still there (see
+    :mod:`kvmvfio.prepare.owners`) and ``why`` the fact that decided it;
+    ``holders`` are the processes that hold the group's VFIO files open.
+    """
 
     group: int
     owner: str
     pid: int
     alive: bool
     devices: tuple[Entry, ...] = field(default=())
+    why: str = ""
+    pid_start: int | None = None
+    holders: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What :func:`recover` did: groups restored, live claims left alone, failures."""
+
+    restored: tuple[Restored, ...] = ()
+    skipped: tuple[GroupStatus, ...] = ()
+    failed: tuple[tuple[int, str], ...] = ()
 
 
 @contextlib.contextmanager
@@ -167,12 +189,15 @@ def prepare(
     force: Collection[str] = (),
     host: Host | None = None,
     root: str | Path = DEFAULT_ROOT,
+    watch: OwnerWatch | None = None,
 ) -> list[Prepared]:
     """Move the devices and the rest of their groups to vfio-pci, for ``owner``.
 
-    Idempotent for the same owner. Raises :class:`ClaimedBy` when another
-    owner has a group, :class:`~kvmvfio.prepare.safety.UnsafeToUnbind` for a
-    device the host still uses (unless ``force`` accepts it), the host
+    Idempotent for the same owner. ``owner_pid`` is the owner's process,
+    recorded with its start time so that :func:`recover` knows when the
+    owner is gone. Raises :class:`ClaimedBy` when another owner has a
+    group, :class:`~kvmvfio.prepare.safety.UnsafeToUnbind` for a device
+    the host still uses (unless ``force`` accepts it), the host
     model's errors, and :class:`~kvmvfio.errors.KernelError` when sysfs
     refuses a change; whatever was changed by then is in the journal, and
     :func:`release` or :func:`recover` puts it back.
@@ -183,6 +208,12 @@ def prepare(
     if unknown:
         raise UsageError(f"unknown --force {', '.join(sorted(unknown))}; one of {safety.CHECKS}")
     host = host or Host()
+    watch = watch or OwnerWatch()
+    process = None
+    if owner_pid is not None:
+        process = watch.identify(owner_pid)
+        if process is None:
+            raise UsageError(f"owner pid {owner_pid}: no such process runs")
     sysfs = Sysfs(host.sysfs)
     journal = Journal(root)
     addrs = [str(PciAddress.coerce(a)) for a in addresses]
@@ -190,7 +221,9 @@ def prepare(
     for number, group in groups_of(host, addrs).items():
         with _group_lock(Path(root), number):
             done.append(
-                _prepare_group(host, sysfs, journal, group, owner, owner_pid=owner_pid, force=force)
+                _prepare_group(
+                    host, sysfs, journal, group, owner, process=process, watch=watch, force=force
+                )
             )
     return done
 
@@ -202,15 +235,21 @@ def _prepare_group(
     group: IommuGroup,
     owner: str,
     *,
-    owner_pid: int | None,
+    process: ProcessId | None,
+    watch: OwnerWatch,
     force: Collection[str],
 ) -> Prepared:
     number = group.number
     record = journal.read(number)
     if record is not None and record.owner != owner:
-        raise ClaimedBy(number, record.owner, record.pid, pid_alive(record.pid))
+        raise _claimed(host, record, watch)
     if record is None:
-        record = Record(number, owner, owner_pid or 0)
+        record = Record(
+            number,
+            owner,
+            process.pid if process else 0,
+            pid_start=process.start if process else None,
+        )
     movers = [m for m in group.members if needs_moving(m)]
     accepted: list[str] = []
     for m in movers:
@@ -245,13 +284,15 @@ def _prepare_group(
     )
 
 
-def _vfio_holders(host: Host, group: int, entries: Sequence[Entry]) -> list[str]:
+def _vfio_holders(
+    host: Host, group: int, entries: Sequence[Entry], proc: str | Path = "/proc"
+) -> list[str]:
     nodes = [host.devfs / "vfio" / str(group)]
     for e in entries:
         dev = host.sysfs / "bus" / "pci" / "devices" / e.address / "vfio-dev"
         if dev.is_dir():
             nodes += [host.devfs / "vfio" / "devices" / n for n in os.listdir(dev)]
-    return holders(*nodes)
+    return holders(*nodes, proc=proc)
 
 
 def _restore(sysfs: Sysfs, entry: Entry, reset: bool) -> Restored:
@@ -325,24 +366,56 @@ def release(
             if record is None:
                 continue
             if owner is not None and record.owner != owner:
-                raise ClaimedBy(number, record.owner, record.pid, pid_alive(record.pid))
+                raise _claimed(host, record, OwnerWatch())
             out += _release_record(host, journal, record, reset)
     return out
 
 
-def recover(*, host: Host | None = None, root: str | Path = DEFAULT_ROOT) -> list[Restored]:
-    """Restore every device the journal names (after a crash); idempotent."""
-    return release_owner(None, host=host, root=root)
+def recover(
+    *,
+    host: Host | None = None,
+    root: str | Path = DEFAULT_ROOT,
+    watch: OwnerWatch | None = None,
+) -> Recovery:
+    """Restore what dead owners left in the journal (after a crash); idempotent.
+
+    A claim whose owner is alive (see :mod:`kvmvfio.prepare.owners`) is left
+    alone and listed in ``skipped``; a group that cannot be restored is
+    listed in ``failed`` with the reason, and the other groups are still
+    served.
+    """
+    host = host or Host()
+    watch = watch or OwnerWatch()
+    journal = Journal(root)
+    restored: list[Restored] = []
+    skipped: list[GroupStatus] = []
+    failed: list[tuple[int, str]] = []
+    for record in journal.records():
+        with _group_lock(Path(root), record.group):
+            fresh = journal.read(record.group)
+            if fresh is None:
+                continue
+            state = _status_of(host, fresh, watch)
+            if state.alive:
+                log.info("group %d: left to %s: %s", fresh.group, fresh.owner, state.why)
+                skipped.append(state)
+                continue
+            try:
+                restored += _release_record(host, journal, fresh, False)
+            except KvmvfioError as err:
+                log.warning("group %d: not restored: %s", fresh.group, err)
+                failed.append((fresh.group, str(err)))
+    return Recovery(tuple(restored), tuple(skipped), tuple(failed))
 
 
 def release_owner(
-    owner: str | None,
+    owner: str,
     *,
     reset: bool | Collection[str] = False,
     host: Host | None = None,
     root: str | Path = DEFAULT_ROOT,
 ) -> list[Restored]:
-    """Release every group the journal says ``owner`` holds (every group for None).
+    """Release every group the journal says ``owner`` holds.
 
     Idempotent. Raises :class:`~kvmvfio.errors.Busy` as :func:`release` does.
     """
@@ -350,18 +423,42 @@ def release_owner(
     journal = Journal(root)
     out: list[Restored] = []
     for record in journal.records():
-        if owner is not None and record.owner != owner:
+        if record.owner != owner:
             continue
         with _group_lock(Path(root), record.group):
             fresh = journal.read(record.group)
-            if fresh is not None and (owner is None or fresh.owner == owner):
+            if fresh is not None and fresh.owner == owner:
                 out += _release_record(host, journal, fresh, reset)
     return out
 
 
-def status(*, root: str | Path = DEFAULT_ROOT) -> list[GroupStatus]:
-    """The groups kvmvfio holds, their owners, and whether the owners' processes live."""
-    return [
-        GroupStatus(r.group, r.owner, r.pid, pid_alive(r.pid), tuple(r.devices))
-        for r in Journal(root).records()
-    ]
+def status(
+    *,
+    host: Host | None = None,
+    root: str | Path = DEFAULT_ROOT,
+    watch: OwnerWatch | None = None,
+) -> list[GroupStatus]:
+    """The groups kvmvfio holds, their owners, and whether each owner is still there."""
+    host = host or Host()
+    watch = watch or OwnerWatch()
+    return [_status_of(host, r, watch) for r in Journal(root).records()]
+
+
+def _status_of(host: Host, record: Record, watch: OwnerWatch) -> GroupStatus:
+    held = _vfio_holders(host, record.group, record.devices, watch.proc)
+    live = watch.liveness(record.owner, record.process, held)
+    return GroupStatus(
+        record.group,
+        record.owner,
+        record.pid,
+        live.alive,
+        tuple(record.devices),
+        why=live.why,
+        pid_start=record.pid_start,
+        holders=tuple(held),
+    )
+
+
+def _claimed(host: Host, record: Record, watch: OwnerWatch) -> ClaimedBy:
+    state = _status_of(host, record, watch)
+    return ClaimedBy(record.group, record.owner, record.pid, Liveness(state.alive, state.why))

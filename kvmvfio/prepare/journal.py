@@ -11,8 +11,13 @@ every binding, so nothing is lost there either.
 
 Format (JSON, ``"version": 1``)::
 
-    {"version": 1, "group": 4, "owner": "vm1", "pid": 1234, "steps": 3,
+    {"version": 1, "group": 4, "owner": "vm1", "pid": 1234, "pid_start": 56789,
+     "steps": 3,
      "devices": [{"address": "0000:01:01.0", "driver": "e1000e", "override": null}]}
+
+``pid`` is the owner's process (0: none recorded) and ``pid_start`` its start
+time in clock ticks after boot (``/proc/PID/stat``; absent in records of
+older kvmvfio versions), so that a reused pid is not taken for the owner.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kvmvfio.errors import KvmvfioError
+from kvmvfio.host.procs import ProcessId
 
 VERSION = 1
 DEFAULT_ROOT = Path("/run/kvmvfio")
@@ -58,6 +64,12 @@ class Record:
     pid: int
     steps: int = 0
     devices: list[Entry] = field(default_factory=list)
+    pid_start: int | None = None
+
+    @property
+    def process(self) -> ProcessId | None:
+        """The owner's process as recorded, or None."""
+        return ProcessId(self.pid, self.pid_start) if self.pid > 0 else None
 
 
 class Journal:
@@ -126,8 +138,17 @@ def _parse(path: Path, raw: bytes) -> Record:
             pid=int(doc["pid"]),
             steps=int(doc.get("steps", 0)),
             devices=devices,
+            pid_start=_optional_count(doc.get("pid_start")),
         )
     except JournalError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise JournalError(path, f"{type(err).__name__}: {err}") from None
+
+
+def _optional_count(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+        raise ValueError(f"pid_start is {value!r}, not a count of clock ticks")
+    return value

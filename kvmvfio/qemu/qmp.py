@@ -36,7 +36,8 @@ from kvmvfio.errors import (
     QemuRefused,
     UsageError,
 )
-from kvmvfio.vfio.files import OwnedFd, pid_alive
+from kvmvfio.host.procs import pid_alive
+from kvmvfio.vfio.files import OwnedFd
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 from kvmvfio._lazy import lazy_getattr
 
 if TYPE_CHECKING:
+    from kvmvfio.host.procs import holders
     from kvmvfio.vfio.container import Container
     from kvmvfio.vfio.device import Device, DeviceInfo, IrqInfo, RegionInfo
-    from kvmvfio.vfio.files import FdClosed, OwnedFd, holders, open_node
+    from kvmvfio.vfio.files import FdClosed, OwnedFd, open_node
     from kvmvfio.vfio.group import Group
     from kvmvfio.vfio.iommufd import Iommufd
     from kvmvfio.vfio.policy import Backend, Coherency
@@ -35,7 +36,7 @@ _LAZY = {
     "RegionInfo": "kvmvfio.vfio.device",
     "FdClosed": "kvmvfio.vfio.files",
     "OwnedFd": "kvmvfio.vfio.files",
-    "holders": "kvmvfio.vfio.files",
+    "holders": "kvmvfio.host.procs",
     "open_node": "kvmvfio.vfio.files",
     "Group": "kvmvfio.vfio.group",
     "Iommufd": "kvmvfio.vfio.iommufd",

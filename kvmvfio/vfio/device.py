@@ -25,7 +25,8 @@ from typing import TypeVar
 
 from kvmvfio import uapi
 from kvmvfio.errors import Busy, KernelError, NoInterruptRemapping
-from kvmvfio.vfio.files import FdObject, OwnedFd, holders, open_node
+from kvmvfio.host.procs import holders
+from kvmvfio.vfio.files import FdObject, OwnedFd, open_node
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from kvmvfio._closing import Closing
 from kvmvfio.errors import Busy, KernelError, KvmvfioError, PermissionDenied
+from kvmvfio.host.procs import holders
 
 log = logging.getLogger(__name__)
 
@@ -62,60 +63,6 @@ class OwnedFd:
 
     def __repr__(self) -> str:
         return f"OwnedFd({self._fd}, {self.path!r})"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (one we may not signal counts as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def holders(
-    *paths: str | Path, proc: str | Path = "/proc", pids: Collection[int] | None = None
-) -> list[str]:
-    """Other processes that have any of ``paths`` open, as ``"pid N (comm)"`` (best effort).
-
-    Reads ``/proc/*/fd`` (only ``pids``' when given); processes we may not
-    inspect, or that are gone, are skipped.
-    """
-    targets = {str(p) for p in paths}
-    found: list[str] = []
-    me = os.getpid()
-    if pids is None:
-        try:
-            pids = [int(p) for p in os.listdir(proc) if p.isdigit()]
-        except OSError:
-            return []
-    for pid in map(str, pids):
-        if int(pid) == me:
-            continue
-        fd_dir = os.path.join(proc, pid, "fd")
-        try:
-            links = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in links:
-            try:
-                if os.readlink(os.path.join(fd_dir, fd)) in targets:
-                    break
-            except OSError:
-                continue
-        else:
-            continue
-        try:
-            with open(os.path.join(proc, pid, "comm")) as f:
-                comm = f.read().strip()
-        except OSError:
-            comm = "?"
-        found.append(f"pid {pid} ({comm})")
-    return found
 
 
 def open_node(

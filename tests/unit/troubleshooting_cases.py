@@ -23,6 +23,7 @@ from kvmvfio.errors import (
 )
 from kvmvfio.libvirt.metadata import MetadataError
 from kvmvfio.prepare import ClaimedBy
+from kvmvfio.prepare.owners import Liveness
 from kvmvfio.prepare.safety import UnsafeToUnbind
 
 CASES: dict[str, KvmvfioError] = {
@@ -60,7 +61,7 @@ CASES: dict[str, KvmvfioError] = {
     "unsafe to unbind": UnsafeToUnbind(
         "0000:00:05.0", "e1000e", "default-route", "carries the default route (eth0)"
     ),
-    "claimed": ClaimedBy(14, "vm1", 4242, False),
+    "claimed": ClaimedBy(14, "vm1", 4242, Liveness(False, "process 4242 has exited")),
     "detach timeout": DetachTimeout("0000:03:00.0", "kvmvfio-0000-03-00-0", 30),
     "QEMU does not answer": QemuNoAnswer("device_add", 4242, 120),
     "no IOMMU group": NoIommuGroup("0000:03:00.0"),

@@ -20,6 +20,10 @@ import errno as _errno
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmvfio.host.iommu import NoGroup
 
 #: Longest piece of untrusted text :func:`shown` keeps.
 MAX_SHOWN = 200
@@ -121,14 +125,18 @@ class GroupNotFound(NotFound):
 
 
 class NoIommuGroup(KvmvfioError):
-    """The device is in no IOMMU group: the host has no (enabled) IOMMU for it."""
+    """The device is in no IOMMU group; ``why`` (a :class:`~kvmvfio.host.NoGroup`) says why.
 
-    def __init__(self, address: str) -> None:
+    ``why.cause`` is the reason as data (no IOMMU in use, the device is the
+    IOMMU, not probed until a driver binds, not covered), ``why.iommu`` the
+    IOMMU concerned; the sentence is ``why.reason``.
+    """
+
+    def __init__(self, address: str, why: NoGroup | None = None) -> None:
         self.address = address
-        super().__init__(
-            f"PCI device {address} is in no IOMMU group: the host's IOMMU is off or absent "
-            "(enable VT-d/AMD-Vi in the firmware and boot with intel_iommu=on or amd_iommu=on)"
-        )
+        self.why = why
+        reason = "the host's IOMMU does not translate it" if why is None else why.reason
+        super().__init__(f"PCI device {address} is in no IOMMU group: {reason}")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,6 @@ def build_host(tmp_path: Path) -> Callable[[Topology], Host]:
 
     def build(topology: Topology) -> Host:
         sysfs, devfs = topology.build(tmp_path / "root")
-        return Host(sysfs, devfs)
+        return Host(sysfs, devfs, sysfs.parent / "proc")
 
     return build

@@ -14,8 +14,13 @@ The tree is laid out as Linux lays out the real one, symlinks included::
     sys/bus/pci/drivers/<name>/<addr> -> ../../../../devices/...
     sys/kernel/iommu_groups/<N>/devices/<addr> -> ../../../../devices/...
     sys/kernel/iommu_groups/<N>/name                    ("vfio-noiommu", no-IOMMU only)
-    sys/class/iommu/dmar0, sys/class/vfio-dev/vfio<k> -> ...
+    sys/class/iommu/dmar0 -> ../../devices/virtual/iommu/dmar0
+    sys/class/iommu/0000:00:02.0 -> ../../devices/pci0000:00/0000:00:02.0/virtio0/iommu/0000:00:02.0
+        device -> ../../../virtio0, virtio0/driver -> bus/virtio/drivers/virtio_iommu
+    sys/class/vfio-dev/vfio<k> -> ...
+    sys/firmware/acpi/tables/DMAR ...                   (``Topology.acpi_tables``)
     dev/vfio/vfio dev/iommu dev/kvm dev/vfio/<N> dev/vfio/devices/vfio<k>
+    proc/cmdline proc/cpuinfo                           (beside sys/ and dev/)
 
 Device nodes are plain files: the host model only checks that they exist.
 VFs sit next to their PF (the kernel puts them under the PF's parent), at
@@ -148,6 +153,23 @@ class Foreign:
     driver: str | None = None
 
 
+@dataclass
+class Iommu:
+    """An IOMMU unit in /sys/class/iommu; ``function``: the PCI function it is, if any.
+
+    With ``virtio``, a virtio-iommu as the kernel shows one: named after its
+    PCI function, under that function's virtio device (on ``virtio_iommu``).
+    """
+
+    name: str
+    function: str | None = None
+    virtio: bool = False
+
+    @classmethod
+    def virtio_pci(cls, function: str) -> Iommu:
+        return cls(function, function, virtio=True)
+
+
 DEFAULT_NODES = frozenset({"vfio", "iommu", "kvm"})
 
 
@@ -160,8 +182,16 @@ class Topology:
     noiommu_groups: Collection[int] = ()
     #: Of ``vfio`` (/dev/vfio/vfio), ``iommu`` (/dev/iommu), ``kvm`` (/dev/kvm).
     dev_nodes: Collection[str] = DEFAULT_NODES
-    #: An IOMMU in /sys/class/iommu.
+    #: An IOMMU in /sys/class/iommu (``dmar0``), unless ``iommus`` names them.
     iommu: bool = True
+    iommus: Sequence[Iommu] | None = None
+    #: /sys/kernel/iommu_groups exists (the kernel has IOMMU support).
+    groups_dir: bool = True
+    #: Names in /sys/firmware/acpi/tables; None: no such directory.
+    acpi_tables: Collection[str] | None = None
+    #: /proc/cmdline, and the vendor_id of /proc/cpuinfo (None: no such line).
+    cmdline: str = "BOOT_IMAGE=/boot/vmlinuz-6.12.0 root=/dev/sda1 ro quiet"
+    cpu_vendor: str | None = "GenuineIntel"
     #: The kernel has VFIO device cdevs (``vfio-dev/vfioN/dev``, /dev/vfio/devices).
     cdev: bool = True
     #: Drivers registered whether or not a device is bound to them.
@@ -180,7 +210,7 @@ class Topology:
             stack.extend(reversed(dev.children))
 
     def build(self, root: str | Path) -> tuple[Path, Path]:
-        """Write the tree under ``root``; return ``(sysfs, devfs)``."""
+        """Write the tree under ``root``; return ``(sysfs, devfs)`` (procfs: ``root/proc``)."""
         return _Builder(self, Path(root)).build()
 
 
@@ -217,15 +247,15 @@ class _Builder:
         self.cdevs = 0
 
     def build(self) -> tuple[Path, Path]:
-        for d in ("devices", "bus/pci/devices", "bus/pci/drivers", "kernel/iommu_groups"):
+        for d in ("devices", "bus/pci/devices", "bus/pci/drivers"):
             (self.sys / d).mkdir(parents=True, exist_ok=True)
+        if self.topo.groups_dir:
+            (self.sys / "kernel" / "iommu_groups").mkdir(parents=True)
         (self.sys / "class" / "iommu").mkdir(parents=True)
         (self.sys / "class" / "vfio-dev").mkdir(parents=True)
         (self.dev / "vfio").mkdir(parents=True)
         for name in self.topo.drivers:
             self._driver_dir(name)
-        if self.topo.iommu:
-            (self.sys / "class" / "iommu" / "dmar0").mkdir()
         for node, path in (("vfio", "vfio/vfio"), ("iommu", "iommu"), ("kvm", "kvm")):
             if node in self.topo.dev_nodes:
                 _write(self.dev / path, b"")
@@ -236,7 +266,45 @@ class _Builder:
             self._function(dev, parent, None)
         for f in self.topo.foreign:
             self._foreign(f)
+        iommus = self.topo.iommus
+        if iommus is None:
+            iommus = [Iommu("dmar0")] if self.topo.iommu else []
+        for unit in iommus:
+            self._iommu(unit)
+        self._firmware_and_proc()
         return self.sys, self.dev
+
+    def _iommu(self, unit: Iommu) -> None:
+        if unit.function is None:  # VT-d: no parent device
+            parent = None
+            path = self.sys / "devices" / "virtual" / "iommu" / unit.name
+        else:  # AMD-Vi: under its PCI function; virtio-iommu: under its virtio device
+            parent = self.paths[PciAddress.parse(unit.function)]
+            if unit.virtio:
+                parent = parent / "virtio0"
+                parent.mkdir()
+                _link(parent / "driver", self.sys / "bus" / "virtio" / "drivers" / "virtio_iommu")
+            path = parent / "iommu" / unit.name
+        (path / "devices").mkdir(parents=True)
+        _write(path / "uevent", b"")
+        if parent is not None:
+            _link(path / "device", parent)
+        _link(self.sys / "class" / "iommu" / unit.name, path)
+
+    def _firmware_and_proc(self) -> None:
+        if self.topo.acpi_tables is not None:
+            tables = self.sys / "firmware" / "acpi" / "tables"
+            tables.mkdir(parents=True)
+            for name in self.topo.acpi_tables:
+                _write(tables / name, b"")
+        proc = self.sys.parent / "proc"
+        proc.mkdir(exist_ok=True)
+        _write(proc / "cmdline", self.topo.cmdline.encode() + b"\n")
+        lines = ["processor\t: 0"]
+        if self.topo.cpu_vendor is not None:
+            lines.append(f"vendor_id\t: {self.topo.cpu_vendor}")
+        lines += ["cpu family\t: 6", "model name\t: a CPU", "", ""]
+        _write(proc / "cpuinfo", "\n".join(lines).encode())
 
     def _driver_dir(self, name: str) -> Path:
         path = self.sys / "bus" / "pci" / "drivers" / name

@@ -1,7 +1,7 @@
 """``kvmvfio inventory`` and ``kvmvfio group``: the host model on the command line.
 
-Both read only; ``--sysfs-root`` and ``--dev-root`` point them at another
-tree (a fake one in tests, a chroot's). ``--json`` prints the stable schema
+Both read only; ``--sysfs-root``, ``--dev-root`` and ``--proc-root`` point
+them at another tree (a fake one in tests, a chroot's). ``--json`` prints the stable schema
 documented in ``docs/cli-json.md``; the functions that build it
 (:func:`device_json`, :func:`group_json`, :func:`inventory_json`) are
 the one definition of that schema.
@@ -19,9 +19,12 @@ from pathlib import Path
 from kvmvfio.errors import InvalidGroup, UsageError
 from kvmvfio.host import (
     Host,
+    HostIommu,
     HostSupport,
     Inventory,
     IommuGroup,
+    NoGroup,
+    NoGroupCause,
     PciAddress,
     PciDevice,
     blocker_of,
@@ -43,8 +46,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="list PCI functions, their drivers and IOMMU groups, and what the host supports",
         description=(
             "List every PCI function with its IDs, class, driver, IOMMU group, whether "
-            "that group is viable for VFIO, and its VFIO device cdev; then say which "
-            "VFIO, iommufd and KVM files the host has. Reads only."
+            "that group is viable for VFIO, and its VFIO device cdev (for a function in "
+            "no group, why); then say which IOMMUs the kernel uses and which VFIO, "
+            "iommufd and KVM files the host has. Reads only."
         ),
     )
     _common(inv)
@@ -57,8 +61,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "Show the IOMMU group numbered N, or the group of the PCI function at ADDR: "
             "its members, their drivers, and whether the group is viable (every member "
             "on vfio-pci or a variant, pci-stub, pcieport, or no driver), naming each "
-            "member in the way and why. Exit status: 0 viable, 1 not viable or not "
-            "found, 2 malformed argument."
+            "member in the way and why. For a function in no IOMMU group, say why "
+            "(no IOMMU in use, the function is the IOMMU, not probed until a driver "
+            "binds, not covered). Exit status: 0 viable, 1 not viable, not found or in "
+            "no group, 2 malformed argument."
         ),
     )
     grp.add_argument(
@@ -82,13 +88,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dev-root", metavar="DIR", default="/dev", help="/dev to look in (default: /dev)"
     )
+    parser.add_argument(
+        "--proc-root",
+        metavar="DIR",
+        default="/proc",
+        help="/proc to read the kernel command line and CPU vendor from (default: /proc)",
+    )
 
 
 def _host(args: argparse.Namespace) -> Host:
-    for flag, value in (("--sysfs-root", args.sysfs_root), ("--dev-root", args.dev_root)):
+    for flag, value in (
+        ("--sysfs-root", args.sysfs_root),
+        ("--dev-root", args.dev_root),
+        ("--proc-root", args.proc_root),
+    ):
         if not Path(value).is_dir():
             raise UsageError(f"{flag} {value}: not a directory")
-    return Host(args.sysfs_root, args.dev_root)
+    return Host(args.sysfs_root, args.dev_root, args.proc_root)
 
 
 # -- JSON -------------------------------------------------------------------
@@ -98,8 +114,22 @@ def _hex(value: int | None, digits: int) -> str | None:
     return None if value is None else f"0x{value:0{digits}x}"
 
 
-def device_json(dev: PciDevice) -> JsonObject:
-    """One PCI function as the ``--json`` schema has it."""
+def no_group_json(why: NoGroup | None) -> JsonObject | None:
+    """Why a function is in no IOMMU group, as the ``--json`` schema has it."""
+    if why is None:
+        return None
+    return {
+        "cause": why.cause.value,
+        "iommu": None if why.iommu is None else why.iommu.value,
+        "units": list(why.units),
+        "setting": why.setting,
+        "bind_gives_group": why.bind_gives_group,
+        "reason": why.reason,
+    }
+
+
+def device_json(dev: PciDevice, no_group: NoGroup | None = None) -> JsonObject:
+    """One PCI function as the ``--json`` schema has it (``no_group``: why it has none)."""
     return {
         "address": str(dev.address),
         "vendor": _hex(dev.vendor, 4),
@@ -120,6 +150,7 @@ def device_json(dev: PciDevice) -> JsonObject:
         "sriov_numvfs": dev.sriov_numvfs,
         "vfio_cdev": dev.vfio_cdev,
         "boot_vga": dev.boot_vga,
+        "no_group": no_group_json(no_group),
     }
 
 
@@ -139,17 +170,41 @@ def group_json(group: IommuGroup, devfs: str | Path) -> JsonObject:
     }
 
 
-def support_json(support: HostSupport) -> JsonObject:
-    """What the host supports, as the ``--json`` schema has it."""
-    return {**support.as_dict(), "missing": list(support.missing())}
+def iommu_json(iommu: HostIommu) -> JsonObject:
+    """The host's IOMMU facts, as fields of the ``--json`` schema's host object."""
+    tables = iommu.firmware_tables
+    return {
+        "iommu_units": [
+            {
+                "name": u.name,
+                "kind": u.kind.value,
+                "function": None if u.function is None else str(u.function),
+            }
+            for u in iommu.units
+        ],
+        "iommu_groups_supported": iommu.groups_supported,
+        "iommu_kernel_args": list(iommu.kernel_args),
+        "iommu_off_by": iommu.off_by if not iommu.in_use else None,
+        "iommu_firmware_tables": None if tables is None else list(tables),
+        "cpu_vendor": iommu.cpu_vendor,
+    }
+
+
+def support_json(support: HostSupport, iommu: HostIommu | None = None) -> JsonObject:
+    """What the host supports (and, given ``iommu``, its IOMMUs), as the ``--json`` schema has
+    it."""
+    doc: JsonObject = {**support.as_dict(), "missing": list(support.missing(iommu))}
+    if iommu is not None:
+        doc.update(iommu_json(iommu))
+    return doc
 
 
 def inventory_json(inv: Inventory, devfs: str | Path) -> JsonObject:
     """The whole ``inventory --json`` document."""
     return {
         "schema": SCHEMA,
-        "host": support_json(inv.support),
-        "devices": [device_json(d) for d in inv.devices],
+        "host": support_json(inv.support, inv.iommu),
+        "devices": [device_json(d, inv.no_group(d)) for d in inv.devices],
         "groups": [group_json(g, devfs) for g in inv.groups],
     }
 
@@ -177,8 +232,19 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _notes(dev: PciDevice, group: IommuGroup | None) -> str:
+#: What the NOTES column says of a function in no group, when the reason is
+#: its own (the host-wide reasons are said once, under the table).
+_NO_GROUP_NOTES = {
+    NoGroupCause.IS_IOMMU: "no group: the IOMMU itself",
+    NoGroupCause.NOT_PROBED: "no group until a driver binds",
+    NoGroupCause.NOT_COVERED: "no group: outside the IOMMU",
+}
+
+
+def _notes(dev: PciDevice, group: IommuGroup | None, why: NoGroup | None = None) -> str:
     notes = []
+    if why is not None and why.cause in _NO_GROUP_NOTES:
+        notes.append(_NO_GROUP_NOTES[why.cause])
     if dev.sriov_totalvfs is not None:
         notes.append(f"PF {dev.sriov_numvfs}/{dev.sriov_totalvfs} VFs")
     if dev.physfn is not None:
@@ -213,11 +279,29 @@ def render_inventory(inv: Inventory) -> str:
                 "-" if dev.iommu_group is None else str(dev.iommu_group),
                 _viable(group),
                 dev.vfio_cdev or "-",
-                _notes(dev, group),
+                _notes(dev, group, inv.no_group(dev)),
             )
         )
     text = _table(rows) if inv.devices else "No PCI functions found."
-    return f"{text}\n\n{inv.support.explain()}"
+    return f"{text}\n\n{render_iommu(inv)}\n{inv.support.explain(inv.iommu)}"
+
+
+def render_iommu(inv: Inventory) -> str:
+    """The line under the inventory table: the IOMMUs in use, and the functions in no group."""
+    units = inv.iommu.units
+    if not units:
+        text = "IOMMU: none in use."
+    else:
+        kinds: dict[str, list[str]] = {}
+        for u in units:
+            kinds.setdefault(u.kind.label, []).append(u.name)
+        text = "IOMMU: " + "; ".join(f"{k} ({', '.join(n)})" for k, n in kinds.items()) + "."
+    if inv.iommu.kernel_args:
+        text += f" Kernel command line: {' '.join(inv.iommu.kernel_args)}."
+    lost = [d for d in inv.devices if d.iommu_group is None]
+    if units and lost:
+        text += f" {len(lost)} function(s) in no IOMMU group; `kvmvfio group ADDR` says why."
+    return text
 
 
 def render_group(group: IommuGroup, devfs: str | Path) -> str:

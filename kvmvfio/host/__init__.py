@@ -9,12 +9,24 @@ snapshots:
   node, reset methods, SR-IOV links, VFIO cdev);
 - :class:`IommuGroup`: its members and viability as the kernel decides it,
   with a :class:`~kvmvfio.errors.Blocker` per member in the way;
-- :class:`HostSupport`: which VFIO / iommufd / KVM files exist.
+- :class:`HostSupport`: which VFIO / iommufd / KVM files exist;
+- :class:`HostIommu`: the IOMMUs the kernel uses (:class:`IommuUnit`, of an
+  :class:`IommuKind`), and :class:`NoGroup`: why a function is in no group
+  (a :class:`NoGroupCause`).
 """
 
 from kvmvfio.host.address import PciAddress
 from kvmvfio.host.context import Host, Inventory, parse_group_number
-from kvmvfio.host.iommu import ForeignMember, IommuGroup, blocker_of
+from kvmvfio.host.iommu import (
+    ForeignMember,
+    HostIommu,
+    IommuGroup,
+    IommuKind,
+    IommuUnit,
+    NoGroup,
+    NoGroupCause,
+    blocker_of,
+)
 from kvmvfio.host.pci import (
     PciDevice,
     class_name,
@@ -27,9 +39,14 @@ from kvmvfio.host.support import HostSupport
 __all__ = [
     "ForeignMember",
     "Host",
+    "HostIommu",
     "HostSupport",
     "Inventory",
     "IommuGroup",
+    "IommuKind",
+    "IommuUnit",
+    "NoGroup",
+    "NoGroupCause",
     "PciAddress",
     "PciDevice",
     "blocker_of",

@@ -26,7 +26,7 @@ from kvmvfio.errors import (
     SysfsError,
 )
 from kvmvfio.host.address import PciAddress
-from kvmvfio.host.iommu import NOIOMMU_NAME, ForeignMember, IommuGroup
+from kvmvfio.host.iommu import NOIOMMU_NAME, ForeignMember, HostIommu, IommuGroup, NoGroup
 from kvmvfio.host.pci import (
     PciDevice,
     decode_text,
@@ -77,29 +77,40 @@ def parse_group_number(value: int | str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Inventory:
-    """Every PCI function and IOMMU group of the host, and what it supports."""
+    """Every PCI function and IOMMU group of the host, what it supports, its IOMMUs."""
 
     devices: tuple[PciDevice, ...]
     groups: tuple[IommuGroup, ...]
     support: HostSupport
+    iommu: HostIommu
 
     def groups_by_number(self) -> dict[int, IommuGroup]:
         """The groups keyed by number."""
         return {g.number: g for g in self.groups}
 
+    def no_group(self, device: PciDevice) -> NoGroup | None:
+        """Why ``device`` is in no IOMMU group; None when it is in one."""
+        return self.iommu.no_group(device)
+
 
 class Host:
     """A host's PCI devices, IOMMU groups and VFIO/KVM support, read from its files."""
 
-    def __init__(self, sysfs: str | Path = "/sys", devfs: str | Path = "/dev") -> None:
-        """Read devices from ``sysfs`` and device files from ``devfs`` (nothing is read yet)."""
+    def __init__(
+        self, sysfs: str | Path = "/sys", devfs: str | Path = "/dev", procfs: str | Path = "/proc"
+    ) -> None:
+        """Read ``sysfs``, ``devfs`` and ``procfs`` (command line, CPU vendor); nothing yet."""
         self.sysfs = Path(sysfs)
         self.devfs = Path(devfs)
+        self.procfs = Path(procfs)
         self._bus = f"{self.sysfs}/bus/pci/devices"
         self._groups = f"{self.sysfs}/kernel/iommu_groups"
 
     def __repr__(self) -> str:
-        return f"Host(sysfs={str(self.sysfs)!r}, devfs={str(self.devfs)!r})"
+        return (
+            f"Host(sysfs={str(self.sysfs)!r}, devfs={str(self.devfs)!r}, "
+            f"procfs={str(self.procfs)!r})"
+        )
 
     # -- devices ----------------------------------------------------------
 
@@ -189,7 +200,7 @@ class Host:
 
         Raise :class:`~kvmvfio.errors.DeviceNotFound` when there is no such
         function, :class:`~kvmvfio.errors.NoIommuGroup` when it is in no
-        group (no IOMMU, or one that has not taken the device).
+        group, with the reason (:meth:`no_group`).
         """
         address = PciAddress.coerce(addr)
         path = f"{self._bus}/{address}"
@@ -202,7 +213,9 @@ class Host:
                 ) from err
             if not os.path.isdir(path):
                 raise DeviceNotFound(str(address), str(self.sysfs)) from None
-            raise NoIommuGroup(str(address)) from None
+            # None when it got its group meanwhile (a driver bound): then the
+            # error says only that it had none.
+            raise NoIommuGroup(str(address), self.no_group(address)) from None
         number = group_from_link(target, f"{path}/iommu_group")
         group = self._read_group(number, {})
         if group is None:  # the group went away with its last device
@@ -255,14 +268,25 @@ class Host:
             raise KernelError(err.errno or errno.EIO, "readlink", f"{path}/driver") from err
         return ForeignMember(name, driver_from_link(target, f"{path}/driver"))
 
+    def no_group(self, addr: str | PciAddress) -> NoGroup | None:
+        """Why the function at ``addr`` is in no IOMMU group; None when it is in one.
+
+        Raise :class:`~kvmvfio.errors.DeviceNotFound` when there is no such function.
+        """
+        return self.iommu().no_group(self.device(addr))
+
     # -- support ----------------------------------------------------------
 
     def support(self) -> HostSupport:
         """What the host offers for VFIO, iommufd and KVM (see :class:`HostSupport`)."""
         return HostSupport.probe(self.sysfs, self.devfs)
 
+    def iommu(self) -> HostIommu:
+        """The IOMMUs the kernel uses, and why there are none (see :class:`HostIommu`)."""
+        return HostIommu.probe(self.sysfs, self.procfs)
+
     def inventory(self) -> Inventory:
-        """Read devices, groups and support in one pass over sysfs."""
+        """Read devices, groups, support and IOMMUs in one pass over sysfs."""
         devices = self.devices()
         groups = self._all_groups({d.address: d for d in devices})
-        return Inventory(tuple(devices), tuple(groups), self.support())
+        return Inventory(tuple(devices), tuple(groups), self.support(), self.iommu())

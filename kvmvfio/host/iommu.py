@@ -22,10 +22,13 @@ of those; any other driver blocks it, a bridge's included (a PCI bridge on
 
 A PCI function in no group at all cannot be given to a VM, and why depends
 on the host (:class:`HostIommu`, :class:`NoGroup`). Each IOMMU the kernel
-uses is a directory in ``/sys/class/iommu``, named by its driver: ``dmarN``
+uses is an entry of ``/sys/class/iommu``, named by its driver: ``dmarN``
 (Intel VT-d, ``drivers/iommu/intel/dmar.c``), ``ivhdN`` (AMD-Vi,
-``amd/init.c``), ``virtioN`` (virtio-iommu, named after its virtio device,
-``virtio-iommu.c``), ``smmu3.0x...`` / ``smmu.0x...`` (Arm SMMUv3 / v2).
+``amd/init.c``), ``smmu3.0x...`` / ``smmu.0x...`` (Arm SMMUv3 / v2). A
+virtio-iommu is named after its transport (``virtio_bus_name``: the PCI
+address of a virtio-iommu-pci, ``0000:00:02.0`` in the lab) and is known
+by the driver of the virtio device its ``device`` link points to,
+``virtio_iommu`` (``virtio-iommu.c``).
 An empty class means no IOMMU is in use: absent from the firmware, turned
 off on the kernel command line (``intel_iommu=off``, ``amd_iommu=off``,
 ``iommu=off``; VT-d's units are then not even registered), or not built
@@ -167,12 +170,17 @@ class IommuKind(enum.Enum):
         return self not in (IommuKind.INTEL_VTD, IommuKind.AMD_VI)
 
     @classmethod
-    def of_unit(cls, name: str) -> IommuKind:
-        """The kind of the unit named ``name`` in ``/sys/class/iommu``."""
+    def of_unit(cls, name: str, driver: str | None = None) -> IommuKind:
+        """The kind of the unit named ``name`` in ``/sys/class/iommu``.
+
+        ``driver``: the driver of the device the unit's ``device`` link
+        points to (``virtio_iommu`` for a virtio-iommu, whose name is its
+        transport's), for the names that do not say.
+        """
         for kind, pattern in _UNIT_NAMES:
             if pattern.fullmatch(name):
                 return kind
-        return cls.OTHER
+        return _UNIT_DRIVERS.get(driver or "", cls.OTHER)
 
 
 _LABELS = {
@@ -187,10 +195,14 @@ _LABELS = {
 _UNIT_NAMES = (
     (IommuKind.INTEL_VTD, re.compile(r"dmar[0-9]{1,10}")),
     (IommuKind.AMD_VI, re.compile(r"ivhd[0-9]{1,10}")),
-    (IommuKind.VIRTIO, re.compile(r"virtio[0-9]{1,10}")),
     (IommuKind.ARM_SMMU_V3, re.compile(r"smmu3\.0x[0-9a-f]{1,16}")),
     (IommuKind.ARM_SMMU, re.compile(r"smmu\.0x[0-9a-f]{1,16}")),
 )
+_UNIT_DRIVERS = {
+    "virtio_iommu": IommuKind.VIRTIO,
+    "arm-smmu-v3": IommuKind.ARM_SMMU_V3,
+    "arm-smmu": IommuKind.ARM_SMMU,
+}
 #: ACPI tables that describe an IOMMU to the kernel, and which one. (IORT is
 #: left out: Arm firmware has one for its interrupt controller, SMMU or not.)
 FIRMWARE_TABLES = {"DMAR": IommuKind.INTEL_VTD, "IVRS": IommuKind.AMD_VI, "VIOT": IommuKind.VIRTIO}
@@ -393,28 +405,29 @@ class HostIommu:
         table = next(iter(self.firmware_tables or ()), None)
         if table is not None:
             fix = {
-                IommuKind.INTEL_VTD: "boot with intel_iommu=on (on a kernel built with "
-                "CONFIG_INTEL_IOMMU); `dmesg | grep DMAR` says more",
-                IommuKind.AMD_VI: "the kernel needs CONFIG_AMD_IOMMU; `dmesg | grep AMD-Vi` "
-                "says more",
-                IommuKind.VIRTIO: "the kernel needs the virtio_iommu driver (CONFIG_VIRTIO_IOMMU)",
+                IommuKind.INTEL_VTD: "boot with intel_iommu=on, on a kernel built with "
+                "CONFIG_INTEL_IOMMU (`dmesg | grep DMAR` says more)",
+                IommuKind.AMD_VI: "it needs a kernel built with CONFIG_AMD_IOMMU "
+                "(`dmesg | grep AMD-Vi` says more)",
+                IommuKind.VIRTIO: "it needs a kernel with the virtio_iommu driver "
+                "(CONFIG_VIRTIO_IOMMU)",
             }[FIRMWARE_TABLES[table]]
             return (
                 f"the firmware describes {FIRMWARE_TABLES[table].label} (ACPI {table} table) "
                 f"but the kernel does not use it: {fix}"
             )
-        described = "" if self.firmware_tables is None else " and the firmware describes none"
+        own = {IommuKind.INTEL_VTD: "DMAR", IommuKind.AMD_VI: "IVRS"}.get(kind) if kind else None
+        if self.firmware_tables is None:
+            found = "the kernel found no IOMMU"
+        elif own is not None:
+            found = f"the firmware describes no IOMMU (no ACPI {own} table)"
+        else:
+            found = "the firmware describes no IOMMU"
         if kind is IommuKind.INTEL_VTD:
-            return (
-                f"no IOMMU is in use{described}: enable VT-d in the firmware setup, "
-                "then boot with intel_iommu=on"
-            )
+            return f"{found}: enable VT-d in the firmware setup, then boot with intel_iommu=on"
         if kind is IommuKind.AMD_VI:
-            return f"no IOMMU is in use{described}: enable the IOMMU (AMD-Vi) in the firmware setup"
-        return (
-            f"no IOMMU is in use{described}: enable the platform's IOMMU in the firmware "
-            "setup, if it has one"
-        )
+            return f"{found}: enable the IOMMU (AMD-Vi) in the firmware setup"
+        return f"{found}: enable the platform's IOMMU in the firmware setup, if it has one"
 
     def no_group(self, device: PciDevice) -> NoGroup | None:
         """Why ``device`` is in no IOMMU group; None when it is in one."""
@@ -437,8 +450,8 @@ class HostIommu:
                 unit.kind,
                 (unit.name,),
                 None,
-                f"it is the IOMMU itself ({unit.kind.label} {unit.name}), which does not "
-                "translate its own DMA: it cannot be given to a VM",
+                f"it is the IOMMU itself ({_unit_text(unit)}), which does not translate its "
+                "own DMA: it cannot be given to a VM",
             )
         lazy = [u for u in self.units if u.kind.probes_at_bind]
         if lazy and device.driver is None:
@@ -498,6 +511,13 @@ class HostIommu:
         )
 
 
+def _unit_text(unit: IommuUnit) -> str:
+    # A virtio-iommu-pci is named after its own address: the name adds nothing.
+    if unit.function is not None and unit.name == str(unit.function):
+        return unit.kind.label
+    return f"{unit.kind.label} {unit.name}"
+
+
 def _kind_of(arg: str) -> IommuKind:
     return IommuKind.AMD_VI if arg.startswith("amd_iommu=") else IommuKind.INTEL_VTD
 
@@ -536,20 +556,31 @@ def _units(base: Path) -> tuple[IommuUnit, ...]:
     for name in sorted(_listdir(base) or ()):
         if not name.isprintable():
             continue  # not a name a driver gives
-        try:
-            target = os.readlink(base / name)
-        except OSError as err:
-            if err.errno not in (*_GONE, errno.EINVAL):
-                raise KernelError(err.errno or errno.EIO, "readlink", str(base / name)) from err
-            target = ""  # gone, or not a link (a fake tree)
-        out.append(IommuUnit(name, IommuKind.of_unit(name), _function_in(target)))
+        target = _readlink(base / name) or ""
+        driver = _readlink(base / name / "device" / "driver")
+        kind = IommuKind.of_unit(name, None if driver is None else driver.rpartition("/")[2])
+        out.append(IommuUnit(name, kind, _function_in(target)))
     return tuple(out)
 
 
+def _readlink(path: Path) -> str | None:
+    """A symlink's target; None when it is not there (or not a link, as in a fake tree)."""
+    try:
+        return os.readlink(path)
+    except OSError as err:
+        if err.errno in (*_GONE, errno.EINVAL):
+            return None
+        raise KernelError(err.errno or errno.EIO, "readlink", str(path)) from err
+
+
 def _function_in(target: str) -> PciAddress | None:
-    """The last PCI function on a sysfs device path: the one the IOMMU is, or sits on."""
+    """The PCI function a unit's sysfs path runs through: the one the IOMMU is.
+
+    ``.../pci0000:00/0000:00:02.0/virtio0/iommu/0000:00:02.0``: the last
+    PCI address before the unit's own name (which may be one).
+    """
     found = None
-    for part in target.split("/"):
+    for part in target.split("/")[:-1]:
         try:
             found = PciAddress.parse(part)
         except InvalidAddress:

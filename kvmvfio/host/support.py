@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from kvmvfio.host.iommu import HostIommu
+
 
 def _any_cdev(sysfs: Path) -> bool:
     """True when some VFIO device in ``/sys/class/vfio-dev`` has a device number."""
@@ -86,13 +88,19 @@ class HostSupport:
             and (self.vfio_container or self.iommufd)
         )
 
-    def missing(self) -> tuple[str, ...]:
-        """What is absent, one phrase each, with the way to get it."""
+    def missing(self, iommu: HostIommu | None = None) -> tuple[str, ...]:
+        """What is absent, one phrase each, with the way to get it.
+
+        ``iommu``, the host's IOMMU facts, makes the IOMMU's phrase say why
+        there is none on this host (:meth:`HostIommu.absence`).
+        """
         out = []
         if not self.iommu:
+            absence = None if iommu is None else iommu.absence()
             out.append(
-                "no IOMMU in use (enable VT-d/AMD-Vi in the firmware; boot with "
-                "intel_iommu=on or amd_iommu=on)"
+                "no IOMMU in use (`kvmvfio inventory` says why)"
+                if absence is None
+                else f"no IOMMU in use, because {absence[1]}"
             )
         if not self.vfio_pci_driver:
             out.append("no vfio-pci driver (modprobe vfio-pci)")
@@ -109,8 +117,11 @@ class HostSupport:
             out.append("no /dev/kvm (modprobe kvm_intel or kvm_amd)")
         return tuple(out)
 
-    def explain(self) -> str:
-        """One sentence on what this host can do and what it lacks."""
+    def explain(self, iommu: HostIommu | None = None) -> str:
+        """One sentence on what this host can do and what it lacks.
+
+        ``iommu``: as for :meth:`missing`.
+        """
         paths = []
         if self.vfio_container:
             paths.append("group + container")
@@ -118,7 +129,7 @@ class HostSupport:
             paths.append("group on iommufd")
         if self.iommufd and self.device_cdev:
             paths.append("device cdev")
-        missing = self.missing()
+        missing = self.missing(iommu)
         if self.usable:
             text = f"Host can assign devices via: {', '.join(paths)}."
         else:

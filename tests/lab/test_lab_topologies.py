@@ -9,13 +9,14 @@ coherency (0 on ``default``, 1 on ``coherent``).
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from kvmvfio import uapi
-from kvmvfio.host import Host
+from kvmvfio.host import Host, IommuKind, NoGroupCause
 from kvmvfio.lab.topology import Topology
 
 pytestmark = pytest.mark.lab
@@ -27,6 +28,12 @@ def _group_members(number: int) -> set[str]:
 
 def _group_of(addr: str) -> int:
     return int(os.path.basename(os.readlink(f"/sys/bus/pci/devices/{addr}/iommu_group")))
+
+
+def _kvmvfio(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["kvmvfio", *args], capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 @pytest.mark.topology("default", "coherent")
@@ -56,8 +63,23 @@ def test_virtio_iommu_groups_devices_when_a_driver_binds(
     edu1 = topology.guest_address("edu1")
     assert _group_members(_group_of(nic)) == {nic}  # e1000e bound at boot
     assert not Path(f"/sys/bus/pci/devices/{edu1}/iommu_group").exists()
-    vfio_bind(edu1)
+    # kvmvfio says so; prepare refuses with that, and changes nothing.
+    why = Host().no_group(edu1)
+    assert why is not None
+    assert (why.cause, why.iommu) == (NoGroupCause.NOT_PROBED, IommuKind.VIRTIO)
+    assert why.bind_gives_group
+    refused = _kvmvfio("prepare", "--owner", "lab-nogroup", edu1)
+    assert (refused.returncode, refused.stderr) == (
+        1,
+        f"kvmvfio: PCI device {edu1} is in no IOMMU group: {why.reason}\n",
+    )
+    assert not Path(f"/sys/bus/pci/devices/{edu1}/driver").exists()
+    vfio_bind(edu1)  # what the sentence says to do
     assert _group_members(_group_of(edu1)) == {edu1}
+    # ... after which prepare takes the device as it is.
+    done = _kvmvfio("prepare", "--owner", "lab-nogroup", edu1)
+    assert done.returncode == 0, done.stderr
+    assert _kvmvfio("release", "--owner", "lab-nogroup", edu1).returncode == 0
 
 
 def test_vfio_iommufd_and_kvm_nodes_exist() -> None:

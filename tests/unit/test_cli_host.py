@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fakesysfs import Dev, Foreign, Topology
+from fakesysfs import Dev, Foreign, Iommu, Topology
 
 from kvmvfio.cli import run
 from kvmvfio.host import Host
@@ -43,7 +43,14 @@ TOPOLOGY = Topology(
 
 
 def _roots(host: Host) -> list[str]:
-    return ["--sysfs-root", str(host.sysfs), "--dev-root", str(host.devfs)]
+    return [
+        "--sysfs-root",
+        str(host.sysfs),
+        "--dev-root",
+        str(host.devfs),
+        "--proc-root",
+        str(host.procfs),
+    ]
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -75,13 +82,17 @@ def test_inventory_table(build_host: BuildHost, capsys: pytest.CaptureFixture[st
     assert re.fullmatch(
         r"0000:01:00\.0 +8086:10d3 +Ethernet controller +e1000e +1 +no +-", rows["0000:01:00.0"]
     )
-    assert re.fullmatch(r"0000:00:1f\.0 .* lpc_ich +- +- +-", rows["0000:00:1f.0"])
+    assert re.fullmatch(
+        r"0000:00:1f\.0 .* lpc_ich +- +- +- +no group: outside the IOMMU", rows["0000:00:1f.0"]
+    )
     assert rows["0000:00:02.0"].endswith("override=vfio-pci, boot VGA")
     assert rows["0000:3b:00.0"].endswith("PF 2/8 VFs")
     assert rows["0000:3b:02.0"].endswith("VF of 0000:3b:00.0")
-    assert lines[-1] == (
-        "Host can assign devices via: group + container, group on iommufd, device cdev."
-    )  # fmt: skip
+    assert lines[-2:] == [
+        "IOMMU: Intel VT-d (dmar0). 1 function(s) in no IOMMU group; `kvmvfio group ADDR` "
+        "says why.",
+        "Host can assign devices via: group + container, group on iommufd, device cdev.",
+    ]
 
 
 def test_inventory_json_follows_the_documented_schema(
@@ -114,6 +125,18 @@ def test_inventory_json_follows_the_documented_schema(
     assert group3["other_members"] == [{"name": "soc:dma@0", "driver": None}]
     assert group3["dev_node"] == str(host.devfs / "vfio" / "3")
     assert doc["host"]["missing"] == []
+    assert doc["host"]["iommu_units"] == [{"name": "dmar0", "kind": "intel-vt-d", "function": None}]
+    assert (doc["host"]["iommu_groups_supported"], doc["host"]["cpu_vendor"]) == (
+        True,
+        "GenuineIntel",
+    )
+    assert (doc["host"]["iommu_off_by"], doc["host"]["iommu_firmware_tables"]) == (None, None)
+    lpc = next(d for d in doc["devices"] if d["address"] == "0000:00:1f.0")
+    assert set(lpc["no_group"]) == documented["No-group object"]
+    assert lpc["no_group"]["cause"] == "not-covered"
+    assert lpc["no_group"]["iommu"] == "intel-vt-d"
+    assert lpc["no_group"]["units"] == ["dmar0"]
+    assert [d["address"] for d in doc["devices"] if d["no_group"]] == ["0000:00:1f.0"]
 
 
 def _documented_fields() -> dict[str, set[str]]:
@@ -191,7 +214,11 @@ def test_group_json_exit_status_follows_viability(
         ("0000:00:20.0", 2, "slot 0x20 is above 0x1f"),
         ("99", 1, "no IOMMU group 99 on this host"),
         ("0000:00:04.0", 1, "no PCI device 0000:00:04.0 on this host"),
-        ("0000:00:1f.0", 1, "0000:00:1f.0 is in no IOMMU group"),
+        (
+            "0000:00:1f.0",
+            1,
+            "0000:00:1f.0 is in no IOMMU group: Intel VT-d (dmar0) does not translate it",
+        ),
     ],
 )
 def test_group_bad_arguments(
@@ -251,17 +278,122 @@ def test_missing_argument_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -
 def test_help_states_the_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         run(["group", "--help"])
-    assert "0 viable, 1 not viable or not found, 2 malformed argument" in " ".join(
+    assert "0 viable, 1 not viable, not found or in no group, 2 malformed argument" in " ".join(
         capsys.readouterr().out.split()
     )
 
 
 def test_empty_host(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _run(
-        ["inventory", "--sysfs-root", str(tmp_path), "--dev-root", str(tmp_path)], capsys
-    )
+    roots = ["--sysfs-root", "--dev-root", "--proc-root"]
+    code, out, _ = _run(["inventory", *(a for r in roots for a in (r, str(tmp_path)))], capsys)
     assert code == 0
-    assert out.startswith("No PCI functions found.\n\nHost cannot assign devices to VMs.")
+    assert out.startswith(
+        "No PCI functions found.\n\nIOMMU: none in use.\nHost cannot assign devices to VMs. "
+        "Missing: no IOMMU in use, because this kernel has no IOMMU support "
+        "(no /sys/kernel/iommu_groups)"
+    )
+
+
+# -- functions in no IOMMU group ---------------------------------------------------
+
+VIRTIO_IOMMU = Topology(
+    devices=[
+        Dev("0000:00:02.0", vendor=0x1AF4, device=0x1057, cls=0x00FF00, driver="virtio-pci"),
+        Dev("0000:00:03.0", vendor=0x1234, device=0x11E8, cls=0x00FF00),
+        Dev("0000:00:05.0", driver="e1000e", group=0),
+    ],
+    iommus=[Iommu.virtio_pci("0000:00:02.0")],
+    acpi_tables=["VIOT"],
+    cmdline="console=ttyS0 iommu.strict=1",
+)
+
+
+def test_inventory_says_why_a_function_has_no_group(
+    build_host: BuildHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = build_host(VIRTIO_IOMMU)
+    code, out, _ = _run(["inventory", *_roots(host)], capsys)
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:4]}
+    assert rows["0000:00:02.0"].endswith("no group: the IOMMU itself")
+    assert rows["0000:00:03.0"].endswith("no group until a driver binds")
+    assert out.splitlines()[-2] == (
+        "IOMMU: virtio-iommu (0000:00:02.0). Kernel command line: iommu.strict=1. 2 function(s) in "
+        "no IOMMU group; `kvmvfio group ADDR` says why."
+    )
+    code, out, _ = _run(["inventory", "--json", *_roots(host)], capsys)
+    doc = json.loads(out)
+    assert doc["host"]["iommu_units"] == [
+        {"name": "0000:00:02.0", "kind": "virtio-iommu", "function": "0000:00:02.0"}
+    ]
+    assert doc["host"]["iommu_firmware_tables"] == ["VIOT"]
+    assert doc["host"]["iommu_kernel_args"] == ["iommu.strict=1"]
+    why = {d["address"]: d["no_group"] for d in doc["devices"]}
+    assert why["0000:00:05.0"] is None
+    assert (why["0000:00:02.0"]["cause"], why["0000:00:02.0"]["bind_gives_group"]) == (
+        "is-iommu",
+        False,
+    )
+    assert why["0000:00:03.0"] == {
+        "cause": "not-probed",
+        "iommu": "virtio-iommu",
+        "units": ["0000:00:02.0"],
+        "setting": None,
+        "bind_gives_group": True,
+        "reason": "it has no driver, and virtio-iommu (0000:00:02.0) takes a device only when a "
+        "driver binds it: bind it to vfio-pci (driver_override, then drivers_probe) and it "
+        "gets its group",
+    }
+
+
+def test_group_of_a_function_in_no_group_says_why(
+    build_host: BuildHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = build_host(VIRTIO_IOMMU)
+    for flags in ([], ["--json"]):
+        code, out, err = _run(["group", "0000:00:02.0", *flags, *_roots(host)], capsys)
+        assert (code, out) == (1, "")
+        assert err == (
+            "kvmvfio: PCI device 0000:00:02.0 is in no IOMMU group: it is the IOMMU itself "
+            "(virtio-iommu), which does not translate its own DMA: it cannot be given "
+            "to a VM\n"
+        )
+
+
+def test_inventory_of_a_host_whose_iommu_is_off(
+    build_host: BuildHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = build_host(
+        Topology(
+            devices=[Dev("0000:00:03.0", driver="e1000e")],
+            iommu=False,
+            acpi_tables=["DMAR"],
+            cmdline="intel_iommu=on intel_iommu=off",
+            cpu_vendor="AuthenticAMD",
+        )
+    )
+    code, out, _ = _run(["inventory", *_roots(host)], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert re.fullmatch(r"0000:00:03\.0 .* e1000e +- +- +-", lines[1])  # said once, below
+    assert lines[-2] == ("IOMMU: none in use. Kernel command line: intel_iommu=on intel_iommu=off.")
+    assert lines[-1].startswith(
+        "Host cannot assign devices to VMs. Missing: no IOMMU in use, because the kernel "
+        "command line turns Intel VT-d off (intel_iommu=off): remove intel_iommu=off and reboot;"
+    )
+    _, out, _ = _run(["inventory", "--json", *_roots(host)], capsys)
+    doc = json.loads(out)
+    assert doc["host"]["iommu_off_by"] == "intel_iommu=off"
+    assert doc["devices"][0]["no_group"]["cause"] == "iommu-off"
+    assert doc["devices"][0]["no_group"]["setting"] == "intel_iommu=off"
+
+
+def test_a_proc_root_that_is_not_a_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _run(["inventory", "--proc-root", str(tmp_path / "nope")], capsys)
+    assert code == 2
+    assert err == f"kvmvfio: --proc-root {tmp_path / 'nope'}: not a directory\n"
 
 
 def test_python_m_kvmvfio_group_bad_address_exits_2_without_traceback() -> None:

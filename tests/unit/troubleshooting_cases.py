@@ -6,6 +6,8 @@ message exactly as kvmvfio prints it: when a message changes, the page must.
 
 from __future__ import annotations
 
+from troubleshooting_nogroup import NO_GROUP_CASES
+
 from kvmvfio.errors import (
     Blocker,
     Busy,
@@ -18,7 +20,6 @@ from kvmvfio.errors import (
     MemlockTooLow,
     NoHotplugPort,
     NoInterruptRemapping,
-    NoIommuGroup,
     QemuNoAnswer,
 )
 from kvmvfio.libvirt.metadata import MetadataError
@@ -64,7 +65,7 @@ CASES: dict[str, KvmvfioError] = {
     "claimed": ClaimedBy(14, "vm1", 4242, Liveness(False, "process 4242 has exited")),
     "detach timeout": DetachTimeout("0000:03:00.0", "kvmvfio-0000-03-00-0", 30),
     "QEMU does not answer": QemuNoAnswer("device_add", 4242, 120),
-    "no IOMMU group": NoIommuGroup("0000:03:00.0"),
+    **NO_GROUP_CASES,
     "no cdev": KernelUnsupported(
         "the cdev path", "the kernel has no /dev/iommu (CONFIG_IOMMUFD); use --path group"
     ),

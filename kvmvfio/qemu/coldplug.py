@@ -1,7 +1,9 @@
 """Cold plug: QEMU arguments and fds for a VM that starts with its devices.
 
 For launchers that start QEMU themselves. The same checks as a hot attach
-run first; then kvmvfio opens ``/dev/iommu`` and each device's cdev
+run first; then kvmvfio opens ``/dev/iommu`` (made to charge what QEMU
+pins to QEMU's own process, not to its user: see
+:func:`kvmvfio.vfio.iommufd.open_for_vmm`) and each device's cdev
 (unbound: QEMU binds it and makes the KVM association itself) and returns
 the arguments that name them by number, to be inherited with
 ``subprocess``'s ``pass_fds``. QEMU never opens a VFIO path::
@@ -24,6 +26,7 @@ from kvmvfio.host import Host, PciAddress
 from kvmvfio.qemu.handoff import IOMMUFD_OBJECT, MEMLOCK_MARGIN, qdev_id
 from kvmvfio.vfio import Coherency
 from kvmvfio.vfio.files import OwnedFd, open_node
+from kvmvfio.vfio.iommufd import open_for_vmm
 from kvmvfio.vfio.policy import apply_coherency
 from kvmvfio.vfio.session import check_devices, probe_cdev_coherency
 
@@ -73,9 +76,11 @@ def coldplug(
     """Check the devices and return ``-object iommufd``/``-device vfio-pci`` args with fds.
 
     Raises what :func:`kvmvfio.vfio.session.check_devices` raises,
-    :class:`~kvmvfio.errors.CoherencyRefused` under ``require``, and
+    :class:`~kvmvfio.errors.CoherencyRefused` under ``require``,
     :class:`KernelUnsupported` without ``/dev/iommu`` or device cdevs
-    (start QEMU with ``host=`` and access to the group node instead).
+    (start QEMU with ``host=`` and access to the group node instead), and
+    :class:`~kvmvfio.vfio.iommufd.RlimitModeRefused` when the iommufd may
+    not count per process (kvmvfio lacks ``CAP_SYS_RESOURCE``).
     """
     host = host or Host()
     policy = Coherency(coherency)
@@ -97,7 +102,7 @@ def coldplug(
                 )
                 if note:
                     plug.unsafe.append(note)
-        iommufd = open_node(host.devfs / "iommu", "iommufd (/dev/iommu)")
+        iommufd = open_for_vmm(host.devfs, "the QEMU to start with these arguments")
         plug.fds.append(iommufd)
         plug.args += ["-object", f"iommufd,id={IOMMUFD_OBJECT},fd={iommufd.fileno()}"]
         group_of = {str(m.address): g for g in groups.values() for m in g.members}

@@ -12,6 +12,12 @@ iommufd path (QEMU >= 9 with its ``iommufd`` object; a kernel with
     getfd      kvmvfio-fd-DDDD-BB-SS-F <- /dev/vfio/devices/vfioN (unbound)
     device_add vfio-pci id=kvmvfio-DDDD-BB-SS-F iommufd=kvmvfio-iommufd fd=kvmvfio-fd-... bus=PORT
 
+Before the ``/dev/iommu`` fd goes, kvmvfio makes it charge what QEMU pins
+to QEMU's own process rather than to its user (``IOMMU_OPTION_RLIMIT_MODE``,
+:func:`kvmvfio.vfio.iommufd.open_for_vmm`): with the kernel's default, all
+QEMUs of one uid share one ``RLIMIT_MEMLOCK``, and the second VM of a user
+fails to pin its RAM.
+
 QEMU binds the cdev and makes the KVM association itself, in the right
 order; kvmvfio must not bind the cdev before handing it over. A failed
 ``device_add`` consumes the fd name, so every attempt sends the fd again.
@@ -65,6 +71,7 @@ from kvmvfio.qemu.paths import HandoffPath
 from kvmvfio.qemu.qmp import JsonObject, Monitor
 from kvmvfio.vfio import Coherency, VfioSession
 from kvmvfio.vfio.files import holders, open_node
+from kvmvfio.vfio.iommufd import RlimitMode, open_for_vmm
 from kvmvfio.vfio.policy import apply_coherency
 from kvmvfio.vfio.session import check_devices, probe_cdev_coherency
 
@@ -228,13 +235,20 @@ def revoke(node: Path, uid: int) -> None:
 # -- attach ------------------------------------------------------------------------------
 
 
-async def _ensure_iommufd_object(qemu: Monitor, host: Host) -> bool:
-    """Create the VM's iommufd object from our /dev/iommu fd; False if it existed."""
+async def _ensure_iommufd_object(
+    qemu: Monitor, host: Host, *, accounting: RlimitMode | None = RlimitMode.PROCESS
+) -> bool:
+    """Create the VM's iommufd object from our /dev/iommu fd; False if it existed.
+
+    The fd charges what QEMU pins to QEMU's process, not to its user
+    (``accounting``, set before QEMU sees the fd; ``None`` leaves the
+    kernel's per-user default, for the lab's record of what that does).
+    """
     objects = {str(o["name"]) for o in await qemu.qom_list("/objects")}
     if IOMMUFD_OBJECT in objects:
         return False
     name = f"{IOMMUFD_OBJECT}-fd"
-    fd = open_node(host.devfs / "iommu", "iommufd (/dev/iommu)")
+    fd = open_for_vmm(host.devfs, f"QEMU pid {qemu.pid}", accounting=accounting)
     try:
         await qemu.send_fd(fd, name)
     finally:
@@ -316,6 +330,8 @@ async def attach(
     listed in the log) and the error propagates. Raises the errors of
     :func:`kvmvfio.vfio.session.check_devices`, :class:`CoherencyRefused`,
     :class:`MemlockTooLow`, :class:`NoHotplugPort`,
+    :class:`~kvmvfio.vfio.iommufd.RlimitModeRefused` (kvmvfio lacks
+    ``CAP_SYS_RESOURCE`` to make the new iommufd count per process),
     :class:`~kvmvfio.errors.QemuRefused` (QEMU's own words) and
     :class:`~kvmvfio.errors.QemuGone`.
     """

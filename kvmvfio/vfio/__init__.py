@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from kvmvfio.vfio.device import Device, DeviceInfo, IrqInfo, RegionInfo
     from kvmvfio.vfio.files import FdClosed, OwnedFd, open_node
     from kvmvfio.vfio.group import Group
-    from kvmvfio.vfio.iommufd import Iommufd
+    from kvmvfio.vfio.iommufd import Iommufd, RlimitMode, RlimitModeRefused, open_for_vmm
     from kvmvfio.vfio.policy import Backend, Coherency
     from kvmvfio.vfio.session import SessionReport, VfioSession, choose_backend
 
@@ -40,6 +40,9 @@ _LAZY = {
     "open_node": "kvmvfio.vfio.files",
     "Group": "kvmvfio.vfio.group",
     "Iommufd": "kvmvfio.vfio.iommufd",
+    "RlimitMode": "kvmvfio.vfio.iommufd",
+    "RlimitModeRefused": "kvmvfio.vfio.iommufd",
+    "open_for_vmm": "kvmvfio.vfio.iommufd",
     "Backend": "kvmvfio.vfio.policy",
     "Coherency": "kvmvfio.vfio.policy",
     "SessionReport": "kvmvfio.vfio.session",
@@ -59,10 +62,13 @@ __all__ = [
     "IrqInfo",
     "OwnedFd",
     "RegionInfo",
+    "RlimitMode",
+    "RlimitModeRefused",
     "SessionReport",
     "VfioSession",
     "choose_backend",
     "holders",
+    "open_for_vmm",
     "open_node",
 ]
 

@@ -127,6 +127,11 @@ OFFSETS = {
     "iommu_ioas_map.iova": 32,
     "iommu_ioas_unmap.iova": 8,
     "iommu_vfio_ioas.op": 8,
+    "iommu_option.option_id": 4,
+    "iommu_option.op": 8,
+    "iommu_option.__reserved": 10,
+    "iommu_option.object_id": 12,
+    "iommu_option.val64": 16,
     "iommu_hw_info.out_data_type": 24,
     "iommu_hw_info.out_max_pasid_log2": 28,
     "iommu_hw_info.out_capabilities": 32,
@@ -174,6 +179,9 @@ def test_key_constants() -> None:
         1,
         2,
     )
+    assert (uapi.IOMMU_OPTION_RLIMIT_MODE, uapi.IOMMU_OPTION_HUGE_PAGES) == (0, 1)
+    assert (uapi.IOMMU_OPTION_OP_SET, uapi.IOMMU_OPTION_OP_GET) == (0, 1)
+    assert uapi.IOMMUFD_CMD_OPTION == 0x87
     assert uapi.VFIO_TYPE == uapi.IOMMUFD_TYPE == ord(";")
     assert uapi.KVMIO == 0xAE
 

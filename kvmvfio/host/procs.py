@@ -138,4 +138,3 @@ def read_pidfile(path: str | Path) -> int | None:
     finally:
         os.close(fd)
     return int(text) if text.isdigit() and 0 < len(text) <= 10 else None
-

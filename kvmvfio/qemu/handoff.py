@@ -67,10 +67,11 @@ from kvmvfio.errors import (
     UsageError,
 )
 from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice
+from kvmvfio.host.procs import holders
 from kvmvfio.qemu.paths import HandoffPath
 from kvmvfio.qemu.qmp import JsonObject, Monitor
 from kvmvfio.vfio import Coherency, VfioSession
-from kvmvfio.vfio.files import holders, open_node
+from kvmvfio.vfio.files import open_node
 from kvmvfio.vfio.iommufd import RlimitMode, open_for_vmm
 from kvmvfio.vfio.policy import apply_coherency
 from kvmvfio.vfio.session import check_devices, probe_cdev_coherency

@@ -455,6 +455,26 @@ class QemuNoAnswer(QemuError):
         )
 
 
+class QemuReplyInvalid(QemuError):
+    """QEMU's reply to a QMP command, or an event it sent, is not of the shape QEMU documents.
+
+    QEMU runs unprivileged and a guest that escaped into it would speak for
+    it: kvmvfio checks every reply it uses against QEMU's schema and acts on
+    none that does not fit. ``problem`` says what did not fit.
+    """
+
+    def __init__(self, command: str, problem: str, pid: int | None = None) -> None:
+        self.command = command
+        self.problem = problem
+        self.pid = pid
+        who = f"QEMU pid {pid}" if pid else "QEMU"
+        super().__init__(
+            f"{who} answered {command} with a reply that does not fit QEMU's schema "
+            f"({shown(problem)}); kvmvfio stopped at that step and used nothing of the reply. A "
+            "QEMU whose guest has taken it over could answer this way: stop that VM and look at it"
+        )
+
+
 class NoHotplugPort(QemuError):
     """The VM has no free PCIe port a device could be hot-plugged into."""
 

@@ -22,6 +22,20 @@ The tree is laid out as Linux lays out the real one, symlinks included::
     dev/vfio/vfio dev/iommu dev/kvm dev/vfio/<N> dev/vfio/devices/vfio<k>
     proc/cmdline proc/cpuinfo                           (beside sys/ and dev/)
 
+Block devices (``Dev.disks``, ``Topology.stacked``, ``Topology.nvme_subsystems``)::
+
+    <function>/<disk_folder>/<disk>/                  a disk (virtio0/block/vdb, nvme/nvme0/...)
+        dev uevent size subsystem -> sys/class/block holders/<h> -> <h's folder> slaves/
+        <disk>/<part>/ dev partition uevent subsystem holders/
+    sys/devices/virtual/block/<name>/                 dm-N (dm/name, dm/uuid), mdN (md/level)
+    sys/devices/virtual/nvme-subsystem/<name>/<disk>/ NVMe multipath namespaces, and
+        <controller> -> <function>/nvme/<controller>  links to the subsystem's controllers
+    sys/class/block/<name>, sys/block/<disk>, sys/class/nvme-subsystem/<name>: links
+    dev/<name>                                        (a plain file, like every node here)
+
+:func:`build_proc` writes the /proc files the safety checks read
+(``self/mountinfo``, ``swaps``, ``net/route``).
+
 Device nodes are plain files: the host model only checks that they exist.
 VFs sit next to their PF (the kernel puts them under the PF's parent), at
 routing ID ``PF + vf_offset + i * vf_stride`` as SR-IOV places them.
@@ -109,6 +123,9 @@ class Dev:
     boot_vga: bool | None = None
     #: Raw file contents that replace (or, with None, remove) what is written.
     files: Mapping[str, bytes | None] = field(default_factory=dict)
+    #: Disks behind this function, in ``disk_folder`` below it.
+    disks: Sequence[Block] = ()
+    disk_folder: str = "virtio0/block"
 
     @property
     def pci_address(self) -> PciAddress:
@@ -142,6 +159,46 @@ class Dev:
             )
             for i, addr in enumerate(self.vf_addresses())
         ]
+
+
+@dataclass
+class Block:
+    """A disk, or a partition (in a disk's ``partitions``): a block device in sysfs."""
+
+    name: str
+    #: ``MAJ:MIN``, written to ``dev``.
+    number: str
+    partitions: Sequence[Block] = ()
+    #: Kernel names of the devices stacked on it (``holders/``); a name that
+    #: is not in ``Topology.stacked`` makes a link to nowhere.
+    holders: Sequence[str] = ()
+    #: Raw file contents that replace (or, with None, remove) what is written.
+    files: Mapping[str, bytes | None] = field(default_factory=dict)
+
+
+@dataclass
+class Stacked:
+    """A device-mapper device or md array: ``/sys/devices/virtual/block/<name>``."""
+
+    name: str
+    number: str
+    #: ``dm/name`` and ``dm/uuid`` (device mapper), or ``md/level`` (md).
+    dm_name: str | None = None
+    dm_uuid: str = ""
+    md_level: str | None = None
+    holders: Sequence[str] = ()
+    files: Mapping[str, bytes | None] = field(default_factory=dict)
+
+
+@dataclass
+class NvmeSubsystem:
+    """NVMe native multipath: namespaces that hang off a subsystem, not a controller."""
+
+    name: str
+    #: ``(PCI address, controller name)``: ``("0000:02:00.0", "nvme0")`` is
+    #: the folder ``nvme/nvme0`` of that function (``Dev.disk_folder``).
+    controllers: Sequence[tuple[str, str]]
+    disks: Sequence[Block] = ()
 
 
 @dataclass
@@ -198,6 +255,8 @@ class Topology:
     drivers: Collection[str] = ("vfio-pci",)
     #: Also write the files the model does not read, as a real tree has them.
     filler: bool = True
+    stacked: Sequence[Stacked] = ()
+    nvme_subsystems: Sequence[NvmeSubsystem] = ()
 
     def all_devices(self) -> Iterator[tuple[Dev, PciAddress | None]]:
         """Every function, VFs included, with the address of its PF if it is a VF."""
@@ -245,6 +304,9 @@ class _Builder:
         self.dev = root / "dev"
         self.paths: dict[PciAddress, Path] = {}
         self.cdevs = 0
+        #: Block device folders, and the holders to link once every folder exists.
+        self.blocks: dict[str, Path] = {}
+        self.holder_links: list[tuple[Path, str]] = []
 
     def build(self) -> tuple[Path, Path]:
         for d in ("devices", "bus/pci/devices", "bus/pci/drivers"):
@@ -272,6 +334,7 @@ class _Builder:
         for unit in iommus:
             self._iommu(unit)
         self._firmware_and_proc()
+        self._block_devices()
         return self.sys, self.dev
 
     def _iommu(self, unit: Iommu) -> None:
@@ -390,6 +453,69 @@ class _Builder:
         for child in dev.children:
             self._function(child, path, None)
 
+    def _block_devices(self) -> None:
+        for dev, _ in self.topo.all_devices():
+            folder = self.paths[dev.pci_address] / dev.disk_folder
+            for disk in dev.disks:
+                self._block(folder, disk, disk=True)
+        (self.sys / "class" / "block").mkdir(parents=True, exist_ok=True)
+        virtual = self.sys / "devices" / "virtual" / "block"
+        for st in self.topo.stacked:
+            path = self._block(virtual, Block(st.name, st.number, files=st.files), disk=True)
+            self.holder_links += [(path / "holders", h) for h in st.holders]
+            if st.dm_name is not None:
+                (path / "dm").mkdir()
+                _write(path / "dm" / "name", st.dm_name.encode() + b"\n")
+                _write(path / "dm" / "uuid", st.dm_uuid.encode() + b"\n")
+            if st.md_level is not None:
+                (path / "md").mkdir()
+                _write(path / "md" / "level", st.md_level.encode() + b"\n")
+        for sub in self.topo.nvme_subsystems:
+            folder = self.sys / "devices" / "virtual" / "nvme-subsystem" / sub.name
+            folder.mkdir(parents=True)
+            _link(self.sys / "class" / "nvme-subsystem" / sub.name, folder)
+            for addr, ctrl in sub.controllers:
+                target = self.paths[PciAddress.parse(addr)] / "nvme" / ctrl
+                target.mkdir(parents=True, exist_ok=True)
+                _link(folder / ctrl, target)
+            for disk in sub.disks:
+                self._block(folder, disk, disk=True)
+        for holders, name in self.holder_links:
+            _link(holders / name, virtual / name)
+            if name in self.blocks:  # the kernel's reverse link
+                _link(self.blocks[name] / "slaves" / holders.parent.name, holders.parent)
+
+    def _block(self, parent: Path, block: Block, *, disk: bool, index: int = 0) -> Path:
+        path = parent / block.name
+        path.mkdir(parents=True)
+        self.blocks[block.name] = path
+        major, minor = block.number.split(":")
+        devtype = "disk" if disk else "partition"
+        files: dict[str, bytes | None] = {
+            "dev": block.number.encode() + b"\n",
+            "uevent": (
+                f"MAJOR={major}\nMINOR={minor}\nDEVNAME={block.name}\nDEVTYPE={devtype}\n"
+            ).encode(),
+            "size": b"131072\n",
+        }
+        if not disk:
+            files["partition"] = b"%d\n" % index
+        files.update(block.files)
+        for name, data in files.items():
+            if data is not None:
+                _write(path / name, data)
+        for sub in ("holders", "slaves", "power", "queue"):
+            (path / sub).mkdir()
+        _link(path / "subsystem", self.sys / "class" / "block")
+        _link(self.sys / "class" / "block" / block.name, path)
+        if disk:
+            _link(self.sys / "block" / block.name, path)
+        _write(self.dev / block.name, b"")
+        self.holder_links += [(path / "holders", h) for h in block.holders]
+        for i, part in enumerate(block.partitions, start=1):
+            self._block(path, part, disk=False, index=i)
+        return path
+
     def _vfio_device(self, path: Path) -> None:
         name = f"vfio{self.cdevs}"
         node = path / "vfio-dev" / name
@@ -413,6 +539,47 @@ class _Builder:
         group = self._group_dir(f.group)
         _link(group / "devices" / f.name, path)
         _link(path / "iommu_group", group)
+
+
+@dataclass
+class Mount:
+    """One line of a fake ``/proc/self/mountinfo``."""
+
+    #: ``MAJ:MIN`` of the mounted file system's device (0:N for btrfs, 9p...).
+    number: str
+    source: str
+    mountpoint: str
+    fstype: str = "ext4"
+
+
+def _escape(path: str) -> str:
+    """A path as /proc writes it: space, tab, newline and backslash in octal."""
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+
+
+def build_proc(
+    root: str | Path,
+    *,
+    mounts: Sequence[Mount] = (),
+    swaps: Sequence[str] = (),
+    route: str = "",
+) -> Path:
+    """Write a fake /proc under ``root`` (``self/mountinfo``, ``swaps``, ``net/route``)."""
+    proc = Path(root) / "proc"
+    (proc / "self").mkdir(parents=True, exist_ok=True)
+    (proc / "net").mkdir(exist_ok=True)
+    lines = [
+        f"{20 + i} 1 {m.number} / {_escape(m.mountpoint)} rw,relatime shared:{i + 1} - "
+        f"{m.fstype} {_escape(m.source)} rw"
+        for i, m in enumerate(mounts)
+    ]
+    (proc / "self" / "mountinfo").write_text("".join(f"{line}\n" for line in lines))
+    header = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
+    body = "".join(f"{_escape(s)}\tpartition\t1048572\t\t0\t\t-2\n" for s in swaps)
+    (proc / "swaps").write_text(header + body)
+    route_header = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n"
+    (proc / "net" / "route").write_text(route_header + route)
+    return proc
 
 
 # -- changing a built tree (hotplug, corruption) ----------------------------

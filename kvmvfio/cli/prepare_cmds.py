@@ -48,8 +48,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--force",
         action="append",
         default=[],
-        choices=safety.CHECKS,
-        help="accept what a safety check found (repeatable)",
+        choices=(*safety.CHECKS, *safety.ALIASES),
+        help=(
+            "accept what a safety check found (repeatable; "
+            + ", ".join(f"{old} is the old name of {new}" for old, new in safety.ALIASES.items())
+            + ")"
+        ),
     )
     p.set_defaults(handler=_prepare)
 

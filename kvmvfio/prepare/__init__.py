@@ -204,7 +204,7 @@ def prepare(
     """
     if not owner or any(c.isspace() for c in owner) or len(owner) > 200:
         raise UsageError(f"owner {owner!r} must be a short name without spaces (a VM name)")
-    unknown = set(force) - set(safety.CHECKS)
+    unknown = {name for name in force if safety.canonical(name) not in safety.CHECKS}
     if unknown:
         raise UsageError(f"unknown --force {', '.join(sorted(unknown))}; one of {safety.CHECKS}")
     host = host or Host()
@@ -254,7 +254,7 @@ def _prepare_group(
     accepted: list[str] = []
     for m in movers:
         if m.driver is not None:
-            accepted += safety.check(m, host.sysfs, force=force, devfs=host.devfs)
+            accepted += safety.check(m, host.sysfs, force=force, proc=host.procfs, devfs=host.devfs)
     known = {e.address for e in record.devices}
     for m in movers:
         if str(m.address) not in known:

@@ -5,7 +5,9 @@ with it. Each check names what it found and the ``--force`` value that
 accepts it:
 
 ``boot-vga``       the device is the boot VGA (it likely drives the console)
-``mounted``        a block device on it has mounted file systems
+``disk-in-use``    a disk behind it is in use: mounted, swap, under device
+                   mapper (LVM, LUKS) or md RAID, or claimed by the kernel
+                   (``mounted``, its old name, is still accepted)
 ``default-route``  a network interface on it carries the default route
 ``in-use``         a process holds one of its device nodes open
 """
@@ -18,9 +20,19 @@ from pathlib import Path
 
 from kvmvfio.errors import KvmvfioError
 from kvmvfio.host import PciDevice
-from kvmvfio.vfio.files import holders
+from kvmvfio.host.blockdev import BlockUse, ExclusiveProbe, UseKind, disk_uses, exclusive_claim
+from kvmvfio.host.procs import holders
 
-CHECKS = ("boot-vga", "mounted", "default-route", "in-use")
+CHECKS = ("boot-vga", "disk-in-use", "default-route", "in-use")
+#: Old names of checks, still accepted wherever a check is named (``--force``).
+ALIASES = {"mounted": "disk-in-use"}
+#: At most this many uses are named in a refusal; the rest are counted.
+MAX_SHOWN = 6
+
+
+def canonical(name: str) -> str:
+    """The name of check ``name`` (an old name gives the current one; unknown names pass)."""
+    return ALIASES.get(name, name)
 
 
 class UnsafeToUnbind(KvmvfioError):
@@ -56,16 +68,38 @@ def _nodes_under(device_dir: Path) -> list[tuple[str, str]]:
     return found
 
 
-def _block_names(device_dir: Path) -> list[str]:
-    names = []
-    for dirpath, dirnames, _ in os.walk(device_dir):
-        dirnames[:] = [d for d in dirnames if not d.startswith(("0000:", "driver", "subsystem"))]
-        if (
-            os.path.basename(os.path.dirname(dirpath)) == "block"
-            or Path(dirpath, "partition").exists()
-        ):
-            names.append(os.path.basename(dirpath))
-    return names
+_CLAIMED = (
+    "claimed exclusively by the kernel "
+    "(a file system, RAID or device mapper kvmvfio could not name)"
+)
+
+
+def describe_use(use: BlockUse) -> str:
+    """One use as a sentence: ``vdb1 is used by dm-0 (LVM vg0-data), which is mounted on /data``."""
+    if not use.device:
+        return use.detail
+    text = use.device
+    for i, holder in enumerate(use.via):
+        verb = "is a member of" if holder.is_md else "is used by"
+        text += f" {verb} " if i == 0 else f", which {verb} "
+        text += holder.shown()
+    if use.kind is UseKind.HELD:
+        return text
+    text += ", which" if use.via else ""
+    if use.kind is UseKind.MOUNTED:
+        return f"{text} is mounted on {', '.join(use.mountpoints)}"
+    if use.kind is UseKind.SWAP:
+        return f"{text} is swap"
+    if use.kind is UseKind.CLAIMED:
+        return f"{text} is {_CLAIMED}"
+    return f"{text} might be in use ({use.detail})"
+
+
+def _disks_finding(uses: tuple[BlockUse, ...]) -> str:
+    said = list(dict.fromkeys(describe_use(u) for u in uses))
+    more = len(said) - MAX_SHOWN
+    tail = f"; and {more} more" if more > 0 else ""
+    return f"has disks in use: {'; '.join(said[:MAX_SHOWN])}{tail}"
 
 
 def _default_route_ifaces(proc: Path) -> set[str]:
@@ -88,25 +122,26 @@ def check(
     force: Collection[str] = (),
     proc: str | Path = "/proc",
     devfs: str | Path = "/dev",
+    probe: ExclusiveProbe = exclusive_claim,
 ) -> list[str]:
-    """Run the checks on a device about to leave its host driver.
+    """Run the checks on a device about to leave its host driver; change nothing.
 
-    Raises :class:`UnsafeToUnbind` for the first check that finds something
-    and is not in ``force``; returns the findings that ``force`` accepted.
+    ``force`` names the checks whose findings are accepted (old names, see
+    :data:`ALIASES`, too). ``probe`` tells whether the kernel holds a disk
+    exclusively (see :func:`kvmvfio.host.blockdev.disk_uses`). Raises
+    :class:`UnsafeToUnbind` for the first check that finds something and
+    is not in ``force``; returns the findings that ``force`` accepted.
     """
+    forced = {canonical(name) for name in force}
     addr = str(device.address)
     driver = device.driver or "no driver"
     folder = Path(sysfs) / "bus" / "pci" / "devices" / addr
     findings: list[tuple[str, str]] = []
     if device.boot_vga:
         findings.append(("boot-vga", "is the boot VGA device"))
-    blocks = _block_names(folder)
-    if blocks:
-        mounts = Path(proc, "self", "mounts").read_text().split("\n")
-        sources = {line.split(" ", 1)[0] for line in mounts if line}
-        mounted = sorted(b for b in blocks if f"/dev/{b}" in sources)
-        if mounted:
-            findings.append(("mounted", f"has mounted file systems ({', '.join(mounted)})"))
+    disks = disk_uses(folder, sysfs=sysfs, proc=proc, devfs=devfs, probe=probe)
+    if disks:
+        findings.append(("disk-in-use", _disks_finding(disks)))
     net = folder / "net"
     ifaces = set(os.listdir(net)) if net.is_dir() else set()
     routed = ifaces & _default_route_ifaces(Path(proc))
@@ -120,7 +155,7 @@ def check(
         findings.append(("in-use", f"is in use by {', '.join(busy)}"))
     accepted = []
     for name, found in findings:
-        if name not in force:
+        if name not in forced:
             raise UnsafeToUnbind(addr, driver, name, found)
         accepted.append(f"{addr}: {found} (accepted by --force {name})")
     return accepted

@@ -109,16 +109,6 @@ def test_the_boot_vga_is_found(tmp_path: Path, build_host: BuildHost) -> None:
         check(host.device("0000:01:00.0"), host.sysfs, proc=_proc(tmp_path), devfs=host.devfs)
 
 
-def test_mounted_block_devices_are_found(tmp_path: Path, build_host: BuildHost) -> None:
-    host = build_host(Topology(devices=[Dev("0000:02:00.0", cls=0x010802, driver="nvme", group=2)]))
-    block = host.sysfs / "bus/pci/devices/0000:02:00.0/nvme/nvme0/block/nvme0n1"
-    (block / "nvme0n1p1").mkdir(parents=True)
-    (block / "nvme0n1p1" / "partition").write_text("1\n")
-    proc = _proc(tmp_path, mounts="/dev/nvme0n1p1 / ext4 rw 0 0\n")
-    with pytest.raises(UnsafeToUnbind, match=r"has mounted file systems \(nvme0n1p1\)"):
-        check(host.device("0000:02:00.0"), host.sysfs, proc=proc, devfs=host.devfs)
-
-
 def test_another_owner_holds_the_group(tmp_path: Path, build_host: BuildHost) -> None:
     host = build_host(Topology(devices=[Dev("0000:00:03.0", group=1)]))
     Journal(tmp_path).write(Record(1, "vm1", 2**22 + 12345))

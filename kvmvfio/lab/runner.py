@@ -100,6 +100,8 @@ def qemu_argv(run: LabRun, job_dir: Path, console_log: Path) -> list[str]:
     ]  # fmt: skip
     for dev in topo.devices:
         argv += ["-device", dev.qemu_arg()]
+    for disk in topo.disks:
+        argv += disk.qemu_args(str(job_dir / disk.image_name()))
     slots = _INFRA_SLOTS
     argv += [
         "-drive", f"id=root,if=none,file={run.images.rootfs},format=raw,snapshot=on",
@@ -166,6 +168,17 @@ def _share_topology(topology: Topology, job_dir: Path) -> None:
         raise LabError(f"cannot copy topology file {topology.file} for L1: {err.strerror}") from err
 
 
+def _make_disks(topology: Topology, job_dir: Path) -> None:
+    """Create each disk of ``topology`` as an empty sparse raw image in the job folder."""
+    for disk in topology.disks:
+        image = job_dir / disk.image_name()
+        try:
+            with open(image, "wb") as f:
+                f.truncate(disk.size_mb << 20)
+        except OSError as err:
+            raise LabError(f"cannot create disk image {image} for L1: {err.strerror}") from err
+
+
 def _share_kernel(kernel: Path, target: Path) -> None:
     """Put L1's kernel in the job folder (a hard link where it can be), for L2 guests."""
     target.unlink(missing_ok=True)
@@ -207,6 +220,7 @@ async def run_in_lab(run: LabRun, out: BinaryIO | None = None, job_dir: Path | N
         (job_dir / "job.sh").write_text(job_script(run))
         _share_kernel(run.images.kernel, job_dir / "bzImage")
         _share_topology(run.topology, job_dir)
+        _make_disks(run.topology, job_dir)
         console_log = job_dir / "console.log"
         console_log.unlink(missing_ok=True)
         argv = qemu_argv(run, job_dir, console_log)

@@ -21,6 +21,18 @@ passing its path. The format::
     [device.props]                     # optional extra properties
     foo = "bar"
 
+    [[disk]]                           # a disk of L1's own, on a PCI function of its own
+    id = "data0"                       # names the drive and the device
+    size-mb = 64                       # a sparse raw image in the job folder, empty at boot
+    driver = "virtio-blk-pci"          # or "nvme" (a controller with one namespace)
+    addr = "0x14"                      # slot on pcie.0, 0x14 to 0x1e
+    serial = "data0"                   # optional (nvme: defaults to the id)
+
+Disks sit after the lab's own devices (slots 0x10 to 0x13, the root disk at
+0x10): virtio-blk names disks in probe order, i.e. slot order, so a
+virtio-blk disk in a lower slot would take the root disk's name, /dev/vda,
+and L1 would boot from it.
+
 ``smp`` defaults to 1: under TCG, L1 crashed early in boot ("Oops: int3" in
 ``sched_clock_cpu``) in a few percent of boots with ``-smp 2`` and never with
 ``-smp 1`` (shared/lab/LAB.md). Every field is checked; a mistake names the
@@ -46,6 +58,13 @@ _IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 _ADDR = re.compile(r"^(0x[0-9a-fA-F]{1,2}|[0-9]{1,2})(\.[0-7])?$")
 _VALUE = re.compile(r"^[A-Za-z0-9_.:/+-]{0,128}$")
 _KARG = re.compile(r"^[A-Za-z0-9_.,:=/+-]{1,200}$")
+# QEMU's nvme takes at most 20 characters of serial.
+_SERIAL = re.compile(r"^[A-Za-z0-9_.-]{1,20}$")
+
+DISK_DRIVERS = ("virtio-blk-pci", "nvme")
+#: Slots a disk may take on pcie.0: after the runner's own devices (root disk
+#: 0x10, 9p shares, console up to 0x13), before the q35 chipset's 0x1f.
+DISK_SLOTS = range(0x14, 0x1F)
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,33 @@ class LabDevice:
 
 
 @dataclass(frozen=True)
+class LabDisk:
+    """A disk of L1: an empty raw image behind a virtio-blk or NVMe function of its own."""
+
+    id: str
+    size_mb: int
+    driver: str
+    addr: str
+    serial: str | None = None
+
+    def image_name(self) -> str:
+        """The image's file name in the job folder."""
+        return f"disk-{self.id}.img"
+
+    def qemu_args(self, image: str) -> list[str]:
+        """The ``-drive`` and ``-device`` options for this disk, its image at ``image``."""
+        file = image.replace(",", ",,")  # QEMU's escape for a comma in an option value
+        device = [self.driver, f"drive={self.id}", f"id={self.id}", f"addr={self.addr}"]
+        serial = self.serial or (self.id if self.driver == "nvme" else None)
+        if serial is not None:
+            device.append(f"serial={serial}")
+        return [
+            "-drive", f"id={self.id},if=none,file={file},format=raw",
+            "-device", ",".join(device),
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Topology:
     """The L1 machine of one lab run."""
 
@@ -80,6 +126,7 @@ class Topology:
     kernel_args: tuple[str, ...] = ()
     memory_mb: int = 2048
     smp: int = 1
+    disks: tuple[LabDisk, ...] = ()
     source: str = field(default="", compare=False)
 
     @property
@@ -108,6 +155,7 @@ class Topology:
         a fixed ``addr``.
         """
         by_id = {d.id: d for d in self.devices if d.id is not None}
+        by_id |= {d.id: LabDevice(d.driver, d.id, None, d.addr) for d in self.disks}
         dev = by_id.get(device_id)
         if dev is None:
             raise LabError(f"topology {self.name} has no device with id {device_id!r}")
@@ -220,7 +268,7 @@ class _Checker:
         self.keys(
             "top level",
             data,
-            {"description", "viommu", "device", "kernel-args", "memory-mb", "smp"},
+            {"description", "viommu", "device", "disk", "kernel-args", "memory-mb", "smp"},
         )
         description = self.string("description", data.get("description", ""))
         viommu = data.get("viommu")
@@ -244,6 +292,11 @@ class _Checker:
         ids = [d.id for d in devices if d.id is not None]
         if len(ids) != len(set(ids)):
             raise self.fail("device", "two devices have the same id")
+        raw_disks = data.get("disk", [])
+        if not isinstance(raw_disks, list):
+            raise self.fail("disk", "must be an array of tables ([[disk]])")
+        disks = tuple(self.disk(i, d) for i, d in enumerate(raw_disks))
+        self.distinct(devices, disks)
         seen: set[str] = set()
         for i, dev in enumerate(devices):
             # QEMU creates devices in order: a bus must exist before its children.
@@ -268,8 +321,53 @@ class _Checker:
             kernel_args=kernel_args,
             memory_mb=self.integer("memory-mb", data.get("memory-mb", 2048), 512, 16384),
             smp=self.integer("smp", data.get("smp", 1), 1, 8),
+            disks=disks,
             source=self.source,
         )
+
+    def disk(self, index: int, raw: object) -> LabDisk:
+        where = f"disk[{index}]"
+        if not isinstance(raw, dict):
+            raise self.fail(where, "must be a table")
+        self.keys(where, raw, {"id", "size-mb", "driver", "addr", "serial"})
+        for key in ("id", "size-mb", "driver", "addr"):
+            if key not in raw:
+                raise self.fail(where, f"missing field {key!r}")
+        driver = self.string(f"{where}.driver", raw["driver"])
+        if driver not in DISK_DRIVERS:
+            raise self.fail(
+                f"{where}.driver", f"{driver!r} is not one of {', '.join(DISK_DRIVERS)}"
+            )
+        addr = self.string(f"{where}.addr", raw["addr"], _ADDR)
+        if _slot(addr) not in DISK_SLOTS or "." in addr:
+            raise self.fail(
+                f"{where}.addr",
+                f"{addr!r}: a disk takes a slot from {DISK_SLOTS[0]:#x} to {DISK_SLOTS[-1]:#x} "
+                "(function 0), after the lab's own devices",
+            )
+        serial = raw.get("serial")
+        return LabDisk(
+            id=self.string(f"{where}.id", raw["id"], _IDENT),
+            size_mb=self.integer(f"{where}.size-mb", raw["size-mb"], 1, 4096),
+            driver=driver,
+            addr=addr,
+            serial=None if serial is None else self.string(f"{where}.serial", serial, _SERIAL),
+        )
+
+    def distinct(self, devices: tuple[LabDevice, ...], disks: tuple[LabDisk, ...]) -> None:
+        """Ids are unique across devices and disks, and no two take one slot of pcie.0."""
+        ids = [d.id for d in devices if d.id is not None]
+        for i, disk in enumerate(disks):
+            if disk.id in ids:
+                raise self.fail(
+                    f"disk[{i}].id", f"{disk.id!r} is already the id of a device or disk"
+                )
+            ids.append(disk.id)
+        slots: set[int] = {_slot(d.addr) for d in devices if d.bus is None and d.addr is not None}
+        for i, disk in enumerate(disks):
+            if _slot(disk.addr) in slots:
+                raise self.fail(f"disk[{i}].addr", f"slot {disk.addr} is taken by another device")
+            slots.add(_slot(disk.addr))
 
     def device(self, index: int, raw: object) -> LabDevice:
         where = f"device[{index}]"

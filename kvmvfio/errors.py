@@ -257,10 +257,13 @@ class DeviceNotBoundToVfio(KvmvfioError):
         self.address = address
         self.driver = driver
         where = f"bound to {driver}" if driver else "bound to no driver"
-        super().__init__(
-            f"PCI device {address} is {where}, not vfio-pci: prepare it first "
-            f"(kvmvfio prepare {address})"
-        )
+        how = {
+            Interface.CLI: f"`kvmvfio prepare --owner NAME {address}` moves it there",
+            Interface.METADATA: "list it in the domain's kvmvfio metadata to have the hook "
+            "move it there",
+            Interface.API: f"kvmvfio.prepare.prepare([{address!r}], owner) moves it there",
+        }[interface()]
+        super().__init__(f"PCI device {address} is {where}, not vfio-pci: prepare it first ({how})")
 
 
 class NoIommuRefused(KvmvfioError):
@@ -397,9 +400,16 @@ class CoherencyRefused(KvmvfioError):
         super().__init__(
             f"{subject} ({', '.join(self.devices)}) cannot have enforced DMA cache coherency: "
             "the IOMMU does not enforce snooping, so the guest's non-coherent DMA would need "
-            "KVM to emulate WBINVD. Use --coherency=warn to accept that, or a host whose IOMMU "
-            "enforces snooping"
+            f"KVM to emulate WBINVD. {_COHERENCY_ADVICE[interface()]} to accept that, or a host "
+            "whose IOMMU enforces snooping"
         )
+
+
+_COHERENCY_ADVICE = {
+    Interface.CLI: "Use --coherency=warn",
+    Interface.METADATA: "Set coherency='warn' on the device in the domain's kvmvfio metadata",
+    Interface.API: "Pass coherency='warn'",
+}
 
 
 class QemuError(KvmvfioError):
@@ -413,7 +423,8 @@ class QemuRefused(QemuError):
         self.command = command
         self.error_class = error_class
         self.desc = desc
-        super().__init__(f"QEMU refused {command}: {desc} ({error_class})")
+        # QEMU is less trusted than kvmvfio: its words are printed escaped and bounded.
+        super().__init__(f"QEMU refused {command}: {shown(desc)} ({shown(error_class, 64)})")
 
 
 class QemuPeerMismatch(QemuError):

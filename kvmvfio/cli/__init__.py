@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from kvmvfio import __version__
-from kvmvfio.errors import KvmvfioError
+from kvmvfio.errors import Interface, KvmvfioError, speaking_to
 
 #: What a command's handler returns: the process exit status.
 Handler = Callable[[argparse.Namespace], int]
@@ -70,7 +70,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     )
     handler: Handler = args.handler
     try:
-        return handler(args)
+        with speaking_to(Interface.CLI):
+            return handler(args)
     except KvmvfioError as err:
         print(f"kvmvfio: {err}", file=sys.stderr)
         return err.exit_code

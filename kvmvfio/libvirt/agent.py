@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmvfio.errors import KvmvfioError, QemuGone
+from kvmvfio.errors import Interface, KvmvfioError, QemuGone, speaking_to
 from kvmvfio.host import Host
 from kvmvfio.libvirt.hook import refuse_unlisted
 from kvmvfio.libvirt.metadata import (
@@ -57,8 +57,8 @@ from kvmvfio.libvirt.monitor import (
     call_libvirt,
     lookup_domain,
 )
-from kvmvfio.prepare import prepare, release, release_owner, status
-from kvmvfio.prepare.journal import DEFAULT_ROOT
+from kvmvfio.prepare import prepare, release, release_owner
+from kvmvfio.prepare.journal import DEFAULT_ROOT, Journal
 from kvmvfio.qemu.handoff import attach, detach, kvmvfio_devices, qdev_id
 from kvmvfio.qemu.paths import HandoffPath
 
@@ -263,13 +263,18 @@ class Agent:
         """Reconcile every domain libvirt runs, and every one kvmvfio still holds for."""
         domains = await call_libvirt(conn.listAllDomains, 0)
         names = {d.name() for d in domains}
-        held = {r.owner[len(OWNER_PREFIX) :] for r in status(root=self.root)}
+        held = {r.owner[len(OWNER_PREFIX) :] for r in Journal(self.root).records()}
         held = {n for n in held if n}
         for name in sorted(names | held | set(self.store.names())):
             await self._reconcile_logged(conn, name)
 
     async def reconcile(self, conn: Any, name: str) -> None:
         """Bring one domain's QEMU to what its metadata asks; release a stopped one's devices."""
+        # The devices come from the domain's metadata: advice in refusals names its attributes.
+        with speaking_to(Interface.METADATA):
+            await self._reconcile(conn, name)
+
+    async def _reconcile(self, conn: Any, name: str) -> None:
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             dom = await call_libvirt(lookup_domain, conn, name)
@@ -349,7 +354,7 @@ class Agent:
         host = self._host()
         group = host.group_of(addr)
         refuse_unlisted(request, {group.number: group})
-        prepare([addr], _owner_of(state.name), host=host, root=self.root)
+        prepare([addr], _owner_of(state.name), accept={addr: dev.accept}, host=host, root=self.root)
         state.devices[addr] = dev.reset
         self.store.write(state)  # before QEMU has it: a crash now still leads back
         (done,) = await attach(

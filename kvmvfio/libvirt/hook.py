@@ -37,12 +37,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from kvmvfio.errors import Blocker, GroupNotViable, KvmvfioError
+from kvmvfio.errors import Blocker, GroupNotViable, Interface, KvmvfioError, speaking_to
 from kvmvfio.host import Host, IommuGroup
 from kvmvfio.libvirt.metadata import (
     MAX_XML_BYTES,
     DevicePath,
     DomainRequest,
+    Handoff,
     MetadataError,
     parse_domain,
 )
@@ -88,7 +89,8 @@ def refuse_unlisted(request: DomainRequest, groups: dict[int, IommuGroup]) -> No
                 str(m.address),
                 m.driver,
                 f"on host driver {m.driver}, and domain {request.name!r} does not list it in "
-                "its kvmvfio metadata; list it to have kvmvfio move it too",
+                "its kvmvfio metadata; list it to have kvmvfio move it too "
+                "(with handoff='none' if the VM does not use it)",
             )
             for m in group.members
             if str(m.address) not in listed and m.driver is not None and needs_moving(m)
@@ -110,7 +112,8 @@ def check_request(request: DomainRequest, host: Host, groups: dict[int, IommuGro
     by_group: dict[int, list[str]] = defaultdict(list)
     group_of = {str(m.address): n for n, g in groups.items() for m in g.members}
     for dev in request.devices:
-        by_group[group_of[dev.address]].append(dev.address)
+        if dev.handoff is not Handoff.NONE:  # moved only: no QEMU opens it
+            by_group[group_of[dev.address]].append(dev.address)
     wanted = {d.address: d for d in request.devices}
     notes: list[str] = []
     for number, addrs in sorted(by_group.items()):
@@ -186,7 +189,8 @@ def prepare_domain(
     refuse_unlisted(request, groups)
     addrs = [d.address for d in request.devices]
     try:
-        done = prepare(addrs, request.owner, host=host, root=root)
+        accept = {d.address: d.accept for d in request.devices if d.accept}
+        done = prepare(addrs, request.owner, accept=accept, host=host, root=root)
         for p in done:
             moved = ", ".join(f"{e.address} (from {e.driver or 'no driver'})" for e in p.moved)
             log.info("domain %s: IOMMU group %d on vfio-pci: %s", request.name, p.group, moved)
@@ -242,23 +246,34 @@ def main(
     name, op, subop = args[:3]
     if (op, subop) not in (PREPARE, RELEASE):
         return 0
-    data = _read_bounded(stdin or sys.stdin.buffer)
+    stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", None)
     try:
-        request = parse_domain(data, expected_name=name)
-        if request is None:
-            return 0
-        if (op, subop) == PREPARE:
-            log.info(
-                "domain %s: prepare begin: %s",
-                name,
-                ", ".join(
-                    f"{d.address} ({d.handoff.value}, {d.path.value})" for d in request.devices
-                ),
-            )
-            prepare_domain(request, host=host, root=root)
-        else:
-            log.info("domain %s: release end", name)
-            release_own(request, host=host, root=root)
+        data = _read_bounded(stream) if stream is not None else None
+    except OSError as e:
+        data, reason = None, f"cannot read stdin: {e.strerror}"
+    else:
+        reason = "stdin is closed"
+    if data is None:
+        print(f"kvmvfio hook: no domain XML from libvirt ({reason}); refused", file=err)
+        return 1
+    try:
+        # The devices come from the domain's metadata: advice names its attributes.
+        with speaking_to(Interface.METADATA):
+            request = parse_domain(data, expected_name=name)
+            if request is None:
+                return 0
+            if (op, subop) == PREPARE:
+                log.info(
+                    "domain %s: prepare begin: %s",
+                    name,
+                    ", ".join(
+                        f"{d.address} ({d.handoff.value}, {d.path.value})" for d in request.devices
+                    ),
+                )
+                prepare_domain(request, host=host, root=root)
+            else:
+                log.info("domain %s: release end", name)
+                release_own(request, host=host, root=root)
     except KvmvfioError as e:
         log.error("domain %s: %s %s refused: %s", name, op, subop, e)
         print(f"kvmvfio: {e}", file=err)

@@ -17,13 +17,21 @@ Attributes of ``<kvmvfio:device>`` (each may also stand on
 ``handoff``   ``libvirt`` (default): the domain's own ``<hostdev
               managed='no'>`` uses the device, kvmvfio prepares and checks
               it; ``agent``: ``kvmvfio agent`` hands it to the running QEMU by
-              file descriptor (iommufd), no ``<hostdev>`` needed
+              file descriptor (iommufd), no ``<hostdev>`` needed; ``none``:
+              kvmvfio moves it to vfio-pci with the rest of its IOMMU group
+              and gives it to no one (a GPU's audio function the VM does
+              not use), no ``<hostdev>``
 ``path``      the kernel path checked and used: ``group`` (default for
               ``libvirt``, what libvirt's QEMU opens) or ``cdev`` (default
               and only choice for ``agent``)
 ``coherency`` ``require``, ``warn`` (default) or ``ignore``: the policy on
               enforced DMA cache coherency (docs/coherency.md)
 ``reset``     ``yes`` or ``no`` (default): reset the device when it goes back
+``accept``    findings of prepare's safety checks to accept for this device,
+              space-separated, the names of ``kvmvfio prepare --force``
+              (``boot-vga``, ``disk-in-use``, ``default-route``,
+              ``in-use``); on devices only, never a default, and logged
+              when used. Unknown names are refused.
 
 The XML comes from libvirt, but a domain definition is written by whoever
 may define domains, so it is parsed as hostile: no DTD, no entity
@@ -43,6 +51,7 @@ from xml.parsers import expat
 
 from kvmvfio.errors import InvalidAddress, UsageError
 from kvmvfio.host.address import PciAddress
+from kvmvfio.prepare import safety
 from kvmvfio.prepare.owners import LIBVIRT_PREFIX, libvirt_owner
 from kvmvfio.vfio.policy import Coherency
 
@@ -69,6 +78,7 @@ class Handoff(enum.StrEnum):
 
     LIBVIRT = "libvirt"
     AGENT = "agent"
+    NONE = "none"  # moved off its host driver with its group, given to no one
 
 
 class DevicePath(enum.StrEnum):
@@ -97,6 +107,7 @@ class DeviceRequest:
     path: DevicePath = DevicePath.GROUP
     coherency: Coherency = Coherency.WARN
     reset: bool = False
+    accept: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,7 +147,9 @@ owner_of = libvirt_owner
 
 
 _YES_NO = {"yes": True, "no": False}
-_DEVICE_ATTRS = ("address", "handoff", "path", "coherency", "reset")
+_DEVICE_ATTRS = ("address", "handoff", "path", "coherency", "reset", "accept")
+#: Attributes of <kvmvfio:devices>: defaults for its devices (never an address or an accept).
+_DEFAULT_ATTRS = ("handoff", "path", "coherency", "reset")
 
 
 def _choice(enum_type: type[enum.StrEnum], attr: str, value: str, where: str) -> str:
@@ -148,7 +161,7 @@ def _choice(enum_type: type[enum.StrEnum], attr: str, value: str, where: str) ->
 
 def _options(attrs: Mapping[str, str], where: str, base: dict[str, str]) -> dict[str, str]:
     """Check the attributes of a kvmvfio element and lay them over ``base``."""
-    allowed = _DEVICE_ATTRS if where == "<kvmvfio:device>" else _DEVICE_ATTRS[1:]
+    allowed = _DEVICE_ATTRS if where == "<kvmvfio:device>" else _DEFAULT_ATTRS
     out = dict(base)
     for name, value in attrs.items():
         if name not in allowed:
@@ -164,6 +177,8 @@ def _options(attrs: Mapping[str, str], where: str, base: dict[str, str]) -> dict
             _choice(Coherency, name, value, where)
         elif name == "reset" and value not in _YES_NO:
             raise ValueError(f"{where} has reset={value!r}; expected yes or no")
+        elif name == "accept":
+            _accepted(value, where)
         out[name] = value
     return out
 
@@ -190,7 +205,19 @@ def _device(opts: dict[str, str]) -> DeviceRequest:
         path=path,
         coherency=Coherency(opts.get("coherency", Coherency.WARN)),
         reset=_YES_NO[opts.get("reset", "no")],
+        accept=_accepted(opts.get("accept", ""), "<kvmvfio:device>"),
     )
+
+
+def _accepted(value: str, where: str) -> tuple[str, ...]:
+    names = value.split()
+    unknown = [n for n in names if safety.canonical(n) not in safety.CHECKS]
+    if unknown:
+        raise ValueError(
+            f"{where} has accept={value[:80]!r}: {unknown[0][:40]!r} is not a finding kvmvfio "
+            f"knows; one of {', '.join(safety.CHECKS)}"
+        )
+    return tuple(dict.fromkeys(safety.canonical(n) for n in names))
 
 
 def _hex(text: str | None, what: str) -> int:
@@ -375,6 +402,12 @@ def validate(request: DomainRequest) -> None:
                 f"device {dev.address} has handoff='agent' and a <hostdev> too: QEMU would be "
                 "given it twice; drop one of them",
             )
+        if dev.handoff is Handoff.NONE and hostdev is not None:
+            raise MetadataError(
+                request.name,
+                f"device {dev.address} has handoff='none' but the domain has a <hostdev> for "
+                "it: drop handoff='none' to give it to the VM, or the <hostdev> not to",
+            )
 
 
 def to_xml(devices: Sequence[DeviceRequest], *, naked: bool = False) -> str:
@@ -390,7 +423,7 @@ def to_xml(devices: Sequence[DeviceRequest], *, naked: bool = False) -> str:
     for d in devices:
         default = _device({"address": d.address, "handoff": d.handoff.value})
         attrs = [f'address="{d.address}"']
-        if d.handoff is Handoff.AGENT:
+        if d.handoff is not Handoff.LIBVIRT:
             attrs.append(f'handoff="{d.handoff.value}"')
         if d.path is not default.path:
             attrs.append(f'path="{d.path.value}"')
@@ -398,6 +431,8 @@ def to_xml(devices: Sequence[DeviceRequest], *, naked: bool = False) -> str:
             attrs.append(f'coherency="{d.coherency.value}"')
         if d.reset:
             attrs.append('reset="yes"')
+        if d.accept:
+            attrs.append(f'accept="{" ".join(d.accept)}"')
         lines.append(f"  <{p}device {' '.join(attrs)}/>")
     lines.append(f"</{p}devices>")
     return "\n".join(lines)

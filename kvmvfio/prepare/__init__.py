@@ -21,7 +21,7 @@ import functools
 import logging
 import os
 import signal
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,6 +187,7 @@ def prepare(
     *,
     owner_pid: int | None = None,
     force: Collection[str] = (),
+    accept: Mapping[str, Collection[str]] | None = None,
     host: Host | None = None,
     root: str | Path = DEFAULT_ROOT,
     watch: OwnerWatch | None = None,
@@ -197,18 +198,21 @@ def prepare(
     recorded with its start time so that :func:`recover` knows when the
     owner is gone. Raises :class:`ClaimedBy` when another owner has a
     group, :class:`~kvmvfio.prepare.safety.UnsafeToUnbind` for a device
-    the host still uses (unless ``force`` accepts it), the host
+    the host still uses (unless ``force`` accepts it for every device, or
+    ``accept`` for that device: address -> names of findings), the host
     model's errors, and :class:`~kvmvfio.errors.KernelError` when sysfs
     refuses a change; whatever was changed by then is in the journal, and
     :func:`release` or :func:`recover` puts it back.
     """
     if not owner or any(c.isspace() for c in owner) or len(owner) > 200:
         raise UsageError(f"owner {owner!r} must be a short name without spaces (a VM name)")
-    unknown = {name for name in force if safety.canonical(name) not in safety.CHECKS}
+    per_device = {str(PciAddress.coerce(a)): names for a, names in (accept or {}).items()}
+    every = [*force, *(n for names in per_device.values() for n in names)]
+    unknown = {name for name in every if safety.canonical(name) not in safety.CHECKS}
     if unknown:
         raise UsageError(f"unknown --force {', '.join(sorted(unknown))}; one of {safety.CHECKS}")
     host = host or Host()
-    watch = watch or OwnerWatch()
+    watch = watch or OwnerWatch(proc=host.procfs)
     process = None
     if owner_pid is not None:
         process = watch.identify(owner_pid)
@@ -222,7 +226,15 @@ def prepare(
         with _group_lock(Path(root), number):
             done.append(
                 _prepare_group(
-                    host, sysfs, journal, group, owner, process=process, watch=watch, force=force
+                    host,
+                    sysfs,
+                    journal,
+                    group,
+                    owner,
+                    process=process,
+                    watch=watch,
+                    force=force,
+                    accept=per_device,
                 )
             )
     return done
@@ -238,6 +250,7 @@ def _prepare_group(
     process: ProcessId | None,
     watch: OwnerWatch,
     force: Collection[str],
+    accept: Mapping[str, Collection[str]],
 ) -> Prepared:
     number = group.number
     record = journal.read(number)
@@ -254,7 +267,10 @@ def _prepare_group(
     accepted: list[str] = []
     for m in movers:
         if m.driver is not None:
-            accepted += safety.check(m, host.sysfs, force=force, proc=host.procfs, devfs=host.devfs)
+            mine = [*force, *accept.get(str(m.address), ())]
+            accepted += safety.check(m, host.sysfs, force=mine, proc=host.procfs, devfs=host.devfs)
+    for note in accepted:
+        log.warning("group %d (owner %s): %s", number, owner, note)
     known = {e.address for e in record.devices}
     for m in movers:
         if str(m.address) not in known:
@@ -366,7 +382,7 @@ def release(
             if record is None:
                 continue
             if owner is not None and record.owner != owner:
-                raise _claimed(host, record, OwnerWatch())
+                raise _claimed(host, record, OwnerWatch(proc=host.procfs))
             out += _release_record(host, journal, record, reset)
     return out
 
@@ -385,7 +401,7 @@ def recover(
     served.
     """
     host = host or Host()
-    watch = watch or OwnerWatch()
+    watch = watch or OwnerWatch(proc=host.procfs)
     journal = Journal(root)
     restored: list[Restored] = []
     skipped: list[GroupStatus] = []
@@ -440,7 +456,7 @@ def status(
 ) -> list[GroupStatus]:
     """The groups kvmvfio holds, their owners, and whether each owner is still there."""
     host = host or Host()
-    watch = watch or OwnerWatch()
+    watch = watch or OwnerWatch(proc=host.procfs)
     return [_status_of(host, r, watch) for r in Journal(root).records()]
 
 

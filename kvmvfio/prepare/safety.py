@@ -18,7 +18,7 @@ import os
 from collections.abc import Collection
 from pathlib import Path
 
-from kvmvfio.errors import KvmvfioError
+from kvmvfio.errors import Interface, KvmvfioError, interface
 from kvmvfio.host import PciDevice
 from kvmvfio.host.blockdev import BlockUse, ExclusiveProbe, UseKind, disk_uses, exclusive_claim
 from kvmvfio.host.procs import holders
@@ -45,8 +45,27 @@ class UnsafeToUnbind(KvmvfioError):
         self.found = found
         super().__init__(
             f"PCI device {address} ({driver}) {found}; taking it from the host could cut "
-            f"off what uses it. Pass --force {check} to accept that"
+            f"off what uses it. {accept_advice(check)}"
         )
+
+
+def accept_advice(check: str) -> str:
+    """How the user accepts finding ``check``, worded for the interface they used."""
+    return {
+        Interface.CLI: f"Pass --force {check} to accept that",
+        Interface.METADATA: f"Add accept='{check}' to the device's <kvmvfio:device> element in "
+        "the domain's metadata to accept that",
+        Interface.API: f"Pass force=[{check!r}] to accept that",
+    }[interface()]
+
+
+def accepted_by(check: str) -> str:
+    """What accepted finding ``check``, for the notes :func:`check` returns."""
+    return {
+        Interface.CLI: f"--force {check}",
+        Interface.METADATA: f"accept='{check}' in the domain's metadata",
+        Interface.API: f"force={check!r}",
+    }[interface()]
 
 
 def _nodes_under(device_dir: Path) -> list[tuple[str, str]]:
@@ -157,5 +176,5 @@ def check(
     for name, found in findings:
         if name not in forced:
             raise UnsafeToUnbind(addr, driver, name, found)
-        accepted.append(f"{addr}: {found} (accepted by --force {name})")
+        accepted.append(f"{addr}: {found} (accepted by {accepted_by(name)})")
     return accepted

@@ -226,6 +226,83 @@ def test_the_installed_hook_refuses_hostile_xml_and_changes_nothing(
     assert status() == []
 
 
+def test_metadata_accepts_a_named_finding_and_the_refusal_says_how(
+    topology: Topology, clean: None, tmp_path: Path
+) -> None:
+    nic = topology.guest_address("nic0")
+    iface = os.listdir(PCI / nic / "net")[0]
+    subprocess.run(["ip", "link", "set", iface, "up"], check=True)
+    subprocess.run(["ip", "route", "add", "default", "dev", iface], check=True)
+    try:
+        refused = create(tmp_path, "routed", metadata=metadata(nic), hostdevs=[nic])
+        assert refused.returncode != 0
+        assert f"carries the default route ({iface})" in refused.stderr
+        # The advice a libvirt user can follow: an attribute, not a CLI flag.
+        assert (
+            "Add accept='default-route' to the device's <kvmvfio:device> element in the "
+            "domain's metadata to accept that"
+        ) in refused.stderr
+        assert driver(nic) == "e1000e"
+        assert status() == []
+        done = create(
+            tmp_path, "routed", metadata=metadata(f"{nic} accept=default-route"), hostdevs=[nic]
+        )
+        assert done.returncode == 0, done.stderr
+        assert driver(nic) == "vfio-pci"
+        assert (
+            f"{nic}: carries the default route ({iface}) (accepted by "
+            "accept='default-route' in the domain's metadata)"
+        ) in HOOK_LOG.read_text()
+        destroy("routed")
+        wait_for(lambda: driver(nic) == "e1000e", 30, "the NIC back on e1000e")
+    finally:
+        destroy("routed")
+        subprocess.run(["ip", "route", "del", "default"], check=False)
+
+
+# -- recover beside running domains -----------------------------------------------------
+
+
+def test_recover_leaves_a_running_domain_alone_and_restores_a_killed_one(
+    topology: Topology, clean: None, libvirtd: Libvirtd, tmp_path: Path
+) -> None:
+    """Both claims were made by the hook; libvirtd dies, then one domain's QEMU."""
+    edu0, edu1 = topology.guest_address("edu0"), topology.guest_address("edu1")
+    for name, edu in (("alive", edu0), ("killed", edu1)):
+        done = create(tmp_path, name, metadata=metadata(edu), hostdevs=[edu])
+        assert done.returncode == 0, done.stderr
+    assert (driver(edu0), driver(edu1)) == ("vfio-pci", "vfio-pci")
+    alive_pid, killed_pid = qemu_pid("alive"), qemu_pid("killed")
+    # No libvirtd: nobody runs the release hook for the killed domain, as
+    # after a host-wide crash of the management stack.
+    libvirtd.stop()
+    try:
+        os.kill(killed_pid, signal.SIGKILL)
+        wait_for(lambda: not Path(f"/proc/{killed_pid}").exists(), 30, "the killed QEMU gone")
+        by_owner = {g.owner: g for g in status()}
+        assert by_owner["libvirt:alive"].alive
+        assert f"pid {alive_pid} (qemu-system-x86" in by_owner["libvirt:alive"].why
+        assert not by_owner["libvirt:killed"].alive
+        assert by_owner["libvirt:killed"].why.startswith("libvirt domain killed is not running")
+        cli = subprocess.run(
+            ["kvmvfio", "recover"], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert f"recover: {edu1} back on no driver" in cli.stdout
+        assert f"recover: left IOMMU group {group_of(edu0)} to libvirt:alive" in cli.stdout
+        # The kernel's view: the killed domain's device left vfio-pci, the
+        # running one's is still on it and still open in its QEMU.
+        assert driver(edu1) is None
+        assert driver(edu0) == "vfio-pci"
+        assert f"/dev/vfio/{group_of(edu0)}" in qemu_fds(alive_pid)
+        assert [g.owner for g in status()] == ["libvirt:alive"]
+    finally:
+        libvirtd.start()
+    destroy("alive")
+    wait_for(lambda: driver(edu0) is None, 30, "edu0 back on no driver")
+    assert status() == []
+
+
 # -- the agent and the API ----------------------------------------------------------------
 
 

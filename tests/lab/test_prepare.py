@@ -84,6 +84,43 @@ def test_the_nic_goes_to_vfio_and_comes_back(topology: Topology, tmp_path: Path)
     assert release([nic], "vm1", root=tmp_path) == []  # idempotent
 
 
+def test_recover_waits_for_the_owner_process_and_then_restores(
+    topology: Topology, tmp_path: Path
+) -> None:
+    nic, edu0 = topology.guest_address("nic0"), topology.guest_address("edu0")
+    before = snapshot(nic, edu0)
+    ifaces = netdevs(nic)
+    owner = subprocess.Popen(["sleep", "600"])
+    try:
+        got = kvmvfio(
+            "prepare", "--root", str(tmp_path), "--owner", "vm1", "--owner-pid", str(owner.pid), nic
+        )  # fmt: skip
+        assert got.returncode == 0, got.stderr
+        got = kvmvfio("prepare", "--root", str(tmp_path), "--owner", "by-hand", edu0)
+        assert got.returncode == 0, got.stderr
+        assert (driver(nic), driver(edu0)) == ("vfio-pci", "vfio-pci")
+        # The owner runs: its claim stays; the claim by name alone has no
+        # owner to watch and nothing holds it, so it is restored.
+        got = kvmvfio("recover", "--root", str(tmp_path))
+        assert got.returncode == 0, got.stderr
+        group = Host().group_of(nic).number
+        assert f"left IOMMU group {group} to vm1: process {owner.pid} runs" in got.stdout
+        assert f"recover: {edu0} back on no driver" in got.stdout
+        assert driver(nic) == "vfio-pci"
+        assert snapshot(edu0) == {edu0: before[edu0]}
+    finally:
+        owner.kill()
+        owner.wait()
+    (held,) = status(root=tmp_path)
+    assert (held.alive, held.why) == (False, f"process {owner.pid} has exited")
+    got = kvmvfio("recover", "--root", str(tmp_path))
+    assert got.returncode == 0, got.stderr
+    assert f"recover: {nic} back on e1000e" in got.stdout
+    assert snapshot(nic, edu0) == before
+    assert netdevs(nic) == ifaces
+    assert status(root=tmp_path) == []
+
+
 def test_one_device_of_the_bridge_group_moves_the_other_too(
     topology: Topology, tmp_path: Path
 ) -> None:
@@ -188,12 +225,14 @@ def test_the_default_route_stops_a_prepare(topology: Topology, tmp_path: Path) -
         with pytest.raises(UnsafeToUnbind) as refused:
             prepare([nic], "vm1", root=tmp_path)
         assert f"carries the default route ({iface})" in str(refused.value)
-        assert "--force default-route" in str(refused.value)
+        # Advice in the caller's terms: an argument from Python, a flag from the CLI.
+        assert "Pass force=['default-route'] to accept that" in str(refused.value)
         assert snapshot(nic) == before  # nothing changed
         assert status(root=tmp_path) == []
         done = kvmvfio("prepare", "--root", str(tmp_path), "--owner", "vm1", nic)
         assert done.returncode == 1
         assert "default route" in done.stderr
+        assert "Pass --force default-route to accept that" in done.stderr
         (ok,) = prepare([nic], "vm1", root=tmp_path, force=["default-route"])
         assert ok.accepted
     finally:

@@ -15,7 +15,7 @@ from fakesysfs import Dev, Topology
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmvfio.errors import GroupNotViable
+from kvmvfio.errors import GroupNotViable, Interface, speaking_to
 from kvmvfio.host import Host
 from kvmvfio.libvirt import hook
 from kvmvfio.libvirt.metadata import (
@@ -29,7 +29,8 @@ from kvmvfio.libvirt.metadata import (
     parse_domain,
     to_xml,
 )
-from kvmvfio.prepare import status
+from kvmvfio.prepare import prepare, status
+from kvmvfio.prepare.safety import UnsafeToUnbind
 from kvmvfio.vfio.policy import Coherency
 
 NS = f'xmlns:k="{NAMESPACE}"'
@@ -126,6 +127,12 @@ def test_to_xml_round_trips() -> None:
          'handoff="agent"/>', "", "listed twice"),
         ('<k:other/>', "", "only <kvmvfio:device> elements belong there"),
         ('<k:device address="00:03.0" handoff="agent"><x/></k:device>', "", "must be empty"),
+        ('<k:device address="00:03.0" handoff="agent" accept="boot_vga"/>', "",
+         "'boot_vga' is not a finding kvmvfio knows; one of boot-vga, disk-in-use"),
+        ('<k:device address="00:03.0" handoff="agent" accept="in-use routes"/>', "",
+         "'routes' is not a finding"),
+        ('<k:device address="00:03.0" handoff="none"/>', hostdev("0000:00:03.0"),
+         "handoff='none' but the domain has a <hostdev>"),
     ],
 )  # fmt: skip
 def test_bad_metadata_is_refused_by_name(meta: str, devices: str, words: str) -> None:
@@ -251,3 +258,69 @@ def test_the_hook_says_one_sentence_and_exits_1(build_host: BuildHost, tmp_path:
     (line,) = err.getvalue().splitlines()
     assert line.startswith("kvmvfio: IOMMU group 7 is not viable")
     assert hook.main(["vm1"], io.BytesIO(), err, host=host, root=tmp_path) == 2
+
+
+def test_findings_are_accepted_per_device_by_their_force_names() -> None:
+    meta = (
+        f'<k:devices {NS}><k:device address="00:03.0" handoff="agent" '
+        'accept=" default-route  mounted default-route"/>'
+        '<k:device address="00:04.0" handoff="none"/></k:devices>'
+    )
+    req = parse_domain(domain(meta))
+    assert req is not None
+    first, second = req.devices
+    # The old spelling is read as the new one; each name once, in order.
+    assert first.accept == ("default-route", "disk-in-use")
+    assert (second.handoff, second.accept) == (Handoff.NONE, ())
+    assert parse_domain(domain(to_xml(req.devices))) == req
+
+
+def test_accept_is_never_a_default_for_every_device() -> None:
+    meta = f'<k:devices {NS} accept="boot-vga"><k:device address="00:03.0" handoff="agent"/>'
+    with pytest.raises(MetadataError, match="unknown attribute 'accept'"):
+        parse_domain(domain(f"{meta}</k:devices>"))
+
+
+def test_the_hook_refusal_names_the_attribute_that_accepts_it(
+    build_host: BuildHost, tmp_path: Path
+) -> None:
+    host = build_host(Topology(devices=[Dev("0000:00:05.0", driver="e1000e", group=3)]))
+    (host.sysfs / "bus/pci/devices/0000:00:05.0/net/eth0").mkdir(parents=True)
+    proc = tmp_path / "proc"
+    (proc / "net").mkdir(parents=True)
+    (proc / "net" / "route").write_text(
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n"
+        "eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\n"
+    )
+    meta = f'<k:devices {NS}><k:device address="00:05.0" handoff="agent"/></k:devices>'
+    req = parse_domain(domain(meta))
+    assert req is not None
+    with speaking_to(Interface.METADATA), pytest.raises(UnsafeToUnbind) as refused:
+        prepare(["0000:00:05.0"], req.owner, host=Host(host.sysfs, host.devfs, proc), root=tmp_path)
+    assert str(refused.value).endswith(
+        "Add accept='default-route' to the device's <kvmvfio:device> element in the domain's "
+        "metadata to accept that"
+    )
+    assert status(root=tmp_path, host=host) == []
+
+
+def test_the_hook_with_stdin_closed_says_so(
+    build_host: BuildHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = _two_in_a_group(build_host)
+    monkeypatch.setattr("sys.stdin", None)  # what Python sets when fd 0 is closed at start
+    err = io.StringIO()
+    assert hook.main(["vm1", "prepare", "begin", "-"], None, err, host=host, root=tmp_path) == 1
+    assert err.getvalue() == (
+        "kvmvfio hook: no domain XML from libvirt (stdin is closed); refused\n"
+    )
+
+    class Unreadable(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            raise OSError(9, "Bad file descriptor")
+
+    err = io.StringIO()
+    stdin = Unreadable()
+    assert hook.main(["vm1", "prepare", "begin", "-"], stdin, err, host=host, root=tmp_path) == 1
+    assert "cannot read stdin: Bad file descriptor" in err.getvalue()
+    assert status(root=tmp_path, host=host) == []

@@ -194,7 +194,7 @@ def test_prepare_records_the_owner_start_time(tmp_path: Path, build_host: BuildH
     host = build_host(Topology(devices=[Dev("0000:00:03.0", driver=None, group=1)]))
     Journal(tmp_path).write(Record(1, "vm1", os.getpid(), pid_start=start_time(os.getpid())))
     with pytest.raises(ClaimedBy) as refused:
-        prepare(["0000:00:03.0"], "vm2", host=host, root=tmp_path)
+        prepare(["0000:00:03.0"], "vm2", host=host, root=tmp_path, watch=OwnerWatch())
     assert str(refused.value) == (f"IOMMU group 1 is claimed by 'vm1' (process {os.getpid()} runs)")
     assert refused.value.alive
 

@@ -85,11 +85,11 @@ def test_the_default_route_is_found_and_can_be_accepted(
     assert refused.value.check == "default-route"
     assert str(refused.value) == (
         "PCI device 0000:00:05.0 (e1000e) carries the default route (eth0); taking it from "
-        "the host could cut off what uses it. Pass --force default-route to accept that"
+        "the host could cut off what uses it. Pass force=['default-route'] to accept that"
     )
     accepted = check(dev, host.sysfs, force=["default-route"], proc=proc, devfs=host.devfs)
     assert accepted == [
-        "0000:00:05.0: carries the default route (eth0) (accepted by --force default-route)"
+        "0000:00:05.0: carries the default route (eth0) (accepted by force='default-route')"
     ]
 
 

@@ -157,5 +157,5 @@ def test_check_cli_names_the_device(
     err = capsys.readouterr().err
     assert err == (
         "kvmvfio: PCI device 0000:00:05.0 is bound to e1000e, not vfio-pci: prepare it first "
-        "(kvmvfio prepare 0000:00:05.0)\n"
+        "(`kvmvfio prepare --owner NAME 0000:00:05.0` moves it there)\n"
     )

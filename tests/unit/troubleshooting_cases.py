@@ -15,63 +15,74 @@ from kvmvfio.errors import (
     DetachTimeout,
     DeviceNotBoundToVfio,
     GroupNotViable,
+    Interface,
     KernelUnsupported,
     KvmvfioError,
     MemlockTooLow,
     NoHotplugPort,
     NoInterruptRemapping,
     QemuNoAnswer,
+    speaking_to,
 )
 from kvmvfio.libvirt.metadata import MetadataError
 from kvmvfio.prepare import ClaimedBy
 from kvmvfio.prepare.owners import Liveness
 from kvmvfio.prepare.safety import UnsafeToUnbind
 
-CASES: dict[str, KvmvfioError] = {
-    "not viable": GroupNotViable(
-        "14",
-        [
-            Blocker(
-                "0000:01:00.1",
-                "snd_hda_intel",
-                "bound to snd_hda_intel, a host driver that does DMA; rebind it to vfio-pci",
-            )
-        ],
-    ),
-    "not listed": GroupNotViable(
-        "9",
-        [
-            Blocker(
-                "0000:03:00.1",
-                "snd_hda_intel",
-                "on host driver snd_hda_intel, and domain 'vm1' does not list it in its "
-                "kvmvfio metadata; list it to have kvmvfio move it too",
-            )
-        ],
-    ),
-    "busy": Busy(16, "open", "/dev/vfio/14", "IOMMU group 14", "pid 4242 (qemu-system-x86)"),
-    "no interrupt remapping": NoInterruptRemapping(
-        "VFIO_SET_IOMMU", "/dev/vfio/vfio", "the container of IOMMU group 14"
-    ),
-    "no hotplug port": NoHotplugPort("0000:03:00.0", []),
-    "coherency refused": CoherencyRefused("IOMMU group 14", ["0000:03:00.0"]),
-    "not on vfio-pci": DeviceNotBoundToVfio("0000:03:00.0", "e1000e"),
-    "memlock": MemlockTooLow(
-        4242, 8 << 20, (256 << 20) + (1 << 30), "kvmvfio was told not to raise it"
-    ),
-    "unsafe to unbind": UnsafeToUnbind(
-        "0000:00:05.0", "e1000e", "default-route", "carries the default route (eth0)"
-    ),
-    "claimed": ClaimedBy(14, "vm1", 4242, Liveness(False, "process 4242 has exited")),
-    "detach timeout": DetachTimeout("0000:03:00.0", "kvmvfio-0000-03-00-0", 30),
-    "QEMU does not answer": QemuNoAnswer("device_add", 4242, 120),
-    **NO_GROUP_CASES,
-    "no cdev": KernelUnsupported(
-        "the cdev path", "the kernel has no /dev/iommu (CONFIG_IOMMUFD); use --path group"
-    ),
-    "bad metadata": MetadataError(
-        "vm1",
-        "<kvmvfio:device> has an unknown attribute 'coherncy' (known: address, handoff, "
-        "path, coherency, reset)",
-    ),
-}
+
+def build() -> dict[str, KvmvfioError]:
+    """Every case, worded for the interface in force (see kvmvfio.errors.speaking_to)."""
+    return {
+        "not viable": GroupNotViable(
+            "14",
+            [
+                Blocker(
+                    "0000:01:00.1",
+                    "snd_hda_intel",
+                    "bound to snd_hda_intel, a host driver that does DMA; rebind it to vfio-pci",
+                )
+            ],
+        ),
+        "not listed": GroupNotViable(
+            "9",
+            [
+                Blocker(
+                    "0000:03:00.1",
+                    "snd_hda_intel",
+                    "on host driver snd_hda_intel, and domain 'vm1' does not list it in its "
+                    "kvmvfio metadata; list it to have kvmvfio move it too (with handoff='none' if the "
+                    "VM does not use it)",
+                )
+            ],
+        ),
+        "busy": Busy(16, "open", "/dev/vfio/14", "IOMMU group 14", "pid 4242 (qemu-system-x86)"),
+        "no interrupt remapping": NoInterruptRemapping(
+            "VFIO_SET_IOMMU", "/dev/vfio/vfio", "the container of IOMMU group 14"
+        ),
+        "no hotplug port": NoHotplugPort("0000:03:00.0", []),
+        "coherency refused": CoherencyRefused("IOMMU group 14", ["0000:03:00.0"]),
+        "not on vfio-pci": DeviceNotBoundToVfio("0000:03:00.0", "e1000e"),
+        "memlock": MemlockTooLow(
+            4242, 8 << 20, (256 << 20) + (1 << 30), "kvmvfio was told not to raise it"
+        ),
+        "unsafe to unbind": UnsafeToUnbind(
+            "0000:00:05.0", "e1000e", "default-route", "carries the default route (eth0)"
+        ),
+        "claimed": ClaimedBy(14, "vm1", 4242, Liveness(False, "process 4242 has exited")),
+        "detach timeout": DetachTimeout("0000:03:00.0", "kvmvfio-0000-03-00-0", 30),
+        "QEMU does not answer": QemuNoAnswer("device_add", 4242, 120),
+        **NO_GROUP_CASES,
+        "no cdev": KernelUnsupported(
+            "the cdev path", "the kernel has no /dev/iommu (CONFIG_IOMMUFD); use --path group"
+        ),
+        "bad metadata": MetadataError(
+            "vm1",
+            "<kvmvfio:device> has an unknown attribute 'coherncy' (known: address, handoff, "
+            "path, coherency, reset, accept)",
+        ),
+    }
+
+
+# The page quotes what the kvmvfio command prints.
+with speaking_to(Interface.CLI):
+    CASES = build()

@@ -18,9 +18,11 @@ case "$2 $3" in
 *) exit 0 ;;
 esac
 
-# One cat, no grep. $(...) strips trailing newlines; the "x" keeps them, so
-# that Python gets exactly the bytes libvirt sent.
-xml=$(cat; printf x)
+# $(...) strips trailing newlines; the "x" keeps them, so that Python gets
+# exactly the bytes libvirt sent. A shell drops NUL bytes silently, which
+# would hand Python other XML than libvirt's: tr turns each NUL into U+0001
+# (which XML forbids as well) so that the check below can refuse it.
+xml=$(tr '\000' '\001'; printf x)
 xml=${xml%x}
 
 # libvirt formats the metadata's namespace URI literally (xmlns:P="URI", and
@@ -31,6 +33,15 @@ xml=${xml%x}
 case $xml in
 *"urn:kvmvfio:libvirt:1"*) ;;
 *) exit 0 ;;
+esac
+
+# libvirt never writes a NUL (nor U+0001): refuse, do not guess.
+soh=$(printf '\001')
+case $xml in
+*"$soh"*)
+    echo "kvmvfio: the domain XML holds a NUL or U+0001 byte, which XML forbids; refused" >&2
+    exit 1
+    ;;
 esac
 
 # The interpreter and the path of the kvmvfio that installed this front:

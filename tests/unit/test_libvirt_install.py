@@ -192,7 +192,7 @@ def test_template_header_marker_and_placeholders(fake: FakePython, pypath: str) 
 
 
 def _namespaces_in_template() -> list[str]:
-    return re.findall(r'^\*"([^"]*)"\*\)', TEMPLATE.read_text(), re.MULTILINE)
+    return re.findall(r'^\*"([^"$]*)"\*\)', TEMPLATE.read_text(), re.MULTILINE)
 
 
 def test_front_looks_for_the_metadata_namespace() -> None:
@@ -312,6 +312,29 @@ def test_kvmvfio_domains_reach_python_unchanged(
     assert fake.argv() == ["-m", "kvmvfio.libvirt.hook", *ARGV_TAIL]
     assert fake.stdin() == xml
     assert fake.pythonpath() == pypath
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("bad", [b"\0", b"\x01"], ids=["NUL", "SOH"])
+def test_a_nul_byte_is_refused_not_dropped(
+    shell: list[str], bad: bytes, front: Path, fake: FakePython
+) -> None:
+    xml = domain_xml(extra="a" + bad.decode() + "b")
+    proc = run_front(shell, front, ARGV_TAIL, stdin=xml)
+    assert proc.returncode == 1
+    assert proc.stderr.decode() == (
+        "kvmvfio: the domain XML holds a NUL or U+0001 byte, which XML forbids; refused\n"
+    )
+    assert not fake.ran  # Python never saw XML the shell had changed
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_a_nul_byte_in_another_domain_changes_nothing(
+    shell: list[str], front: Path, fake: FakePython
+) -> None:
+    proc = run_front(shell, front, ARGV_TAIL, stdin=domain_xml(namespace=None, extra="a\0b"))
+    assert proc.returncode == 0
+    assert not fake.ran
 
 
 @pytest.mark.parametrize("shell", SHELLS)

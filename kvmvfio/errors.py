@@ -471,7 +471,9 @@ class QemuReplyInvalid(QemuError):
 
     QEMU runs unprivileged and a guest that escaped into it would speak for
     it: kvmvfio checks every reply it uses against QEMU's schema and acts on
-    none that does not fit. ``problem`` says what did not fit.
+    none that does not fit. ``command`` is the command answered (or the
+    event's name, in capitals, or ``greeting``); ``problem`` says what did
+    not fit.
     """
 
     def __init__(self, command: str, problem: str, pid: int | None = None) -> None:
@@ -479,10 +481,16 @@ class QemuReplyInvalid(QemuError):
         self.problem = problem
         self.pid = pid
         who = f"QEMU pid {pid}" if pid else "QEMU"
+        if command == "greeting":
+            what = "QMP greeting"
+        elif command.isupper():  # QAPI names events in capitals, commands in lower case
+            what = f"{command} event"
+        else:
+            what = f"reply to {command}"
         super().__init__(
-            f"{who} answered {command} with a reply that does not fit QEMU's schema "
-            f"({shown(problem)}); kvmvfio stopped at that step and used nothing of the reply. A "
-            "QEMU whose guest has taken it over could answer this way: stop that VM and look at it"
+            f"{who}'s {what} does not fit QEMU's schema ({shown(problem)}); kvmvfio stopped at "
+            "that step and used none of it. A QEMU whose guest has taken it over could answer "
+            "this way: stop that VM and look at it"
         )
 
 

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from kvmvfio.cli.args import existing_dir
 from kvmvfio.errors import KvmvfioError
 from kvmvfio.host import Host
 from kvmvfio.vfio.policy import Backend, Coherency
@@ -72,8 +73,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="accept no-IOMMU groups (no DMA isolation; taints the kernel)",
     )
     check.add_argument("--json", action="store_true", help="print JSON (docs/cli-json.md)")
-    check.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
-    check.add_argument("--dev-root", default="/dev", help=argparse.SUPPRESS)
+    check.add_argument("--sysfs-root", default="/sys", type=existing_dir, help=argparse.SUPPRESS)
+    check.add_argument("--dev-root", default="/dev", type=existing_dir, help=argparse.SUPPRESS)
     check.set_defaults(handler=_check)
 
 

@@ -16,7 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvmvfio.errors import InvalidGroup, UsageError
+from kvmvfio.cli.args import existing_dir
+from kvmvfio.errors import InvalidGroup
 from kvmvfio.host import (
     Host,
     HostIommu,
@@ -83,27 +84,29 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="print JSON (schema in docs/cli-json.md) instead of text",
     )
     parser.add_argument(
-        "--sysfs-root", metavar="DIR", default="/sys", help="sysfs to read (default: /sys)"
+        "--sysfs-root",
+        metavar="DIR",
+        default="/sys",
+        type=existing_dir,
+        help="sysfs to read (default: /sys)",
     )
     parser.add_argument(
-        "--dev-root", metavar="DIR", default="/dev", help="/dev to look in (default: /dev)"
+        "--dev-root",
+        metavar="DIR",
+        default="/dev",
+        type=existing_dir,
+        help="/dev to look in (default: /dev)",
     )
     parser.add_argument(
         "--proc-root",
         metavar="DIR",
         default="/proc",
+        type=existing_dir,
         help="/proc to read the kernel command line and CPU vendor from (default: /proc)",
     )
 
 
 def _host(args: argparse.Namespace) -> Host:
-    for flag, value in (
-        ("--sysfs-root", args.sysfs_root),
-        ("--dev-root", args.dev_root),
-        ("--proc-root", args.proc_root),
-    ):
-        if not Path(value).is_dir():
-            raise UsageError(f"{flag} {value}: not a directory")
     return Host(args.sysfs_root, args.dev_root, args.proc_root)
 
 

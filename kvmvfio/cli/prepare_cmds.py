@@ -12,6 +12,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from kvmvfio.cli.args import existing_dir, path_text
 from kvmvfio.errors import shown
 from kvmvfio.host import Host, PciAddress
 from kvmvfio.prepare import (
@@ -85,9 +86,9 @@ def _common(parser: argparse.ArgumentParser, *, addresses: bool) -> None:
     if addresses:
         parser.add_argument("addresses", nargs="+", metavar="ADDR", help="PCI address")
     parser.add_argument("--json", action="store_true", help="print JSON (docs/cli-json.md)")
-    parser.add_argument("--root", default=str(DEFAULT_ROOT), help=argparse.SUPPRESS)
-    parser.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
-    parser.add_argument("--dev-root", default="/dev", help=argparse.SUPPRESS)
+    parser.add_argument("--root", default=str(DEFAULT_ROOT), type=path_text, help=argparse.SUPPRESS)
+    parser.add_argument("--sysfs-root", default="/sys", type=existing_dir, help=argparse.SUPPRESS)
+    parser.add_argument("--dev-root", default="/dev", type=existing_dir, help=argparse.SUPPRESS)
 
 
 def _out(doc: dict[str, object]) -> None:

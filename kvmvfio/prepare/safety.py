@@ -68,8 +68,14 @@ def accepted_by(check: str) -> str:
     }[interface()]
 
 
-def _nodes_under(device_dir: Path) -> list[tuple[str, str]]:
-    """(kind, "MAJ:MIN") of the device nodes registered under a PCI function's folder."""
+def _nodes_under(device_dir: Path, devfs: Path) -> list[Path]:
+    """The device nodes of what is registered under a PCI function's folder.
+
+    Each is found by the name the kernel gives it in devtmpfs (``DEVNAME``
+    in its ``uevent``), checked against its ``dev`` number; udev's
+    ``/dev/block/MAJ:MIN`` and ``/dev/char/MAJ:MIN`` links are the fallback,
+    since a host without udev (an initramfs, a container) has none.
+    """
     found = []
     for dirpath, dirnames, filenames in os.walk(device_dir, followlinks=False):
         # Do not wander into the functions behind a bridge, or into driver links.
@@ -77,14 +83,33 @@ def _nodes_under(device_dir: Path) -> list[tuple[str, str]]:
         if "dev" in filenames and dirpath != str(device_dir):
             try:
                 number = (Path(dirpath) / "dev").read_text().strip()
-            except OSError:
+                major, minor = (int(n) for n in number.split(":"))
+            except (OSError, ValueError):
                 continue
             kind = "block" if "/block/" in dirpath or Path(dirpath, "partition").exists() else None
             if kind is None:
                 sub = os.path.realpath(Path(dirpath) / "subsystem")
                 kind = "block" if sub.endswith("/block") else "char"
-            found.append((kind, number))
+            node = _devname_node(Path(dirpath), devfs, os.makedev(major, minor))
+            found.append(node or devfs / kind / number)
     return found
+
+
+def _devname_node(folder: Path, devfs: Path, rdev: int) -> Path | None:
+    try:
+        uevent = (folder / "uevent").read_text(errors="replace")
+    except OSError:
+        return None
+    for line in uevent.splitlines():
+        name = line.removeprefix("DEVNAME=")
+        if name != line and name and ".." not in name.split("/"):
+            node = devfs / name
+            try:
+                if os.stat(node).st_rdev == rdev:
+                    return node
+            except OSError:
+                return None
+    return None
 
 
 _CLAIMED = (
@@ -168,7 +193,7 @@ def check(
         findings.append(
             ("default-route", f"carries the default route ({', '.join(sorted(routed))})")
         )
-    paths = [Path(devfs) / kind / number for kind, number in _nodes_under(folder)]
+    paths = _nodes_under(folder, Path(devfs))
     busy = holders(*[os.path.realpath(p) for p in paths if p.exists()], proc=proc)
     if busy:
         findings.append(("in-use", f"is in use by {', '.join(busy)}"))

@@ -342,6 +342,31 @@ def test_a_mount_only_another_namespace_sees(topology: Topology, tmp_path: Path)
     moves_and_comes_back(addr, "spare", tmp_path)
 
 
+def test_a_process_holding_the_disk_open(topology: Topology, tmp_path: Path) -> None:
+    """A VM using the disk as raw storage holds it open, not exclusively: in-use says who.
+
+    L1 has no udev, so no /dev/block/MAJ:MIN link: the node is found by the
+    name the kernel gives it (DEVNAME).
+    """
+    addr = topology.guest_address("spare")
+    disk = disk_by_serial("spare")
+    assert not Path("/dev/block").exists()  # the case this test is for
+    before = snapshot(addr)
+    with open(f"/dev/{disk}", "rb") as node:
+        user = subprocess.Popen(["sleep", "600"], stdin=node)
+    try:
+        with pytest.raises(UnsafeToUnbind) as got:
+            prepare([addr], "vm1", root=tmp_path)
+        assert got.value.check == "in-use"
+        assert got.value.found == f"is in use by pid {user.pid} (sleep)"
+        assert snapshot(addr) == before
+        assert status(root=tmp_path) == []
+    finally:
+        user.kill()
+        user.wait()
+    moves_and_comes_back(addr, "spare", tmp_path)
+
+
 def test_the_old_force_name_accepts_it(topology: Topology, tmp_path: Path) -> None:
     """``--force mounted`` (the old name) still accepts a disk in use; nothing else does."""
     addr = topology.guest_address("nvme")

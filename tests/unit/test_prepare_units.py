@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -129,3 +130,31 @@ def test_owner_names_are_checked(owner: str) -> None:
 def test_unknown_force_is_refused() -> None:
     with pytest.raises(UsageError, match="unknown --force boot_vga"):
         prepare(["0000:00:03.0"], "vm1", force=["boot_vga"])
+
+
+def test_a_node_is_found_by_its_kernel_name_without_udev(
+    tmp_path: Path, build_host: BuildHost
+) -> None:
+    """No /dev/char or /dev/block links (no udev): DEVNAME names the node."""
+    host = build_host(Topology(devices=[Dev("0000:00:07.0", driver="mydrv", group=5)]))
+    unit = host.sysfs / "bus/pci/devices/0000:00:07.0/misc/gadget0"
+    unit.mkdir(parents=True)
+    (unit / "dev").write_text("1:3\n")  # /dev/null's number: a node any test can open
+    (unit / "uevent").write_text("MAJOR=1\nMINOR=3\nDEVNAME=gadget0\n")
+    node = host.devfs / "gadget0"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("mknod needs root")
+    assert not (host.devfs / "char").exists()
+    proc = _proc(tmp_path)
+    assert check(host.device("0000:00:07.0"), host.sysfs, proc=proc, devfs=host.devfs) == []
+    with node.open("rb") as f:
+        user = subprocess.Popen(["sleep", "60"], stdin=f)
+    try:
+        with pytest.raises(UnsafeToUnbind) as refused:
+            check(host.device("0000:00:07.0"), host.sysfs, devfs=host.devfs)
+        assert refused.value.found == f"is in use by pid {user.pid} (sleep)"
+    finally:
+        user.kill()
+        user.wait()

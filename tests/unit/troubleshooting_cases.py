@@ -68,6 +68,12 @@ def build() -> dict[str, KvmvfioError]:
         "unsafe to unbind": UnsafeToUnbind(
             "0000:00:05.0", "e1000e", "default-route", "carries the default route (eth0)"
         ),
+        "disk in use": UnsafeToUnbind(
+            "0000:00:14.0",
+            "virtio-pci",
+            "disk-in-use",
+            "has disks in use: vdb is used by dm-0 (LVM vg0-data), which is mounted on /mnt/data",
+        ),
         "claimed": ClaimedBy(14, "vm1", 4242, Liveness(False, "process 4242 has exited")),
         "detach timeout": DetachTimeout("0000:03:00.0", "kvmvfio-0000-03-00-0", 30),
         "QEMU does not answer": QemuNoAnswer("device_add", 4242, 120),

@@ -171,6 +171,9 @@ def _status(args: argparse.Namespace) -> int:
     if not groups:
         print("kvmvfio holds no IOMMU group")
     for g in groups:
+        if g.invalid:
+            print(f"IOMMU group {g.group}: not acted on: {g.invalid}")
+            continue
         state = "owner alive" if g.alive else "owner gone"
         moved = ", ".join(e.address for e in g.devices) or "none"
         print(

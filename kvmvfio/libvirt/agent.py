@@ -32,14 +32,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmvfio.errors import Interface, KvmvfioError, QemuGone, speaking_to
-from kvmvfio.host import Host
+from kvmvfio.errors import Interface, KvmvfioError, QemuGone, shown, speaking_to
+from kvmvfio.host import Host, PciAddress
 from kvmvfio.libvirt.hook import refuse_unlisted
 from kvmvfio.libvirt.metadata import (
     NAMESPACE,
@@ -59,6 +58,7 @@ from kvmvfio.libvirt.monitor import (
 )
 from kvmvfio.prepare import prepare, release, release_owner
 from kvmvfio.prepare.journal import DEFAULT_ROOT, Journal
+from kvmvfio.prepare.rundir import RunFolder
 from kvmvfio.qemu.handoff import attach, detach, kvmvfio_devices, qdev_id
 from kvmvfio.qemu.paths import HandoffPath
 
@@ -96,45 +96,74 @@ class DomainState:
 
 
 class StateStore:
-    """The agent's own records, one JSON file per domain (written before each attach)."""
+    """The agent's own records, one JSON file per domain (written before each attach).
 
-    def __init__(self, root: str | Path = DEFAULT_ROOT) -> None:
-        self.dir = Path(root) / "agent"
+    They live in ``ROOT/agent`` and are opened like the journal, without
+    trust (:mod:`kvmvfio.prepare.rundir`: no links followed, regular files
+    of ``uid`` with mode 0600 only). A record that is unusable (not
+    kvmvfio's, malformed, naming another domain) is logged and ignored: the
+    agent then works from what libvirt and QEMU say.
+    """
 
-    def _path(self, name: str) -> Path:
-        if "/" in name or name in (".", "..") or not name:
-            raise KvmvfioError(f"domain name {name!r} cannot name a file")
-        return self.dir / f"{name}.json"
+    def __init__(self, root: str | Path = DEFAULT_ROOT, uid: int | None = None) -> None:
+        self.folder = RunFolder(root, "agent", uid)
+        self.dir = self.folder.path
+
+    @staticmethod
+    def _file(name: str) -> str:
+        if not name or "/" in name or name in (".", "..") or not name.isprintable():
+            raise KvmvfioError(f"domain name {shown(repr(name))} cannot name a file")
+        return f"{name}.json"
 
     def read(self, name: str) -> DomainState | None:
+        file = self._file(name)
         try:
-            doc = json.loads(self._path(name).read_text())
-            return DomainState(str(doc["name"]), doc.get("uuid"), dict(doc.get("devices", {})))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            log.error("agent record %s is unusable (%s); ignoring it", self._path(name), err)
+            raw = self.folder.read(file, _MAX_STATE)
+            return None if raw is None else _parse_state(name, raw)
+        except (KvmvfioError, ValueError, RecursionError) as err:
+            log.error("agent record %s is unusable (%s); ignoring it", self.dir / file, err)
             return None
 
     def write(self, state: DomainState) -> None:
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = self._path(state.name)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        self.folder.write(self._file(state.name), json.dumps(asdict(state)).encode())
 
     def remove(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path(name).unlink()
+        self.folder.remove(self._file(name))
 
     def names(self) -> list[str]:
         try:
-            return sorted(p.stem for p in self.dir.glob("*.json"))
-        except OSError:
+            names = self.folder.names()
+        except KvmvfioError as err:
+            log.error("agent records: %s", err)
             return []
+        return sorted(n[: -len(".json")] for n in names if n.endswith(".json") and n[0] != ".")
+
+
+#: Largest agent record read (a domain with a few hundred devices is a few KiB).
+_MAX_STATE = 1 << 16
+
+
+def _parse_state(name: str, raw: bytes) -> DomainState:
+    """The record of domain ``name``; ValueError for anything the agent never writes."""
+    if len(raw) > _MAX_STATE:
+        raise ValueError(f"larger than {_MAX_STATE} bytes")
+    doc = json.loads(raw.decode("utf-8"))
+    if not isinstance(doc, dict) or sorted(doc) != ["devices", "name", "uuid"]:
+        raise ValueError("not an object with exactly 'name', 'uuid' and 'devices'")
+    if doc["name"] != name:
+        raise ValueError(f"it names domain {shown(repr(doc['name']), 80)}, not {shown(name)}")
+    uuid = doc["uuid"]
+    if uuid is not None and not (isinstance(uuid, str) and uuid.isprintable() and len(uuid) < 100):
+        raise ValueError("'uuid' is not a UUID")
+    devices = doc["devices"]
+    if not isinstance(devices, dict) or len(devices) > 4096:
+        raise ValueError("'devices' is not an object of PCI addresses")
+    for addr, reset in devices.items():
+        if str(PciAddress.parse(addr)) != addr:  # InvalidAddress is a ValueError too
+            raise ValueError(f"{shown(repr(addr), 80)} is not a PCI address as the agent writes it")
+        if type(reset) is not bool:
+            raise ValueError(f"the reset wish of {addr} is not true or false")
+    return DomainState(name, uuid, dict(devices))
 
 
 class Agent:

@@ -16,12 +16,11 @@ preparers racing for a group get one winner and one error naming it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import logging
 import os
 import signal
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +29,17 @@ from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice, driver_managed
 from kvmvfio.host.procs import ProcessId, holders
 from kvmvfio.prepare import safety
 from kvmvfio.prepare.driver import Sysfs
-from kvmvfio.prepare.journal import DEFAULT_ROOT, Entry, Journal, JournalError, Record
+from kvmvfio.prepare.journal import (
+    DEFAULT_ROOT,
+    Entry,
+    Journal,
+    JournalError,
+    Record,
+    check_on_host,
+    owner_problem,
+)
 from kvmvfio.prepare.owners import Liveness, OwnerWatch
+from kvmvfio.prepare.rundir import RunFolder, UntrustedFile
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,7 @@ __all__ = [
     "Prepared",
     "Recovery",
     "Restored",
+    "UntrustedFile",
     "groups_of",
     "needs_moving",
     "prepare",
@@ -102,6 +111,10 @@ class GroupStatus:
     ``alive`` says whether the owner is still there (see
     :mod:`kvmvfio.prepare.owners`) and ``why`` the fact that decided it;
     ``holders`` are the processes that hold the group's VFIO files open.
+    ``invalid`` is empty for a record kvmvfio acts on; otherwise it says why
+    the record is refused (:class:`~kvmvfio.prepare.journal.JournalError`,
+    :class:`~kvmvfio.prepare.rundir.UntrustedFile`), and only ``group`` is
+    known.
     """
 
     group: int
@@ -112,6 +125,7 @@ class GroupStatus:
     why: str = ""
     pid_start: int | None = None
     holders: tuple[str, ...] = ()
+    invalid: str = ""
 
 
 @dataclass(frozen=True)
@@ -123,16 +137,24 @@ class Recovery:
     failed: tuple[tuple[int, str], ...] = ()
 
 
-@contextlib.contextmanager
-def _group_lock(root: Path, group: int) -> Iterator[None]:
-    locks = root / "locks"
-    locks.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(locks / f"group-{group}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def _group_lock(
+    root: str | Path, group: int, uid: int | None
+) -> contextlib.AbstractContextManager[None]:
+    """Hold the group's claim lock (``locks/group-N.lock``, opened without trust)."""
+    return RunFolder(root, "locks", uid).locked(f"group-{group}.lock")
+
+
+def _read_checked(host: Host, journal: Journal, group: int) -> Record | None:
+    """The group's record, parsed and checked against the live host; None when there is none.
+
+    Every record kvmvfio acts on comes through here. Raise
+    :class:`JournalError` for a record that is invalid or does not fit the
+    host, :class:`UntrustedFile` for a file kvmvfio did not make.
+    """
+    record = journal.read(group)
+    if record is not None:
+        check_on_host(host, record, journal.path(group))
+    return record
 
 
 def needs_moving(member: PciDevice) -> bool:
@@ -191,6 +213,7 @@ def prepare(
     host: Host | None = None,
     root: str | Path = DEFAULT_ROOT,
     watch: OwnerWatch | None = None,
+    uid: int | None = None,
 ) -> list[Prepared]:
     """Move the devices and the rest of their groups to vfio-pci, for ``owner``.
 
@@ -202,9 +225,11 @@ def prepare(
     ``accept`` for that device: address -> names of findings), the host
     model's errors, and :class:`~kvmvfio.errors.KernelError` when sysfs
     refuses a change; whatever was changed by then is in the journal, and
-    :func:`release` or :func:`recover` puts it back.
+    :func:`release` or :func:`recover` puts it back. A journal record of a
+    group that is invalid raises :class:`JournalError`; ``uid`` is the owner
+    kvmvfio's files under ``root`` must have (default: the effective uid).
     """
-    if not owner or any(c.isspace() for c in owner) or len(owner) > 200:
+    if not isinstance(owner, str) or owner_problem(owner) is not None:
         raise UsageError(f"owner {owner!r} must be a short name without spaces (a VM name)")
     per_device = {str(PciAddress.coerce(a)): names for a, names in (accept or {}).items()}
     every = [*force, *(n for names in per_device.values() for n in names)]
@@ -219,11 +244,11 @@ def prepare(
         if process is None:
             raise UsageError(f"owner pid {owner_pid}: no such process runs")
     sysfs = Sysfs(host.sysfs)
-    journal = Journal(root)
+    journal = Journal(root, uid)
     addrs = [str(PciAddress.coerce(a)) for a in addresses]
     done = []
     for number, group in groups_of(host, addrs).items():
-        with _group_lock(Path(root), number):
+        with _group_lock(root, number, uid):
             done.append(
                 _prepare_group(
                     host,
@@ -253,7 +278,7 @@ def _prepare_group(
     accept: Mapping[str, Collection[str]],
 ) -> Prepared:
     number = group.number
-    record = journal.read(number)
+    record = _read_checked(host, journal, number)
     if record is not None and record.owner != owner:
         raise _claimed(host, record, watch)
     if record is None:
@@ -363,6 +388,7 @@ def release(
     reset: bool | Collection[str] = False,
     host: Host | None = None,
     root: str | Path = DEFAULT_ROOT,
+    uid: int | None = None,
 ) -> list[Restored]:
     """Put the groups of ``addresses`` back as they were before :func:`prepare`.
 
@@ -371,14 +397,16 @@ def release(
     ``reset`` resets each device (the kernel's ``reset``) before it leaves
     vfio-pci; given addresses instead of True, only those. Raises
     :class:`~kvmvfio.errors.Busy` naming the process that still has a
-    device open (unbinding then would hang).
+    device open (unbinding then would hang), and :class:`JournalError` or
+    :class:`UntrustedFile` for a group whose record kvmvfio will not act on
+    (nothing of that group is changed).
     """
     host = host or Host()
-    journal = Journal(root)
+    journal = Journal(root, uid)
     out: list[Restored] = []
     for number in groups_of(host, [str(PciAddress.coerce(a)) for a in addresses]):
-        with _group_lock(Path(root), number):
-            record = journal.read(number)
+        with _group_lock(root, number, uid):
+            record = _read_checked(host, journal, number)
             if record is None:
                 continue
             if owner is not None and record.owner != owner:
@@ -392,35 +420,38 @@ def recover(
     host: Host | None = None,
     root: str | Path = DEFAULT_ROOT,
     watch: OwnerWatch | None = None,
+    uid: int | None = None,
 ) -> Recovery:
     """Restore what dead owners left in the journal (after a crash); idempotent.
 
     A claim whose owner is alive (see :mod:`kvmvfio.prepare.owners`) is left
-    alone and listed in ``skipped``; a group that cannot be restored is
+    alone and listed in ``skipped``; a group that cannot be restored, or
+    whose record is invalid or untrusted (nothing of it is acted on), is
     listed in ``failed`` with the reason, and the other groups are still
-    served.
+    served. Raises :class:`UntrustedFile` when the journal folder itself
+    is not kvmvfio's.
     """
     host = host or Host()
     watch = watch or OwnerWatch(proc=host.procfs)
-    journal = Journal(root)
+    journal = Journal(root, uid)
     restored: list[Restored] = []
     skipped: list[GroupStatus] = []
     failed: list[tuple[int, str]] = []
-    for record in journal.records():
-        with _group_lock(Path(root), record.group):
-            fresh = journal.read(record.group)
-            if fresh is None:
-                continue
-            state = _status_of(host, fresh, watch)
-            if state.alive:
-                log.info("group %d: left to %s: %s", fresh.group, fresh.owner, state.why)
-                skipped.append(state)
-                continue
-            try:
-                restored += _release_record(host, journal, fresh, False)
-            except KvmvfioError as err:
-                log.warning("group %d: not restored: %s", fresh.group, err)
-                failed.append((fresh.group, str(err)))
+    for number in journal.groups():
+        try:
+            with _group_lock(root, number, uid):
+                record = _read_checked(host, journal, number)
+                if record is None:
+                    continue
+                state = _status_of(host, record, watch)
+                if state.alive:
+                    log.info("group %d: left to %s: %s", number, record.owner, state.why)
+                    skipped.append(state)
+                    continue
+                restored += _release_record(host, journal, record, False)
+        except KvmvfioError as err:
+            log.warning("group %d: not restored: %s", number, err)
+            failed.append((number, str(err)))
     return Recovery(tuple(restored), tuple(skipped), tuple(failed))
 
 
@@ -430,21 +461,37 @@ def release_owner(
     reset: bool | Collection[str] = False,
     host: Host | None = None,
     root: str | Path = DEFAULT_ROOT,
+    uid: int | None = None,
 ) -> list[Restored]:
     """Release every group the journal says ``owner`` holds.
 
     Idempotent. Raises :class:`~kvmvfio.errors.Busy` as :func:`release` does.
+    A record that cannot be read is logged and left (whose it is cannot be
+    told); one of ``owner`` that does not fit the host raises
+    :class:`JournalError` once the owner's other groups are released.
     """
     host = host or Host()
-    journal = Journal(root)
+    journal = Journal(root, uid)
     out: list[Restored] = []
-    for record in journal.records():
-        if record.owner != owner:
+    refused: list[KvmvfioError] = []
+    for number in journal.groups():
+        try:
+            record = journal.read(number)
+        except KvmvfioError as err:
+            log.error("group %d: %s", number, err)
             continue
-        with _group_lock(Path(root), record.group):
-            fresh = journal.read(record.group)
+        if record is None or record.owner != owner:
+            continue
+        with _group_lock(root, number, uid):
+            try:
+                fresh = _read_checked(host, journal, number)
+            except (JournalError, UntrustedFile) as err:
+                refused.append(err)
+                continue
             if fresh is not None and fresh.owner == owner:
                 out += _release_record(host, journal, fresh, reset)
+    if refused:
+        raise refused[0]
     return out
 
 
@@ -453,11 +500,26 @@ def status(
     host: Host | None = None,
     root: str | Path = DEFAULT_ROOT,
     watch: OwnerWatch | None = None,
+    uid: int | None = None,
 ) -> list[GroupStatus]:
-    """The groups kvmvfio holds, their owners, and whether each owner is still there."""
+    """The groups kvmvfio holds, their owners, and whether each owner is still there.
+
+    A record kvmvfio will not act on is listed with ``invalid`` saying why.
+    Raises :class:`UntrustedFile` when the journal folder is not kvmvfio's.
+    """
     host = host or Host()
     watch = watch or OwnerWatch(proc=host.procfs)
-    return [_status_of(host, r, watch) for r in Journal(root).records()]
+    journal = Journal(root, uid)
+    out = []
+    for number in journal.groups():
+        try:
+            record = _read_checked(host, journal, number)
+        except KvmvfioError as err:
+            out.append(GroupStatus(number, "", 0, False, invalid=str(err)))
+            continue
+        if record is not None:
+            out.append(_status_of(host, record, watch))
+    return out
 
 
 def _status_of(host: Host, record: Record, watch: OwnerWatch) -> GroupStatus:

@@ -18,32 +18,92 @@ Format (JSON, ``"version": 1``)::
 ``pid`` is the owner's process (0: none recorded) and ``pid_start`` its start
 time in clock ticks after boot (``/proc/PID/stat``; absent in records of
 older kvmvfio versions), so that a reused pid is not taken for the owner.
+
+A record is input like any other: a crash, a full disk or a careless hand
+can damage it, and kvmvfio acts on it as root. :meth:`Journal.read` parses
+it once, into a :class:`Record` whose every field is checked (the keys, each
+value's type and range, PCI addresses in the kernel's canonical form, driver
+names as the kernel allows them, the group agreeing with the file's name);
+:func:`check_on_host` then checks that the devices it names are in its
+group on the live host. A record that fails either is never acted on: it is
+refused with :class:`JournalError` (what is wrong, which file, what to do)
+and left for the operator. The files themselves are opened without trust
+(:mod:`kvmvfio.prepare.rundir`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
+import logging
+import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kvmvfio.errors import KvmvfioError
+from kvmvfio.errors import DeviceNotFound, KvmvfioError, NoIommuGroup
+from kvmvfio.host import Host, PciAddress
 from kvmvfio.host.procs import ProcessId
+from kvmvfio.prepare.driver import driver_name_problem
+from kvmvfio.prepare.rundir import RunFolder
+
+log = logging.getLogger(__name__)
 
 VERSION = 1
 DEFAULT_ROOT = Path("/run/kvmvfio")
 
+#: Largest journal file read; a record of a 256-device group is about 20 KiB.
+MAX_BYTES = 1 << 20
+#: Most devices one record may name.
+MAX_DEVICES = 4096
+#: Longest owner name (prepare refuses longer ones).
+MAX_OWNER = 200
+#: Largest IOMMU group number, pid, and count (``steps``, ``pid_start``).
+MAX_GROUP = 2**31 - 1
+MAX_PID = 2**31 - 1
+MAX_COUNT = 2**63 - 1
+
+#: The only file names read: ``group-N.json``, N in decimal without leading zeros.
+_FILE_NAME = re.compile(r"group-(0|[1-9][0-9]{0,9})\.json")
+_REQUIRED = ("version", "group", "owner", "pid", "devices")
+#: ``steps`` and ``pid_start`` are absent from records written by older kvmvfio versions.
+_OPTIONAL = ("steps", "pid_start")
+_ENTRY_KEYS = ("address", "driver", "override")
+
 
 class JournalError(KvmvfioError):
-    """A journal file is unreadable or malformed; it is left in place for a human."""
+    """A journal file is unreadable, malformed or does not fit the host; it is left for a human.
+
+    ``path`` is the file, ``problem`` what is wrong with it. kvmvfio acts
+    on nothing a refused record names.
+    """
 
     def __init__(self, path: Path, problem: str) -> None:
         self.path = path
+        self.problem = problem
         super().__init__(
-            f"the kvmvfio journal {path} is unusable ({problem}); it was left as it is: "
-            "check the devices it names by hand, then remove it"
+            f"the kvmvfio journal {path} is unusable ({problem}); kvmvfio acted on none of it "
+            "and left it as it is: check the devices it names by hand, then remove it"
         )
+
+
+def owner_problem(owner: str) -> str | None:
+    """Why ``owner`` cannot name a claim's owner, or None when it can.
+
+    An owner is a short name (a VM name, ``libvirt:NAME``): 1 to 200
+    characters, no whitespace, no NUL, valid Unicode. Other control
+    characters are allowed, and printed escaped.
+    """
+    if not owner:
+        return "it is empty"
+    if len(owner) > MAX_OWNER:
+        return f"it is longer than {MAX_OWNER} characters"
+    if any(c.isspace() for c in owner):
+        return "it holds whitespace"
+    if "\0" in owner:
+        return "it holds a NUL"
+    if any("\ud800" <= c <= "\udfff" for c in owner):
+        return "it is not valid Unicode (a lone surrogate)"
+    return None
 
 
 @dataclass
@@ -73,82 +133,254 @@ class Record:
 
 
 class Journal:
-    """The journal folder (``/run/kvmvfio/journal``)."""
+    """The journal folder (``/run/kvmvfio/journal``).
 
-    def __init__(self, root: str | Path = DEFAULT_ROOT) -> None:
-        self.dir = Path(root) / "journal"
+    ``uid`` is the owner its folder and files must have (default: the
+    effective uid kvmvfio runs as); see :mod:`kvmvfio.prepare.rundir`.
+    """
+
+    def __init__(self, root: str | Path = DEFAULT_ROOT, uid: int | None = None) -> None:
+        self.folder = RunFolder(root, "journal", uid)
+        self.dir = self.folder.path
+
+    @staticmethod
+    def file_name(group: int) -> str:
+        return f"group-{group}.json"
 
     def path(self, group: int) -> Path:
-        return self.dir / f"group-{group}.json"
+        return self.dir / self.file_name(group)
 
     def write(self, record: Record) -> None:
         """Write ``record`` durably (fsync of the file and the folder) before a change."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.dir, 0o700)
-        final = self.path(record.group)
-        tmp = final.with_suffix(".tmp")
         data = json.dumps({"version": VERSION, **asdict(record)}, indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
-        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        self.folder.write(self.file_name(record.group), data)
 
     def read(self, group: int) -> Record | None:
-        """The group's record, or None when kvmvfio changed nothing there."""
-        path = self.path(group)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        return _parse(path, raw)
+        """The group's record, or None when kvmvfio changed nothing there.
+
+        Raise :class:`JournalError` for a record that is not valid,
+        :class:`~kvmvfio.prepare.rundir.UntrustedFile` for a file or folder
+        kvmvfio did not make.
+        """
+        raw = self.folder.read(self.file_name(group), MAX_BYTES)
+        return None if raw is None else parse_record(self.path(group), group, raw)
+
+    def groups(self) -> list[int]:
+        """The groups that have a journal file, sorted (their records are not read)."""
+        out = []
+        for name in self.folder.names():
+            match = _FILE_NAME.fullmatch(name)
+            if match is not None and int(match[1]) <= MAX_GROUP:
+                out.append(int(match[1]))
+            elif not name.startswith("."):  # .NAME.tmp: a write in progress, or a crash's
+                log.warning(
+                    "%s: not a journal file name (group-N.json); ignored", self.dir / repr(name)
+                )
+        return sorted(out)
 
     def records(self) -> list[Record]:
-        """Every record, by group."""
-        if not self.dir.is_dir():
-            return []
+        """Every valid record, by group; an invalid one is logged and skipped.
+
+        (:meth:`read` raises for it; ``kvmvfio status`` shows it.)
+        """
         out = []
-        for path in sorted(self.dir.glob("group-*.json")):
-            out.append(_parse(path, path.read_bytes()))
-        return sorted(out, key=lambda r: r.group)
+        for group in self.groups():
+            try:
+                record = self.read(group)
+            except KvmvfioError as err:
+                log.error("group %d: %s", group, err)
+                continue
+            if record is not None:
+                out.append(record)
+        return out
 
     def remove(self, group: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path(group).unlink()
+        self.folder.remove(self.file_name(group))
 
 
-def _parse(path: Path, raw: bytes) -> Record:
-    try:
-        doc = json.loads(raw)
-        if doc.get("version") != VERSION:
-            raise JournalError(path, f"version {doc.get('version')!r}, expected {VERSION}")
-        devices = [
-            Entry(str(d["address"]), d.get("driver"), d.get("override")) for d in doc["devices"]
-        ]
-        return Record(
-            group=int(doc["group"]),
-            owner=str(doc["owner"]),
-            pid=int(doc["pid"]),
-            steps=int(doc.get("steps", 0)),
-            devices=devices,
-            pid_start=_optional_count(doc.get("pid_start")),
-        )
-    except JournalError:
-        raise
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise JournalError(path, f"{type(err).__name__}: {err}") from None
+# -- parsing -----------------------------------------------------------------------------
 
 
-def _optional_count(value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
-        raise ValueError(f"pid_start is {value!r}, not a count of clock ticks")
+class _Invalid(Exception):
+    """One thing wrong with a record (becomes a JournalError naming the file)."""
+
+
+@dataclass(frozen=True)
+class _Literal:
+    """A JSON number kvmvfio never writes (a fraction, an exponent, 21 digits or more)."""
+
+    text: str
+
+
+def _shown(value: object) -> str:
+    """``value`` as JSON, bounded: for messages about hostile records."""
+    if isinstance(value, _Literal):
+        text = value.text
+    elif isinstance(value, list):
+        return "a list"
+    elif isinstance(value, dict):
+        return "an object"
+    else:
+        text = json.dumps(value)
+    return text if len(text) <= 60 else f"{text[:59]}…"
+
+
+def _int_literal(text: str) -> int | _Literal:
+    # Python refuses ints above 4300 digits with its own ValueError: never get there.
+    return int(text) if len(text) <= 20 else _Literal(text)
+
+
+def _constant(text: str) -> object:
+    raise _Invalid(f"it holds {text}, which JSON does not have")
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Invalid(f"the key {_shown(key)} appears twice")
+        out[key] = value
+    return out
+
+
+def _count(where: str, value: object, top: int) -> int:
+    # bool is an int in Python, not in a record.
+    if type(value) is not int or not 0 <= value <= top:
+        raise _Invalid(f"{where} must be a whole number in 0..{top}, not {_shown(value)}")
     return value
+
+
+def _name(where: str, value: object, problem: Callable[[str], str | None]) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"{where} must be text, not {_shown(value)}")
+    why = problem(value)
+    if why is not None:
+        raise _Invalid(f"{where} {_shown(value)} is refused: {why}")
+    return value
+
+
+def _optional_driver(where: str, value: object) -> str | None:
+    return None if value is None else _name(where, value, driver_name_problem)
+
+
+def _keys(
+    where: str, doc: dict[str, object], required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> None:
+    known = (*required, *optional)
+    unknown = [k for k in doc if k not in known]
+    if unknown:
+        raise _Invalid(
+            f"{where}has an unknown key {_shown(unknown[0])} (known: {', '.join(known)})"
+        )
+    missing = [k for k in required if k not in doc]
+    if missing:
+        raise _Invalid(f"{where}has no {missing[0]!r}")
+
+
+def _address(where: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"{where} must be a PCI address, not {_shown(value)}")
+    try:
+        parsed = PciAddress.parse(value)
+    except KvmvfioError:
+        raise _Invalid(f"{where} {_shown(value)} is not a PCI address") from None
+    if str(parsed) != value:
+        raise _Invalid(f"{where} {_shown(value)} is not as kvmvfio writes it ({parsed})")
+    return value
+
+
+def _entries(value: object) -> list[Entry]:
+    if not isinstance(value, list):
+        raise _Invalid(f"'devices' must be a list, not {_shown(value)}")
+    if len(value) > MAX_DEVICES:
+        raise _Invalid(f"'devices' names {len(value)} devices, more than {MAX_DEVICES}")
+    out: list[Entry] = []
+    seen: set[str] = set()
+    for i, item in enumerate(value):
+        where = f"devices[{i}]"
+        if not isinstance(item, dict):
+            raise _Invalid(f"{where} must be an object, not {_shown(item)}")
+        _keys(f"{where} ", item, _ENTRY_KEYS)
+        address = _address(f"{where}.address", item["address"])
+        if address in seen:
+            raise _Invalid(f"{where}.address {address} appears twice")
+        seen.add(address)
+        driver = _optional_driver(f"{where}.driver", item["driver"])
+        override = _optional_driver(f"{where}.override", item["override"])
+        out.append(Entry(address, driver, override))
+    return out
+
+
+def _decode(raw: bytes) -> object:
+    if len(raw) > MAX_BYTES:
+        raise _Invalid(f"it is larger than {MAX_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _Invalid(f"it is not UTF-8 text (byte {err.start})") from None
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=_object,
+            parse_constant=_constant,
+            parse_float=_Literal,
+            parse_int=_int_literal,
+        )
+    except json.JSONDecodeError as err:
+        raise _Invalid(
+            f"it is not JSON: {err.msg} at line {err.lineno} column {err.colno}"
+        ) from None
+    except RecursionError:
+        raise _Invalid("it is nested too deeply to be a record") from None
+
+
+def parse_record(path: Path, group: int, raw: bytes) -> Record:
+    """The record in ``raw``, read from ``path``, the file of IOMMU group ``group``.
+
+    Raise :class:`JournalError`, naming ``path`` and the first problem
+    found, for anything that is not a record as kvmvfio writes it.
+    """
+    try:
+        doc = _decode(raw)
+        if not isinstance(doc, dict):
+            raise _Invalid(f"it is {_shown(doc)}, not a JSON object")
+        if "version" not in doc:
+            raise _Invalid("it has no 'version'")
+        version = doc["version"]
+        if type(version) is not int or version != VERSION:
+            raise _Invalid(f"version {_shown(version)}, expected {VERSION}")
+        _keys("it ", doc, _REQUIRED, _OPTIONAL)
+        number = _count("'group'", doc["group"], MAX_GROUP)
+        if number != group:
+            raise _Invalid(f"it is the file of IOMMU group {group} but its 'group' is {number}")
+        start = doc.get("pid_start")
+        return Record(
+            group=number,
+            owner=_name("'owner'", doc["owner"], owner_problem),
+            pid=_count("'pid'", doc["pid"], MAX_PID),
+            steps=_count("'steps'", doc.get("steps", 0), MAX_COUNT),
+            devices=_entries(doc["devices"]),
+            pid_start=None if start is None else _count("'pid_start'", start, MAX_COUNT),
+        )
+    except _Invalid as err:
+        raise JournalError(path, str(err)) from None
+
+
+def check_on_host(host: Host, record: Record, path: Path) -> None:
+    """Check that every device ``record`` names is in its IOMMU group on ``host``.
+
+    Raise :class:`JournalError` for one that is not (in another group, in
+    none, not on the host): nothing of such a record may be acted on.
+    """
+    for i, entry in enumerate(record.devices):
+        where = f"devices[{i}] {entry.address}"
+        try:
+            number = host.group_of(entry.address).number
+        except DeviceNotFound:
+            raise JournalError(path, f"{where} is not on this host") from None
+        except NoIommuGroup:
+            raise JournalError(path, f"{where} is in no IOMMU group on this host") from None
+        if number != record.group:
+            raise JournalError(
+                path, f"{where} is in IOMMU group {number} on this host, not {record.group}"
+            )

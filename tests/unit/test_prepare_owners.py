@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fakerun import put
 from fakesysfs import Dev, Topology
 
 from kvmvfio.cli import run
@@ -208,9 +209,8 @@ def test_an_owner_pid_that_does_not_run_is_refused(host: Host, tmp_path: Path) -
 @pytest.mark.parametrize("value", ["1", -1, 1.5, True, 2**64])
 def test_a_bad_start_time_in_the_journal_is_named(tmp_path: Path, value: object) -> None:
     journal = Journal(tmp_path)
-    journal.dir.mkdir(parents=True)
     doc = '{"version": 1, "group": 1, "owner": "a", "pid": 3, "devices": [], "pid_start": %s}'
-    journal.path(1).write_text(doc % ('"1"' if value == "1" else str(value).lower()))
+    put(journal.path(1), doc % ('"1"' if value == "1" else str(value).lower()))
     with pytest.raises(JournalError, match="pid_start"):
         journal.read(1)
 

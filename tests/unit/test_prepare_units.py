@@ -6,6 +6,7 @@ the lab (tests/lab/test_prepare.py).
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fakerun import put
 from fakesysfs import Dev, Topology
 
 from kvmvfio.errors import UsageError
@@ -38,25 +40,105 @@ def test_journal_round_trip_is_private(tmp_path: Path) -> None:
     journal.remove(4)  # idempotent
 
 
+_GOOD = {"version": 1, "group": 1, "owner": "vm1", "pid": 0, "steps": 0, "devices": []}
+_DEV = {"address": "0000:00:03.0", "driver": "e1000e", "override": None}
+
+
+def _doc(**changes: object) -> bytes:
+    doc = {**_GOOD, **changes}
+    return json.dumps({k: v for k, v in doc.items() if v is not _DROP}).encode()
+
+
+def _dev(**changes: object) -> dict[str, object]:
+    return {k: v for k, v in {**_DEV, **changes}.items() if v is not _DROP}
+
+
+_DROP = object()
+
+
 @pytest.mark.parametrize(
     ("content", "words"),
     [
-        (b"{not json", "JSONDecodeError"),
+        (b"{not json", "it is not JSON: Expecting property name enclosed in double quotes"),
+        (b"", "it is not JSON: Expecting value at line 1 column 1"),
+        (b"\xff{}", "it is not UTF-8 text (byte 0)"),
+        (b"[1]", "it is a list, not a JSON object"),
+        (b"[" * 100_000, "it is nested too deeply"),
+        (b"x" * (2 << 20), "it is larger than 1048576 bytes"),
         (b'{"version": 2, "group": 1}', "version 2, expected 1"),
-        (b'{"version": 1, "group": "x", "owner": "a", "pid": 0, "devices": []}', "ValueError"),
-        (b'{"version": 1, "group": 1}', "KeyError"),
+        (b'{"group": 1}', "it has no 'version'"),
+        (_doc(version=True), "version true, expected 1"),
+        (_doc(version=1.0), "version 1.0, expected 1"),
+        (b'{"version": 1, "group": 1}', "it has no 'owner'"),
+        (_doc(color="red"), 'it has an unknown key "color" (known: version, group, owner'),
+        (b'{"version": 1, "version": 1}', 'the key "version" appears twice'),
+        (_doc(group="x"), "'group' must be a whole number in 0..2147483647, not \"x\""),
+        (_doc(group=True), "'group' must be a whole number in 0..2147483647, not true"),
+        (_doc(group=2), "it is the file of IOMMU group 1 but its 'group' is 2"),
+        (_doc(group=-1), "'group' must be a whole number in 0..2147483647, not -1"),
+        (_doc(pid=2**70), "'pid' must be a whole number in 0..2147483647, not 1180591620717"),
+        (_doc(pid=1.5), "'pid' must be a whole number in 0..2147483647, not 1.5"),
+        (_doc(steps=-1), "'steps' must be a whole number in 0..9223372036854775807, not -1"),
+        (_doc(owner=""), "'owner' \"\" is refused: it is empty"),
+        (_doc(owner="vm 1"), "'owner' \"vm 1\" is refused: it holds whitespace"),
+        (_doc(owner="a\0b"), "'owner' \"a\\u0000b\" is refused: it holds a NUL"),
+        (_doc(owner=7), "'owner' must be text, not 7"),
+        (_doc(devices={}), "'devices' must be a list, not an object"),
+        (_doc(devices=["x"]), 'devices[0] must be an object, not "x"'),
+        (_doc(devices=[_dev(address=_DROP)]), "devices[0] has no 'address'"),
+        (_doc(devices=[_dev(extra=1)]), 'devices[0] has an unknown key "extra"'),
+        (_doc(devices=[_DEV, _DEV]), "devices[1].address 0000:00:03.0 appears twice"),
+        (
+            _doc(devices=[_dev(address="../../../../etc")]),
+            'devices[0].address "../../../../etc" is not a PCI address',
+        ),
+        (
+            _doc(devices=[_dev(address="00:03.0")]),
+            'devices[0].address "00:03.0" is not as kvmvfio writes it (0000:00:03.0)',
+        ),
+        (
+            _doc(devices=[_dev(driver="../../../../tmp")]),
+            "devices[0].driver \"../../../../tmp\" is refused: it holds a '/'",
+        ),
+        (_doc(devices=[_dev(driver="..")]), "devices[0].driver \"..\" is refused: it is '..'"),
+        (_doc(devices=[_dev(driver="")]), 'devices[0].driver "" is refused: it is empty'),
+        (
+            _doc(devices=[_dev(override="vfio-pci\n")]),
+            'devices[0].override "vfio-pci\\n" is refused: it holds whitespace',
+        ),
+        (_doc(devices=[_dev(driver=False)]), "devices[0].driver must be text, not false"),
     ],
 )
 def test_a_damaged_journal_is_named_and_left_alone(
     tmp_path: Path, content: bytes, words: str
 ) -> None:
     journal = Journal(tmp_path)
-    journal.dir.mkdir(parents=True)
-    journal.path(1).write_bytes(content)
-    with pytest.raises(JournalError, match=words) as failed:
+    put(journal.path(1), content)
+    with pytest.raises(JournalError) as failed:
         journal.read(1)
+    assert words in str(failed.value)
     assert str(journal.path(1)) in str(failed.value)
+    assert "kvmvfio acted on none of it" in str(failed.value)
     assert journal.path(1).read_bytes() == content
+
+
+@pytest.mark.parametrize(
+    ("literal", "shown"), [("1e400", "1e400"), (str(2**70), "1180591620717411303424")]
+)
+def test_numbers_python_cannot_hold_are_refused_with_a_sentence(
+    tmp_path: Path, literal: str, shown: str
+) -> None:
+    journal = Journal(tmp_path)
+    text = _doc().decode().replace('"pid": 0', f'"pid": {literal}')
+    put(journal.path(1), text)
+    with pytest.raises(JournalError, match=f"'pid' must be a whole number .*, not {shown}"):
+        journal.read(1)
+    put(journal.path(1), text.replace(literal, "9" * 5000))  # beyond Python's int limit
+    with pytest.raises(JournalError, match="'pid' must be a whole number"):
+        journal.read(1)
+    put(journal.path(1), text.replace(literal, "NaN"))
+    with pytest.raises(JournalError, match="it holds NaN, which JSON does not have"):
+        journal.read(1)
 
 
 def _nic_host(build_host: BuildHost) -> Host:

@@ -19,7 +19,6 @@ import contextlib
 import functools
 import logging
 import os
-import signal
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +59,7 @@ __all__ = [
     "recover",
     "release",
     "release_owner",
+    "set_change_hook",
     "status",
 ]
 
@@ -165,19 +165,27 @@ def needs_moving(member: PciDevice) -> bool:
 
 
 _changes_made = 0
+#: Called after each host change with its ordinal in this process; None in use.
+_change_hook: Callable[[int], None] | None = None
+
+
+def set_change_hook(hook: Callable[[int], None] | None) -> Callable[[int], None] | None:
+    """Install ``hook`` to run after each host change (with its ordinal); return the old one.
+
+    A test seam, like :func:`kvmvfio.uapi.set_backend`: the lab's crash tests
+    kill their own process at change N to show that the journal covers every
+    step. Product code never sets it.
+    """
+    global _change_hook
+    old, _change_hook = _change_hook, hook
+    return old
 
 
 def _after_change() -> None:
-    """For the crash tests: SIGKILL ourselves after host change N of this process.
-
-    N comes from ``KVMVFIO_TEST_KILL_AFTER``; unset (always, outside tests),
-    this does nothing.
-    """
     global _changes_made  # noqa: PLW0603 (one counter per process, across groups)
     _changes_made += 1
-    limit = os.environ.get("KVMVFIO_TEST_KILL_AFTER")
-    if limit and _changes_made == int(limit):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _change_hook is not None:
+        _change_hook(_changes_made)
 
 
 class _Changes:

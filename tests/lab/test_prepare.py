@@ -135,6 +135,28 @@ def test_one_device_of_the_bridge_group_moves_the_other_too(
     assert snapshot(bridge, edu2, edu3) == before
 
 
+#: The kvmvfio command, killed by SIGKILL right after its host change N (argv[1]):
+#: the seam is passed in (kvmvfio.prepare.set_change_hook), never read from the environment.
+KILLED_AT_CHANGE = """
+import os, signal, sys
+import kvmvfio.prepare
+from kvmvfio.cli import run
+n = int(sys.argv[1])
+kvmvfio.prepare.set_change_hook(lambda k: k == n and os.kill(os.getpid(), signal.SIGKILL))
+sys.exit(run(sys.argv[2:]))
+"""
+
+
+def kvmvfio_killed_at(n: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", KILLED_AT_CHANGE, str(n), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def test_a_host_crash_at_every_step_is_recovered(topology: Topology, tmp_path: Path) -> None:
     nic, edu2 = topology.guest_address("nic0"), topology.guest_address("edu2")
     edu3 = topology.guest_address("edu3")
@@ -143,10 +165,9 @@ def test_a_host_crash_at_every_step_is_recovered(topology: Topology, tmp_path: P
     # e1000e: override, unbind, probe; edu2 and edu3 (no driver): override, probe.
     steps = 7
     for n in range(1, steps + 1):
-        killed = kvmvfio(
-            "prepare", "--root", str(tmp_path), "--owner", "vm1", nic, edu2,
-            env={"KVMVFIO_TEST_KILL_AFTER": str(n)},
-        )  # fmt: skip
+        killed = kvmvfio_killed_at(
+            n, "prepare", "--root", str(tmp_path), "--owner", "vm1", nic, edu2
+        )
         assert killed.returncode == -9, (n, killed.stderr)
         assert snapshot(nic, edu2, edu3) != before  # step n really changed the host
         done = kvmvfio("recover", "--root", str(tmp_path))
@@ -157,10 +178,9 @@ def test_a_host_crash_at_every_step_is_recovered(topology: Topology, tmp_path: P
         assert again.stdout.strip() == "recover: nothing to do"
     assert netdevs(nic) == ifaces
     # One more than there are steps: the prepare completes.
-    whole = kvmvfio(
-        "prepare", "--root", str(tmp_path), "--owner", "vm1", nic, edu2,
-        env={"KVMVFIO_TEST_KILL_AFTER": str(steps + 1)},
-    )  # fmt: skip
+    whole = kvmvfio_killed_at(
+        steps + 1, "prepare", "--root", str(tmp_path), "--owner", "vm1", nic, edu2
+    )
     assert whole.returncode == 0, whole.stderr
     kvmvfio("release", "--root", str(tmp_path), nic, edu2)
     assert snapshot(nic, edu2, edu3) == before

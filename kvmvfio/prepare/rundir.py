@@ -316,21 +316,15 @@ class RunFolder:
     def write(self, name: str, data: bytes) -> None:
         """Replace file ``name`` with ``data`` durably (temporary file, fsync, rename, fsync).
 
-        Raise :class:`UntrustedFile` when what is there now is not
-        kvmvfio's (it is not replaced), :class:`~kvmvfio.errors.KernelError`
-        when a write fails.
+        The rename replaces whatever entry is there (a link is replaced, not
+        followed; nothing is written through it). Raise
+        :class:`UntrustedFile` when a folder on the way is not kvmvfio's,
+        :class:`~kvmvfio.errors.KernelError` when a write fails (a folder
+        in the file's place: ``EISDIR``).
         """
         with self.opened(create=True) as folder:
             assert folder is not None  # created
             path = self.path / name
-            try:
-                st = os.stat(name, dir_fd=folder, follow_symlinks=False)
-            except FileNotFoundError:
-                pass
-            except OSError as err:
-                raise _kernel(err, "stat", path) from err
-            else:
-                self._check(path, st, folder=False)
             tmp = f".{name}.tmp"
             with contextlib.suppress(FileNotFoundError):
                 self._unlink(folder, tmp)  # left by a crash; a link is removed, not followed

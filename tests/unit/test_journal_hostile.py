@@ -225,13 +225,13 @@ def test_files_are_written_private_through_the_folder(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(root / "journal").st_mode) == 0o700
     assert stat.S_IMODE(os.stat(root / "journal" / "group-3.json").st_mode) == 0o600
     assert os.listdir(root / "journal") == ["group-3.json"]
-    # A link where the record goes is not written through.
+    # A link where the record goes is replaced, not written through.
     os.unlink(root / "journal" / "group-3.json")
     secret = put(tmp_path / "secret", "secret\n")
     os.symlink(secret, root / "journal" / "group-3.json")
-    with pytest.raises(UntrustedFile, match="is a symbolic link"):
-        Journal(root).write(_record(3))
+    Journal(root).write(_record(3))
     assert secret.read_text() == "secret\n"
+    assert Journal(root).read(3) == _record(3)
 
 
 def test_a_world_writable_root_is_refused(tmp_path: Path) -> None:
@@ -407,11 +407,11 @@ def test_the_agents_records_are_opened_without_trust(
     store.write(DomainState("vm1", "u-1", {"0000:00:03.0": True}))
     path = store.dir / "vm1.json"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    os.chmod(path, 0o644)
+    os.chmod(path, 0o644)  # as the agent wrote them before (umask 022)
     assert store.read("vm1") is None
     assert "has mode 0644" in caplog.text
-    with pytest.raises(UntrustedFile):
-        store.write(DomainState("vm1", "u-1", {}))
+    store.write(DomainState("vm1", "u-1", {}))  # the next write replaces it
+    assert store.read("vm1") == DomainState("vm1", "u-1", {})
     os.unlink(path)
     os.mkfifo(path, 0o600)
     assert store.read("vm1") is None  # no hang
@@ -675,10 +675,11 @@ class _Case:
 
 @st.composite
 def _cases(draw: st.DrawFn) -> _Case:
+    # Folders are mostly fine, so that most cases reach the records.
     case = _Case(
-        root=draw(st.sampled_from(["ok"] * 12 + ["missing", "mode", "symlink"])),
-        journal=draw(st.sampled_from(["ok"] * 12 + ["missing", *_FOLDER_KINDS])),
-        locks=draw(st.sampled_from(["ok"] * 8 + ["missing"] * 4 + _FOLDER_KINDS)),
+        root=draw(st.sampled_from(["ok"] * 20 + ["missing", "mode", "symlink"])),
+        journal=draw(st.sampled_from(["ok"] * 24 + ["missing", *_FOLDER_KINDS])),
+        locks=draw(st.sampled_from(["ok"] * 16 + ["missing"] * 4 + _FOLDER_KINDS)),
         op=draw(st.sampled_from(["status", "recover", "release"])),
         target=draw(st.sampled_from([3, 4, 5])),
     )
@@ -695,8 +696,9 @@ def _cases(draw: st.DrawFn) -> _Case:
         else:
             kind = draw(st.sampled_from(_FILE_KINDS))
             case.files[group] = _File(False, False, clean, devices, f"planted:{kind}")
-    for group in draw(st.lists(st.sampled_from([3, 4, 5]), unique=True, max_size=2)):
-        case.lock_files[group] = draw(st.sampled_from(_FILE_KINDS))
+    if draw(st.integers(0, 3)) == 0:
+        for group in draw(st.lists(st.sampled_from([3, 4, 5]), unique=True, max_size=2)):
+            case.lock_files[group] = draw(st.sampled_from(_FILE_KINDS))
     case.odd = draw(st.lists(st.sampled_from(_ODD_NAMES), unique=True, max_size=2))
     return case
 

@@ -6,6 +6,8 @@ message exactly as kvmvfio prints it: when a message changes, the page must.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from troubleshooting_nogroup import NO_GROUP_CASES
 
 from kvmvfio.errors import (
@@ -22,10 +24,12 @@ from kvmvfio.errors import (
     NoHotplugPort,
     NoInterruptRemapping,
     QemuNoAnswer,
+    SysfsError,
     speaking_to,
 )
 from kvmvfio.libvirt.metadata import MetadataError
-from kvmvfio.prepare import ClaimedBy
+from kvmvfio.prepare import ClaimedBy, UntrustedFile
+from kvmvfio.prepare.journal import JournalError
 from kvmvfio.prepare.owners import Liveness
 from kvmvfio.prepare.safety import UnsafeToUnbind
 
@@ -85,6 +89,30 @@ def build() -> dict[str, KvmvfioError]:
             "vm1",
             "<kvmvfio:device> has an unknown attribute 'coherncy' (known: address, handoff, "
             "path, coherency, reset, accept)",
+        ),
+        "journal record refused": JournalError(
+            Path("/run/kvmvfio/journal/group-3.json"),
+            "devices[1] 0000:00:04.0 is in IOMMU group 4 on this host, not 3",
+        ),
+        "journal folder is a link": UntrustedFile(
+            Path("/run/kvmvfio/journal"),
+            "is a symbolic link",
+            "a folder owned by uid 0 with mode 0700",
+        ),
+        "journal file mode": UntrustedFile(
+            Path("/run/kvmvfio/journal/group-3.json"),
+            "has mode 0644",
+            "a regular file owned by uid 0 with mode 0600",
+            "chmod 600 /run/kvmvfio/journal/group-3.json",
+        ),
+        "lock file is a FIFO": UntrustedFile(
+            Path("/run/kvmvfio/locks/group-3.lock"),
+            "is a FIFO",
+            "a regular file owned by uid 0 with mode 0600",
+        ),
+        "driver_override not a driver name": SysfsError(
+            "/sys/bus/pci/devices/0000:03:00.0/driver_override",
+            "'vfio pci' is not a driver name (it holds whitespace)",
         ),
     }
 

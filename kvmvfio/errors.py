@@ -18,9 +18,9 @@ import contextvars
 import enum
 import errno as _errno
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from kvmvfio.host.iommu import NoGroup
@@ -178,7 +178,14 @@ class KernelError(KvmvfioError, OSError):
 
     ``op`` names the call (an ioctl name such as ``VFIO_SET_IOMMU``, or
     ``open``); ``subject`` names what it concerned, for the sentence.
+    A subclass explains its errnos by setting :attr:`hints` (errno ->
+    sentence) or :attr:`default_hint`, not by copying the constructor.
     """
+
+    #: What each errno means for this call, when the caller gives no hint.
+    hints: ClassVar[Mapping[int, str]] = {}
+    #: The hint for any other errno, when the caller gives none.
+    default_hint: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -191,7 +198,7 @@ class KernelError(KvmvfioError, OSError):
         OSError.__init__(self, err, os.strerror(err), path)
         self.op = op
         self.subject = subject
-        self.hint = hint
+        self.hint = hint or self.hints.get(err) or self.default_hint
 
     def __str__(self) -> str:
         name = _errno.errorcode.get(self.errno or 0, str(self.errno))
@@ -291,58 +298,19 @@ class SessionStateError(KvmvfioError):
 class KvmRefusedFile(KernelError):
     """EINVAL from ``KVM_DEV_VFIO_FILE_ADD``: the file is not a VFIO group or device file."""
 
-    def __init__(
-        self,
-        err: int,
-        op: str,
-        path: str | None = None,
-        subject: str | None = None,
-        hint: str | None = None,
-    ) -> None:
-        super().__init__(
-            err,
-            op,
-            path,
-            subject,
-            hint
-            or "KVM refused the file: it is not a VFIO group (/dev/vfio/N) or VFIO device file",
-        )
+    default_hint = "KVM refused the file: it is not a VFIO group (/dev/vfio/N) or VFIO device file"
 
 
 class AlreadyAssociated(KernelError):
     """EEXIST from ``KVM_DEV_VFIO_FILE_ADD``: KVM holds this file already."""
 
-    def __init__(
-        self,
-        err: int,
-        op: str,
-        path: str | None = None,
-        subject: str | None = None,
-        hint: str | None = None,
-    ) -> None:
-        super().__init__(
-            err, op, path, subject, hint or "the file was added to this VM's kvm-vfio device before"
-        )
+    default_hint = "the file was added to this VM's kvm-vfio device before"
 
 
 class NotAssociated(KernelError):
     """ENOENT from ``KVM_DEV_VFIO_FILE_DEL``: KVM does not hold this file."""
 
-    def __init__(
-        self,
-        err: int,
-        op: str,
-        path: str | None = None,
-        subject: str | None = None,
-        hint: str | None = None,
-    ) -> None:
-        super().__init__(
-            err,
-            op,
-            path,
-            subject,
-            hint or "the file was never added to this VM's kvm-vfio device, or was removed already",
-        )
+    default_hint = "the file was never added to this VM's kvm-vfio device, or was removed already"
 
 
 class KvmVfioDeviceExists(Busy):

@@ -76,15 +76,7 @@ class RlimitModeRefused(KernelError):
     kernel does not know the option: :attr:`unsupported`).
     """
 
-    def __init__(
-        self,
-        err: int,
-        op: str,
-        path: str | None = None,
-        subject: str | None = None,
-        hint: str | None = None,
-    ) -> None:
-        super().__init__(err, op, path, subject, hint or _RLIMIT_HINTS.get(err))
+    hints = _RLIMIT_HINTS
 
     @property
     def unsupported(self) -> bool:

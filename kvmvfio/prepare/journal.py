@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kvmvfio.errors import DeviceNotFound, KvmvfioError, NoIommuGroup
+from kvmvfio.errors import DeviceNotFound, KvmvfioError, NoIommuGroup, shown
 from kvmvfio.host import Host, PciAddress
 from kvmvfio.host.procs import ProcessId
 from kvmvfio.prepare.driver import driver_name_problem
@@ -174,7 +174,7 @@ class Journal:
                 out.append(int(match[1]))
             elif not name.startswith("."):  # .NAME.tmp: a write in progress, or a crash's
                 log.warning(
-                    "%s: not a journal file name (group-N.json); ignored", self.dir / repr(name)
+                    "%s/%s: not a journal file name (group-N.json); ignored", self.dir, shown(name)
                 )
         return sorted(out)
 

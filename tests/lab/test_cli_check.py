@@ -63,7 +63,7 @@ def test_not_on_vfio_is_named(topology: Topology) -> None:
     assert done.returncode == 1
     assert done.stderr.strip() == (
         f"kvmvfio: PCI device {nic} is bound to e1000e, not vfio-pci: prepare it first "
-        f"(kvmvfio prepare {nic})"
+        f"(`kvmvfio prepare --owner NAME {nic}` moves it there)"
     )
 
 

@@ -5,6 +5,13 @@ test gives (a value, an error, or a function of the arguments), can send
 events after a command, and records every command with the fds that came
 with it (SCM_RIGHTS). What real QEMU does is tested in the lab; this peer
 checks kvmvfio's side of the protocol.
+
+It can be hostile too (tests/unit/test_qemu_hostile.py): any reply, the
+greeting, the answer to ``qmp_capabilities`` or an event may be bytes sent
+as they are (:class:`Raw`: not JSON, not UTF-8, far too long), a message
+with the command's id but any members (:class:`Envelope`: neither
+``return`` nor ``error``, an error without ``desc``), no answer at all
+(:data:`SILENT`), or the connection closed (:data:`HANGUP`).
 """
 
 from __future__ import annotations
@@ -15,13 +22,18 @@ import contextlib
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-Reply = object  # a value, an Error, SILENT, or a callable(arguments) -> value | Error
+Reply = (
+    object  # a value, an Error, a Raw, an Envelope, SILENT, HANGUP, or a callable of the arguments
+)
 
 #: A reply that never comes (a QEMU stuck in a command).
 SILENT = object()
+#: The peer closes the connection instead of answering.
+HANGUP = object()
 
 
 @dataclass
@@ -30,15 +42,34 @@ class Error:
     desc: str
 
 
+@dataclass(frozen=True)
+class Raw:
+    """Bytes sent as they are, followed by CRLF: anything but a well-formed QMP message."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A reply of these members, with the command's id added (unless ``members`` has one)."""
+
+    members: dict[str, object]
+
+
 @dataclass
 class FakeQmp:
     path: Path
     replies: dict[str, Reply] = field(default_factory=dict)
-    #: command -> events sent right after its reply
-    events: dict[str, list[dict[str, object]]] = field(default_factory=dict)
-    greet: bool = True
+    #: command -> events sent right after its reply (a dict with "event" and "data", or a Raw)
+    events: dict[str, list[dict[str, object] | Raw]] = field(default_factory=dict)
+    #: command, arguments -> more events to send after its reply (a stateful peer's)
+    after: Callable[[str, dict[str, object]], list[dict[str, object] | Raw]] | None = None
+    #: False: never greet; a dict or a Raw: this greeting instead of QEMU's
+    greet: bool | dict[str, object] | Raw = True
     received: list[tuple[str, dict[str, object]]] = field(default_factory=list)
     fds_received: int = 0
+    #: connections open now (a test waits for 0 before counting its own fds)
+    sessions: int = 0
     _server: socket.socket | None = None
     _task: asyncio.Task[None] | None = None
 
@@ -51,12 +82,14 @@ class FakeQmp:
         return self
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if self._server is not None:
-            self._server.close()
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._task  # may raise what a reply function raised (hypothesis's own)
+        finally:
+            if self._server is not None:
+                self._server.close()
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -64,19 +97,28 @@ class FakeQmp:
         while True:
             conn, _ = await loop.sock_accept(self._server)
             conn.setblocking(False)
+            self.sessions += 1
             try:
                 await self._session(conn)
+            except (_HungUp, ConnectionError, BrokenPipeError):
+                pass
             finally:
                 conn.close()
+                self.sessions -= 1
 
-    async def _send(self, conn: socket.socket, msg: dict[str, object]) -> None:
-        await asyncio.get_running_loop().sock_sendall(conn, json.dumps(msg).encode() + b"\r\n")
+    async def _send(self, conn: socket.socket, msg: dict[str, object] | Raw) -> None:
+        data = msg.data if isinstance(msg, Raw) else json.dumps(msg).encode()
+        await asyncio.get_running_loop().sock_sendall(conn, data + b"\r\n")
 
     async def _session(self, conn: socket.socket) -> None:
-        asyncio.get_running_loop()
-        if not self.greet:
+        if self.greet is False:
             await asyncio.sleep(3600)
-        await self._send(conn, {"QMP": {"version": {"qemu": {"major": 10}}, "capabilities": []}})
+        greeting: dict[str, object] | Raw = (
+            {"QMP": {"version": {"qemu": {"major": 10}}, "capabilities": []}}
+            if self.greet is True
+            else self.greet
+        )
+        await self._send(conn, greeting)
         decoder = json.JSONDecoder()
         text = ""
         while True:
@@ -103,24 +145,29 @@ class FakeQmp:
         args = msg.get("arguments") or {}
         assert isinstance(args, dict)
         self.received.append((command, args))
-        reply: Reply = (
-            {}
-            if command == "qmp_capabilities"
-            else self.replies.get(
-                command, Error("CommandNotFound", f"The command {command} has not been found")
-            )
-        )
+        missing = Error("CommandNotFound", f"The command {command} has not been found")
+        reply: Reply = self.replies.get(command, {} if command == "qmp_capabilities" else missing)
         if callable(reply):
             reply = reply(args)
         if reply is SILENT:
             return
-        out: dict[str, object] = {"id": msg.get("id")}
-        if isinstance(reply, Error):
-            out["error"] = {"class": reply.cls, "desc": reply.desc}
+        if reply is HANGUP:
+            raise _HungUp
+        out: dict[str, object] | Raw
+        if isinstance(reply, Raw):
+            out = reply
+        elif isinstance(reply, Envelope):
+            out = {"id": msg.get("id"), **reply.members}
+        elif isinstance(reply, Error):
+            out = {"id": msg.get("id"), "error": {"class": reply.cls, "desc": reply.desc}}
         else:
-            out["return"] = reply
+            out = {"id": msg.get("id"), "return": reply}
         await self._send(conn, out)
-        for event in self.events.get(command, []):
+        more = self.after(command, args) if self.after is not None else []
+        for event in [*self.events.get(command, []), *more]:
+            if isinstance(event, Raw):
+                await self._send(conn, event)
+                continue
             await self._send(
                 conn,
                 {
@@ -129,6 +176,10 @@ class FakeQmp:
                     "timestamp": {"seconds": 0, "microseconds": 0},
                 },
             )
+
+
+class _HungUp(Exception):
+    """The test asked the peer to close the connection."""
 
 
 async def _recvmsg(conn: socket.socket, fds: array.array[int]) -> bytes:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import sys
 
+from kvmvfio.cli.qemu_cmds import positive_seconds_arg, seconds_arg
 from kvmvfio.prepare.journal import DEFAULT_ROOT
 
 
@@ -29,14 +30,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--uri", default="qemu:///system", help="libvirt URI (default qemu:///system)")
     p.add_argument(
         "--resync",
-        type=float,
+        type=positive_seconds_arg,
         default=60.0,
         metavar="S",
         help="reconcile every domain every S seconds besides events (default 60)",
     )
     p.add_argument(
         "--detach-timeout",
-        type=float,
+        type=seconds_arg,
         default=60.0,
         metavar="S",
         help="seconds a guest has to let go of a device (default 60)",

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from kvmvfio.errors import UsageError
 from kvmvfio.host import Host, PciAddress
+from kvmvfio.qemu.deadline import parse_seconds
 from kvmvfio.qemu.paths import HandoffPath
 from kvmvfio.vfio.policy import Coherency
 
@@ -78,9 +79,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _common(det)
     det.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds to wait for the guest (default 30)"
+        "--timeout",
+        type=seconds_arg,
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for the guest (default 30; at most a week)",
     )
     det.set_defaults(handler=_detach)
+
+
+def seconds_arg(text: str, *, positive: bool = False) -> float:
+    """An argparse ``type`` for a number of seconds: finite, not negative, at most a week.
+
+    ``nan``, ``inf``, ``1e400`` and ``-1`` are refused (exit 2) with a sentence.
+    """
+    try:
+        return parse_seconds(text, "the value", positive=positive)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def positive_seconds_arg(text: str) -> float:
+    """:func:`seconds_arg`, and more than 0 (a period to repeat something at)."""
+    return seconds_arg(text, positive=True)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

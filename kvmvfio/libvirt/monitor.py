@@ -34,11 +34,13 @@ from typing import Any, Protocol, Self, TypeVar, cast
 
 from kvmvfio.errors import KvmvfioError, LibvirtError, QemuError, QemuGone, QemuRefused, UsageError
 from kvmvfio.host import Host, PciAddress
+from kvmvfio.qemu import replies
 from kvmvfio.qemu.handoff import Attachment
 from kvmvfio.qemu.handoff import attach as _attach
 from kvmvfio.qemu.handoff import detach as _detach
 from kvmvfio.qemu.paths import HandoffPath
 from kvmvfio.qemu.qmp import JsonObject, Monitor
+from kvmvfio.qemu.replies import ReplyMisfit
 from kvmvfio.vfio.files import OwnedFd
 from kvmvfio.vfio.policy import Coherency
 
@@ -201,18 +203,19 @@ class DomainMonitor(Monitor):
             return QemuGone(f"{call} on domain {self.name}", message)
         return LibvirtError(call, code, message, self.name)
 
-    @staticmethod
-    def _reply(command: str, text: str) -> object:
+    def _reply(self, command: str, text: str) -> object:
+        """The ``return`` value of QEMU's reply, passed on by libvirt as text; checked.
+
+        :class:`QemuRefused` for an error reply, :class:`QemuReplyInvalid`
+        for one that is not QMP (see :mod:`kvmvfio.qemu.replies`).
+        """
         try:
-            reply = json.loads(text)
-        except ValueError:
-            raise QemuError(f"QEMU's answer to {command}, through libvirt, is not JSON") from None
-        if not isinstance(reply, dict):
-            raise QemuError(f"QEMU's answer to {command}, through libvirt, is not an object")
-        error = reply.get("error")
-        if isinstance(error, dict):
-            raise QemuRefused(command, str(error.get("class", "")), str(error.get("desc", "")))
-        return reply.get("return")
+            answer = replies.outcome(replies.decode(text))
+        except ReplyMisfit as err:
+            raise self.invalid(command, err.problem) from None
+        if isinstance(answer, replies.Refusal):
+            raise QemuRefused(command, answer.error_class, answer.desc)
+        return answer
 
     async def execute(self, command: str, arguments: JsonObject | None = None) -> object:
         """Run a QMP command through ``virDomainQemuMonitorCommand``."""
@@ -238,7 +241,10 @@ class DomainMonitor(Monitor):
                 os.close(extra)
             else:
                 getattr(extra, "close", lambda: None)()
-        self._reply("getfd", text)
+        try:
+            replies.empty(self._reply("getfd", text))
+        except ReplyMisfit as err:
+            raise self.invalid("getfd", err.problem) from None
         log.info(
             "passed %s to domain %s (QEMU pid %d) as %r", fd.subject, self.name, self.pid, name
         )

@@ -45,14 +45,12 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import resource
 import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 from kvmvfio.errors import (
     DetachTimeout,
@@ -68,6 +66,7 @@ from kvmvfio.errors import (
 )
 from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice
 from kvmvfio.host.procs import holders
+from kvmvfio.qemu.deadline import seconds
 from kvmvfio.qemu.paths import HandoffPath
 from kvmvfio.qemu.qmp import JsonObject, Monitor
 from kvmvfio.vfio import Coherency, VfioSession
@@ -85,7 +84,6 @@ HOTPLUG_PORTS = frozenset({"pcie-root-port", "ioh3420", "xio3130-downstream"})
 #: What VFIO may pin beyond the guest's RAM (libvirt adds 1 GiB too).
 MEMLOCK_MARGIN = 1 << 30
 _PERIPHERALS = ("/machine/peripheral", "/machine/peripheral-anon")
-_CHILD = re.compile(r"child<(.+)>")
 
 
 @dataclass(frozen=True)
@@ -117,10 +115,10 @@ async def qemu_has_iommufd(qemu: Monitor) -> bool:
     is one short answer; vfio-pci's property list is a long one.
     """
     try:
-        types = await qemu.execute("qom-list-types", {"implements": "iommufd"})
+        types = await qemu.qom_list_types("iommufd")
     except QemuRefused:
         return False
-    return any(t.get("name") == "iommufd" for t in cast(list[JsonObject], types))
+    return any(t.name == "iommufd" for t in types)
 
 
 async def choose_path(
@@ -153,15 +151,13 @@ async def free_ports(qemu: Monitor) -> tuple[list[str], list[str]]:
     occupied: set[str] = set()
     for container in _PERIPHERALS:
         for item in await qemu.qom_list(container):
-            match = _CHILD.fullmatch(str(item.get("type", "")))
-            if match is None:
+            if item.child_type is None:
                 continue
-            name = str(item["name"])
-            if container == _PERIPHERALS[0] and match.group(1) in HOTPLUG_PORTS:
-                ports.append(name)
+            if container == _PERIPHERALS[0] and item.child_type in HOTPLUG_PORTS:
+                ports.append(item.name)
                 continue  # ports sit on the root bus: no need to ask where
-            bus = await qemu.qom_get(f"{container}/{name}", "parent_bus")
-            if isinstance(bus, str) and bus:
+            bus = await qemu.qom_link(f"{container}/{item.name}", "parent_bus")
+            if bus:
                 occupied.add(bus.rstrip("/").rpartition("/")[2])
     ports.sort(key=lambda name: (len(name), name))  # rp2 before rp10
     free = [p for p in ports if p not in occupied]
@@ -184,11 +180,7 @@ async def ensure_memlock(qemu: Monitor, *, raise_it: bool = True) -> int:
     ``raise_it`` and kvmvfio may; otherwise :class:`MemlockTooLow`, which
     says exactly what to change.
     """
-    summary = cast(JsonObject, await qemu.execute("query-memory-size-summary"))
-    ram = int(cast(int, summary.get("base-memory", 0))) + int(
-        cast(int, summary.get("plugged-memory", 0) or 0)
-    )
-    needed = ram + MEMLOCK_MARGIN
+    needed = (await qemu.memory_size()).total + MEMLOCK_MARGIN
     soft, hard = resource.prlimit(qemu.pid, resource.RLIMIT_MEMLOCK)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return soft
@@ -245,7 +237,7 @@ async def _ensure_iommufd_object(
     (``accounting``, set before QEMU sees the fd; ``None`` leaves the
     kernel's per-user default, for the lab's record of what that does).
     """
-    objects = {str(o["name"]) for o in await qemu.qom_list("/objects")}
+    objects = {o.name for o in await qemu.qom_list("/objects")}
     if IOMMUFD_OBJECT in objects:
         return False
     name = f"{IOMMUFD_OBJECT}-fd"
@@ -255,7 +247,7 @@ async def _ensure_iommufd_object(
     finally:
         fd.close()  # QEMU has its own copy now, or nothing
     try:
-        await qemu.execute("object-add", {"qom-type": "iommufd", "id": IOMMUFD_OBJECT, "fd": name})
+        await qemu.perform("object-add", {"qom-type": "iommufd", "id": IOMMUFD_OBJECT, "fd": name})
     except QemuRefused:
         await qemu.close_fd(name)
         raise
@@ -284,7 +276,7 @@ async def _attach_fd(
     if bus is not None:
         args["bus"] = bus
     try:
-        await qemu.execute("device_add", args)
+        await qemu.perform("device_add", args)
     except QemuRefused:
         await qemu.close_fd(name)  # QEMU consumes it on failure; in case it did not
         raise
@@ -303,7 +295,7 @@ async def _attach_legacy(
     if bus is not None:
         args["bus"] = bus
     try:
-        await qemu.execute("device_add", args)
+        await qemu.perform("device_add", args)
     except BaseException:
         if granted:
             revoke(node, qemu.uid)
@@ -405,7 +397,7 @@ async def attach(
 
 async def _drop_object(qemu: Monitor) -> None:
     try:
-        await qemu.execute("object-del", {"id": IOMMUFD_OBJECT})
+        await qemu.perform("object-del", {"id": IOMMUFD_OBJECT})
     except QemuError as err:  # in use, or QEMU gone: nothing more to do here
         log.info("kept iommufd object %s: %s", IOMMUFD_OBJECT, err)
 
@@ -417,10 +409,8 @@ async def kvmvfio_devices(qemu: Monitor) -> dict[str, str]:
     """kvmvfio's vfio-pci devices in QEMU: qdev id -> their iommufd link ("" = legacy)."""
     found = {}
     for item in await qemu.qom_list(_PERIPHERALS[0]):
-        name = str(item["name"])
-        if name.startswith("kvmvfio-") and str(item.get("type")) == "child<vfio-pci>":
-            link = await qemu.qom_get(f"{_PERIPHERALS[0]}/{name}", "iommufd")
-            found[name] = str(link or "")
+        if item.name.startswith("kvmvfio-") and item.child_type == "vfio-pci":
+            found[item.name] = await qemu.qom_link(f"{_PERIPHERALS[0]}/{item.name}", "iommufd")
     return found
 
 
@@ -443,6 +433,7 @@ async def detach(
     and :class:`DetachTimeout` when the guest does not let go in time (the
     device stays attached as QEMU has it).
     """
+    timeout = seconds(timeout, "the detach timeout")
     host = host or Host()
     addrs = [str(PciAddress.coerce(a)) for a in addresses]
     present = await kvmvfio_devices(qemu)
@@ -509,7 +500,7 @@ async def _drop_unused_object(qemu: Monitor) -> None:
     remaining = await kvmvfio_devices(qemu)
     if any(remaining.values()):
         return
-    objects = {str(o["name"]) for o in await qemu.qom_list("/objects")}
+    objects = {o.name for o in await qemu.qom_list("/objects")}
     if IOMMUFD_OBJECT in objects:
         await _drop_object(qemu)
 
@@ -520,7 +511,7 @@ async def _device_del(qemu: Monitor, addr: str, ident: str, timeout: float) -> N
     async with qemu.watch_deleted(ident) as deleted:
         while True:
             try:
-                await qemu.execute("device_del", {"id": ident})
+                await qemu.perform("device_del", {"id": ident})
                 break
             except QemuRefused as err:
                 # QEMU refuses while the guest still handles a previous hotplug

@@ -6,6 +6,14 @@ process the caller named. The socket is connected here, its peer
 credentials (``SO_PEERCRED``: the pid, uid and gid of the process that
 created the listening socket, i.e. QEMU) compared with the expected pid,
 and only then handed to ``qemu.qmp``'s :class:`~qemu.qmp.QMPClient`.
+
+What QEMU answers is input too: a guest that escaped into QEMU would
+answer for it. Every step has a deadline (``connect`` included: a socket
+nobody accepts on, a greeting that never comes, a ``qmp_capabilities``
+never answered), every reply is checked against QEMU's schema where it
+arrives (:mod:`kvmvfio.qemu.replies`), and what does not fit is a
+:class:`~kvmvfio.errors.QemuReplyInvalid` naming the command, never a
+Python error from deeper in.
 """
 
 from __future__ import annotations
@@ -13,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
+import stat
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Self, cast
+from typing import Self, TypeVar
 
 from qemu.qmp import (
     ConnectError,
@@ -25,8 +35,12 @@ from qemu.qmp import (
     ExecInterruptedError,
     ExecuteError,
     QMPClient,
+    Runstate,
     StateError,
 )
+from qemu.qmp.error import ProtocolError
+from qemu.qmp.message import DeserializationError, UnexpectedTypeError
+from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
 from kvmvfio.errors import (
     QemuError,
@@ -34,14 +48,27 @@ from kvmvfio.errors import (
     QemuNoAnswer,
     QemuPeerMismatch,
     QemuRefused,
+    QemuReplyInvalid,
     UsageError,
+    shown,
 )
 from kvmvfio.host.procs import pid_alive
+from kvmvfio.qemu import replies
+from kvmvfio.qemu.deadline import seconds
+from kvmvfio.qemu.replies import (
+    MAX_MESSAGE,
+    DeviceDeleted,
+    MemorySize,
+    QomProperty,
+    QomType,
+    ReplyMisfit,
+)
 from kvmvfio.vfio.files import OwnedFd
 
 log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")
+T = TypeVar("T")
 
 JsonObject = dict[str, object]
 
@@ -54,18 +81,58 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 def read_pidfile(path: str | Path) -> int:
-    """The pid in QEMU's ``-pidfile``; :class:`UsageError` when unreadable or malformed."""
+    """The pid in QEMU's ``-pidfile``; :class:`UsageError` when unreadable or malformed.
+
+    Only a regular file is read (a FIFO would block, a device never end),
+    and only its first bytes.
+    """
     try:
-        text = Path(path).read_text().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except (OSError, ValueError) as err:
+        why = getattr(err, "strerror", None) or str(err)
+        raise UsageError(f"cannot read the pid file {shown(str(path))}: {why}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"the pid file {shown(str(path))} is not a regular file")
+        raw = os.read(fd, 64)
     except OSError as err:
-        raise UsageError(f"cannot read the pid file {path}: {err.strerror}") from None
-    if not text.isdigit() or int(text) <= 0:
-        raise UsageError(f"the pid file {path} holds {text[:20]!r}, not a pid")
+        raise UsageError(f"cannot read the pid file {shown(str(path))}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+    text = raw.decode("ascii", "replace").strip()
+    if not text.isdigit() or not 0 < int(text) < 1 << 22:  # the kernel's PID_MAX_LIMIT
+        raise UsageError(f"the pid file {shown(str(path))} holds {text[:20]!r}, not a pid")
     return int(text)
+
+
+def _device_deleted(event: object) -> bool:
+    """The filter of kvmvfio's one event listener: never raises, whatever QEMU sent."""
+    return isinstance(event, dict | Mapping) and event.get("event") == "DEVICE_DELETED"
 
 
 def _no_event(_event: object) -> bool:
     return False
+
+
+def _misfit(err: BaseException | None) -> str | None:
+    """What was wrong with what QEMU sent, when that is why the connection ended."""
+    while isinstance(err, ConnectError | GreetingError | NegotiationError):
+        err = err.exc
+    if isinstance(err, DeserializationError):
+        return "a message that is not JSON"
+    if isinstance(err, UnexpectedTypeError):
+        return "a message that is not a JSON object"
+    if isinstance(err, UnicodeError):
+        return "a message that is not UTF-8"
+    if isinstance(err, RecursionError):
+        return "a message nested too deeply"
+    if isinstance(err, ValueError) and "limit" in str(err):  # asyncio's readline
+        return f"a message longer than {MAX_MESSAGE} bytes"
+    if isinstance(err, ValueError):  # json: an integer of thousands of digits
+        return f"a message kvmvfio cannot read ({err})"
+    if isinstance(err, ProtocolError | KeyError | TypeError | AssertionError):
+        return f"a message that is not QMP ({type(err).__name__}: {err})"
+    return None
 
 
 #: Waits until QEMU has deleted the device it was made for.
@@ -79,13 +146,23 @@ class Monitor:
     reached through libvirt (:class:`kvmvfio.libvirt.monitor.DomainMonitor`).
     Subclasses give :meth:`execute`, :meth:`send_fd` and :meth:`alive`, and
     set :attr:`pid` and :attr:`uid` (the QEMU process, as the kernel knows it).
+
+    The typed methods (:meth:`qom_list`, :meth:`memory_size`, :meth:`perform`,
+    ...) are what kvmvfio's own steps use: each checks QEMU's reply against
+    the command's schema (:mod:`kvmvfio.qemu.replies`) and raises
+    :class:`QemuReplyInvalid` when it does not fit.
     """
 
     pid: int = 0
     uid: int = 0
 
     async def execute(self, command: str, arguments: JsonObject | None = None) -> object:
-        """Run a QMP command; :class:`QemuRefused` keeps QEMU's error class and words."""
+        """Run a QMP command and return its ``return`` value, unchecked.
+
+        :class:`QemuRefused` keeps QEMU's error class and words;
+        :class:`QemuReplyInvalid` when the reply is neither a return nor an
+        error. Callers that act on the value use the typed methods instead.
+        """
         raise NotImplementedError
 
     async def send_fd(self, fd: OwnedFd, name: str) -> None:
@@ -96,18 +173,44 @@ class Monitor:
         """Whether the QEMU process still exists."""
         return pid_alive(self.pid)
 
+    def invalid(self, command: str, problem: str) -> QemuReplyInvalid:
+        """The error for QEMU's reply to ``command`` that does not fit its schema."""
+        return QemuReplyInvalid(command, problem, self.pid)
+
+    async def call(
+        self, command: str, arguments: JsonObject | None, parse: Callable[[object], T]
+    ) -> T:
+        """Run ``command``; its reply as ``parse`` (from :mod:`~kvmvfio.qemu.replies`) reads it."""
+        raw = await self.execute(command, arguments)
+        try:
+            return parse(raw)
+        except ReplyMisfit as err:
+            raise self.invalid(command, err.problem) from None
+
+    async def perform(self, command: str, arguments: JsonObject | None = None) -> None:
+        """Run a command that answers nothing (``{}``): ``device_add``, ``object-del``, ..."""
+        await self.call(command, arguments, replies.empty)
+
     async def close_fd(self, name: str) -> None:
         """``closefd``: drop a passed fd QEMU did not consume (best effort)."""
         with contextlib.suppress(QemuRefused):  # consumed or already gone
-            await self.execute("closefd", {"fdname": name})
+            await self.perform("closefd", {"fdname": name})
 
-    async def qom_list(self, path: str) -> list[JsonObject]:
+    async def qom_list(self, path: str) -> tuple[QomProperty, ...]:
         """``qom-list`` of ``path``: its properties, as QEMU lists them."""
-        return cast(list[JsonObject], await self.execute("qom-list", {"path": path}))
+        return await self.call("qom-list", {"path": path}, replies.qom_list)
 
-    async def qom_get(self, path: str, prop: str) -> object:
-        """``qom-get``."""
-        return await self.execute("qom-get", {"path": path, "property": prop})
+    async def qom_link(self, path: str, prop: str) -> str:
+        """``qom-get`` of a ``link<>`` property: the QOM path it points to ("" when unset)."""
+        return await self.call("qom-get", {"path": path, "property": prop}, replies.qom_path)
+
+    async def qom_list_types(self, implements: str) -> tuple[QomType, ...]:
+        """``qom-list-types`` of the types that implement ``implements``."""
+        return await self.call("qom-list-types", {"implements": implements}, replies.qom_list_types)
+
+    async def memory_size(self) -> MemorySize:
+        """``query-memory-size-summary``: the guest's RAM."""
+        return await self.call("query-memory-size-summary", None, replies.memory_size)
 
     @contextlib.asynccontextmanager
     async def watch_deleted(self, qdev_id: str) -> AsyncIterator[DeletedWaiter]:
@@ -120,7 +223,7 @@ class Monitor:
 
         async def deleted() -> None:
             while True:
-                names = {str(i["name"]) for i in await self.qom_list("/machine/peripheral")}
+                names = {p.name for p in await self.qom_list("/machine/peripheral")}
                 if qdev_id not in names:
                     return
                 await asyncio.sleep(0.5)
@@ -135,6 +238,9 @@ class Qemu(Monitor):
     :func:`read_pidfile`); ``None`` accepts any peer and is meant for tests
     and for callers that verified the socket otherwise. :attr:`pid`,
     :attr:`uid` and :attr:`gid` are the peer's, as the kernel reports them.
+    ``greeting_timeout`` bounds the whole of :meth:`connect` (the socket,
+    QEMU's greeting and the capabilities negotiation), ``command_timeout``
+    each command.
     """
 
     def __init__(
@@ -146,13 +252,17 @@ class Qemu(Monitor):
         command_timeout: float = 120.0,
     ) -> None:
         self.socket_path = str(socket_path)
-        self.greeting_timeout = greeting_timeout
-        self.command_timeout = command_timeout
+        self.greeting_timeout = seconds(greeting_timeout, "greeting_timeout", positive=True)
+        self.command_timeout = seconds(command_timeout, "command_timeout", positive=True)
         self.expected_pid = pid
         self.pid = 0
         self.uid = 0
         self.gid = 0
-        self.client = QMPClient("kvmvfio")
+        # One message (one line) is read whole before it is parsed: bound it.
+        self.client = QMPClient("kvmvfio", readbuflen=MAX_MESSAGE)
+        # qemu.qmp logs what QEMU sent (an unknown reply id, a message it could
+        # not parse) in QEMU's own words: through kvmvfio's logger, escaped.
+        self.client.logger = _WIRE_LOG
         # qemu.qmp's default listener (which cannot be removed) keeps every event
         # QEMU sends, forever, for a reader kvmvfio does not have: 1000
         # attach/detach cycles grew this process by 3 MiB (the soak). Events are
@@ -162,51 +272,121 @@ class Qemu(Monitor):
         # An fd and the getfd that names it travel together: no other command between.
         self._fd_lock = asyncio.Lock()
 
-    async def connect(self) -> Self:
-        """Connect, verify the peer, and negotiate QMP.
+    @property
+    def _where(self) -> str:
+        return shown(self.socket_path)
 
-        Raises :class:`QemuError` when the socket cannot be reached,
-        :class:`QemuPeerMismatch` (nothing sent) when its peer is another
-        process than ``pid``.
-        """
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    async def _socket(self, deadline: float) -> socket.socket:
+        """A socket connected to QEMU's, its peer checked; by ``deadline`` (loop time)."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(
+            socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        )
         try:
-            sock.connect(self.socket_path)
+            while True:
+                try:
+                    sock.connect(self.socket_path)
+                    break
+                except BlockingIOError:  # a full listen queue: nobody accepts there
+                    if loop.time() >= deadline:
+                        raise QemuError(
+                            f"nobody accepted a connection on the QMP socket {self._where} within "
+                            f"{self.greeting_timeout:g} s: its listen queue is full (the process "
+                            "behind it is stuck, or does not serve it)"
+                        ) from None
+                    await asyncio.sleep(0.05)
             self.pid, self.uid, self.gid = peer_credentials(sock)
             if self.expected_pid is not None and self.pid != self.expected_pid:
-                raise QemuPeerMismatch(self.socket_path, self.expected_pid, self.pid, self.uid)
-        except OSError as err:
+                raise QemuPeerMismatch(self._where, self.expected_pid, self.pid, self.uid)
+        except (OSError, ValueError) as err:  # ValueError: a NUL in the path
             sock.close()
-            raise QemuError(
-                f"cannot connect to the QMP socket {self.socket_path}: {err.strerror}"
-            ) from None
+            why = getattr(err, "strerror", None) or str(err)
+            raise QemuError(f"cannot connect to the QMP socket {self._where}: {why}") from None
         except BaseException:
             sock.close()
             raise
+        return sock
+
+    async def connect(self) -> Self:
+        """Connect, verify the peer, and negotiate QMP, all within ``greeting_timeout``.
+
+        Raises :class:`QemuError` when the socket cannot be reached or does
+        not answer in time, :class:`QemuPeerMismatch` (nothing sent) when its
+        peer is another process than ``pid``, :class:`QemuReplyInvalid` when
+        the greeting or the negotiation is not QMP, :class:`QemuGone` when
+        the peer hangs up.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.greeting_timeout
+        sock = await self._socket(deadline)
         try:
-            await asyncio.wait_for(self.client.connect(sock), self.greeting_timeout)
+            async with asyncio.timeout_at(deadline):
+                await self.client.connect(sock)
         except TimeoutError:
-            sock.close()
-            raise QemuError(
-                f"QEMU pid {self.pid} did not greet on {self.socket_path} within "
-                f"{self.greeting_timeout:g} s: a QMP socket serves one client at a time, and "
-                "another one (libvirt, a launcher) holds it"
-            ) from None
+            # The deadline may pass just as the session is made: then it is made.
+            if self.client.runstate is not Runstate.RUNNING:
+                greeted = self.client.greeting is not None
+                await self._abandon(sock)
+                if greeted:
+                    raise QemuNoAnswer(
+                        "qmp_capabilities", self.pid, self.greeting_timeout
+                    ) from None
+                raise QemuError(
+                    f"QEMU pid {self.pid} did not greet on {self._where} within "
+                    f"{self.greeting_timeout:g} s: a QMP socket serves one client at a time, and "
+                    "another one (libvirt, a launcher) holds it, or QEMU is stuck"
+                ) from None
         except ConnectError as err:
-            sock.close()
-            raise QemuError(f"QMP negotiation on {self.socket_path} failed: {err}") from err
+            await self._abandon(sock)
+            raise self._failed_to_connect(err) from err
+        except BaseException:
+            await self._abandon(sock)
+            raise
         self._connected = True
-        log.info("connected to QEMU pid %d (uid %d) at %s", self.pid, self.uid, self.socket_path)
+        log.info("connected to QEMU pid %d (uid %d) at %s", self.pid, self.uid, self._where)
         return self
+
+    async def _abandon(self, sock: socket.socket) -> None:
+        """Undo a connection that failed half way: qemu.qmp's session (and its tasks), the socket.
+
+        A session left running would hold the socket and, once the peer
+        hangs up, leave an error in a task no one awaits (asyncio prints
+        that as a traceback).
+        """
+        if self.client.runstate is not Runstate.IDLE:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await self.client.disconnect()
+        sock.close()
+
+    def _failed_to_connect(self, err: ConnectError) -> QemuError:
+        step = "greeting" if self.client.greeting is None else "qmp_capabilities"
+        problem = _misfit(err)
+        if problem is not None:
+            return self.invalid(step, problem)
+        cause = err.exc
+        if isinstance(cause, EOFError | ConnectionError | asyncio.IncompleteReadError):
+            return QemuGone(f"the QMP {step} on {self._where}", "QEMU hung up")
+        return QemuError(f"QMP negotiation on {self._where} failed: {shown(str(err))}")
+
+    async def _hang_up(self) -> BaseException | None:
+        """Disconnect; return what ended the connection, if something did."""
+        if not self._connected:
+            return None
+        self._connected = False
+        try:
+            async with asyncio.timeout(5):
+                await self.client.disconnect()
+        except TimeoutError:  # a writer stuck on a peer that reads nothing
+            log.debug("QMP disconnect from pid %d took more than 5 s", self.pid)
+        except Exception as err:  # QEMU died first, or sent what ended the session
+            log.debug("QMP disconnect from pid %d: %r", self.pid, err)
+            return err
+        return None
 
     async def close(self) -> None:
         """Disconnect; safe to call twice."""
-        if self._connected:
-            self._connected = False
-            try:
-                await self.client.disconnect()
-            except Exception as err:  # QEMU died first: what broke was reported already
-                log.debug("QMP disconnect from pid %d: %r", self.pid, err)
+        await self._hang_up()
 
     async def __aenter__(self) -> Self:
         return await self.connect()
@@ -214,10 +394,23 @@ class Qemu(Monitor):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def execute(self, command: str, arguments: JsonObject | None = None) -> object:
-        """Run a QMP command; :class:`QemuRefused` keeps QEMU's error class and words.
+    async def _lost(self, step: str, err: BaseException, command: str | None = None) -> QemuError:
+        """The error for a connection that ended during ``step``: what QEMU sent, or its leaving.
 
-        :class:`QemuGone` when the connection drops meanwhile,
+        ``command`` is what QEMU was answering (the step itself, by default).
+        """
+        problem = _misfit(await self._hang_up())
+        if problem is not None:
+            return self.invalid(command or step, problem)
+        return QemuGone(step, shown(str(err)) or type(err).__name__)
+
+    async def execute(self, command: str, arguments: JsonObject | None = None) -> object:
+        """Run a QMP command and return its ``return`` value, unchecked.
+
+        :class:`QemuRefused` keeps QEMU's error class and words;
+        :class:`QemuReplyInvalid` when the reply is neither a return nor a
+        well-formed error, or QEMU sent something that is not QMP;
+        :class:`QemuGone` when the connection drops meanwhile;
         :class:`QemuNoAnswer` when QEMU does not answer within
         ``command_timeout`` seconds (a stuck QEMU must not hang its caller).
         """
@@ -228,15 +421,22 @@ class Qemu(Monitor):
         except TimeoutError:
             raise QemuNoAnswer(command, self.pid, self.command_timeout) from None
         except ExecuteError as err:
-            raise QemuRefused(command, err.error_class, str(err)) from err
+            raise QemuRefused(command, err.error_class, err.error.error.desc) from err
+        except ProtocolError as err:  # routed to us, but neither a return nor an error
+            problem = (
+                "its 'error' has no string 'class' and 'desc'"
+                if "malformed" in err.error_message
+                else "it has neither 'return' nor 'error'"
+            )
+            raise self.invalid(command, problem) from None
         except (
             ExecInterruptedError,
             StateError,
             EOFError,
-            ConnectionError,
+            OSError,
             asyncio.IncompleteReadError,
         ) as err:
-            raise QemuGone(command, str(err) or type(err).__name__) from err
+            raise await self._lost(command, err) from err
 
     async def send_fd(self, fd: OwnedFd, name: str) -> None:
         """Pass ``fd`` to QEMU with SCM_RIGHTS and name it there (``getfd``).
@@ -246,21 +446,74 @@ class Qemu(Monitor):
         async with self._fd_lock:
             try:
                 self.client.send_fd_scm(fd.fileno())
-            except OSError as err:
-                raise QemuGone(f"passing {fd.subject}", err.strerror or "") from err
-            await self.execute("getfd", {"fdname": name})
+            except (OSError, StateError) as err:
+                raise await self._lost(f"passing {fd.subject}", err, "getfd") from err
+            await self.perform("getfd", {"fdname": name})
         log.info("passed %s to QEMU pid %d as %r", fd.subject, self.pid, name)
+
+    async def _ended(self) -> None:
+        while self.client.runstate is Runstate.RUNNING:
+            await self.client.runstate_changed()
+
+    async def _next_event(self, listener: EventListener, name: str) -> object:
+        """The next event ``listener`` takes; :class:`QemuGone` (or why) if the connection ends."""
+        get = asyncio.ensure_future(listener.get())
+        ended = asyncio.ensure_future(self._ended())
+        try:
+            await asyncio.wait({get, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (get, ended):
+                task.cancel()
+            await asyncio.gather(get, ended, return_exceptions=True)
+        if get.done() and not get.cancelled():
+            return get.result()
+        raise await self._lost(f"waiting for {name}", EOFError("the connection ended"), name)
 
     @contextlib.asynccontextmanager
     async def watch_deleted(self, qdev_id: str) -> AsyncIterator[DeletedWaiter]:
-        """Wait for QEMU's ``DEVICE_DELETED`` event of ``qdev_id`` (listening starts here)."""
-        listener = EventListener("DEVICE_DELETED")
+        """Wait for QEMU's ``DEVICE_DELETED`` event of ``qdev_id`` (listening starts here).
+
+        An event of that name whose data does not fit its schema raises
+        :class:`QemuReplyInvalid`; the wait ends with :class:`QemuGone` if
+        the connection does.
+        """
+        listener = EventListener(event_filter=_device_deleted)
         with self.client.listen(listener):
 
             async def deleted() -> None:
-                async for event in listener:
-                    data = cast(JsonObject, event.get("data") or {})
-                    if data.get("device") == qdev_id:
+                while True:
+                    event = await self._next_event(listener, "DEVICE_DELETED")
+                    assert isinstance(event, Mapping)  # _device_deleted let it through
+                    try:
+                        gone: DeviceDeleted = replies.device_deleted(event.get("data"))
+                    except ReplyMisfit as err:
+                        raise self.invalid("DEVICE_DELETED", err.problem) from None
+                    if gone.device == qdev_id:
                         return
 
             yield deleted
+
+
+class _Escaped(logging.Filter):
+    """Print what qemu.qmp logs (QEMU's words among it) escaped and bounded."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = shown(record.getMessage(), 400), None
+        return True
+
+
+_WIRE_LOG = log.getChild("wire")
+_WIRE_LOG.addFilter(_Escaped())
+
+
+__all__ = [
+    "DeletedWaiter",
+    "DeviceDeleted",
+    "MemorySize",
+    "Monitor",
+    "Qemu",
+    "QomProperty",
+    "QomType",
+    "peer_credentials",
+    "read_pidfile",
+]

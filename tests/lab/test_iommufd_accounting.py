@@ -101,7 +101,7 @@ def qemu_iommufd_mode(qemu: L2Qemu) -> RlimitMode:
 async def _shows(qemu: L2Qemu, addr: str) -> bool:
     """Whether QEMU's own QOM tree has kvmvfio's vfio-pci device for ``addr``."""
     async with Qemu(qemu.qmp, pid=qemu.pid) as qmp:
-        peripherals = {i["name"]: i["type"] for i in await qmp.qom_list("/machine/peripheral")}
+        peripherals = {i.name: i.type for i in await qmp.qom_list("/machine/peripheral")}
     return peripherals.get(qdev_id(addr)) == "child<vfio-pci>"
 
 

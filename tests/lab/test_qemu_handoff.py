@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import pytest
 from vfiokit import assert_released, cdev_of, fd_table, group_of, raw_cdev_bind
@@ -21,7 +22,7 @@ from vfiokit import assert_released, cdev_of, fd_table, group_of, raw_cdev_bind
 from kvmvfio.errors import NoHotplugPort, NotAttached, QemuError, QemuPeerMismatch
 from kvmvfio.lab.l2 import EDU_ID, NOBODY, L2Qemu
 from kvmvfio.lab.topology import Topology
-from kvmvfio.qemu import Qemu, attach, coldplug, detach, qdev_id
+from kvmvfio.qemu import Qemu, attach, coldplug, detach, qdev_id, replies
 from kvmvfio.qemu.handoff import IOMMUFD_OBJECT, memlock_limit
 
 # The running guest boots once per module under nested KVM in TCG: usually in
@@ -94,6 +95,84 @@ async def test_unprivileged_qemu_cannot_open_vfio_itself(
             )
 
 
+_INTROSPECTED = {"str": "str", "bool": "bool", "size": "int"}  # QAPI builtin -> introspection
+
+
+def _struct_problems(
+    schema: dict[str, dict[str, object]], type_name: str, shape: replies.Struct
+) -> list[str]:
+    """How QEMU's introspected object type ``type_name`` differs from ``shape`` (kvmvfio's)."""
+    entry = schema[type_name]
+    if entry["meta-type"] != "object":
+        return [f"{shape.name} is a {entry['meta-type']} in QEMU's schema"]
+    members = {str(m["name"]): m for m in cast(list[dict[str, object]], entry["members"])}
+    if shape is replies.EMPTY:
+        return [f"QEMU returns members {sorted(members)}"] if members else []
+    problems = []
+    for m in shape.members:
+        theirs = members.get(m.name)
+        if theirs is None:
+            problems.append(f"{shape.name} has no member {m.name!r} in QEMU")
+            continue
+        if theirs["type"] != _INTROSPECTED[m.type]:
+            problems.append(f"{shape.name}.{m.name} is {theirs['type']} in QEMU, not {m.type}")
+        if ("default" in theirs) != m.optional:  # introspection marks optional members so
+            problems.append(f"{shape.name}.{m.name}: optional in QEMU is {'default' in theirs}")
+    return problems
+
+
+async def test_qemus_own_schema_gives_each_reply_the_shape_kvmvfio_checks(
+    paused: L2Qemu,
+) -> None:
+    """kvmvfio's table of reply shapes (kvmvfio.qemu.replies) against the running QEMU's own.
+
+    ``query-qmp-schema`` is QEMU's introspection of its QAPI schema: for each
+    command kvmvfio sends, the type it returns, and for DEVICE_DELETED, its
+    data. Each must be what kvmvfio checks replies against; and the replies
+    of this QEMU pass those checks (the typed calls below, and every attach
+    and detach in this file).
+    """
+    async with Qemu(paused.qmp, pid=paused.pid) as qemu:
+        raw = await qemu.execute("query-qmp-schema")  # one message, under replies.MAX_MESSAGE
+        version = await qemu.execute("query-version")
+        assert isinstance(raw, list)
+        schema = {str(e["name"]): e for e in raw}
+        problems: list[str] = []
+        for command, shape in replies.RETURNS.items():
+            entry = schema.get(command)
+            if entry is None or entry["meta-type"] != "command":
+                problems.append(f"QEMU has no command {command}")
+                continue
+            ret = str(entry["ret-type"])
+            if shape == replies.ANY:
+                if ret != "any":
+                    problems.append(f"{command} returns {ret}, not any")
+            elif isinstance(shape, replies.ListOf):
+                if schema[ret]["meta-type"] != "array":
+                    problems.append(f"{command} returns a {schema[ret]['meta-type']}, not a list")
+                else:
+                    element = str(schema[ret]["element-type"])
+                    problems += _struct_problems(schema, element, shape.element)
+            else:
+                problems += _struct_problems(schema, ret, shape)
+        for name, data in replies.EVENTS.items():
+            entry = schema.get(name)
+            if entry is None or entry["meta-type"] != "event":
+                problems.append(f"QEMU has no event {name}")
+                continue
+            problems += _struct_problems(schema, str(entry["arg-type"]), data)
+        print(f"QEMU {version}: {len(raw)} schema entries; checked {sorted(replies.RETURNS)}")
+        assert problems == []
+        # This QEMU's own replies pass kvmvfio's checks.
+        assert any(t.name == "iommufd" for t in await qemu.qom_list_types("iommufd"))
+        ports = [p for p in await qemu.qom_list("/machine/peripheral") if p.child_type]
+        assert {p.child_type for p in ports} == {"pcie-root-port"}
+        assert (
+            await qemu.qom_link(f"/machine/peripheral/{ports[0].name}", "parent_bus")
+        ).startswith("/machine/")
+        assert (await qemu.memory_size()).total >= 128 << 20
+
+
 async def test_attach_two_by_fd_and_detach_from_a_running_guest(
     running: L2Qemu, edus: tuple[str, str]
 ) -> None:
@@ -105,7 +184,7 @@ async def test_attach_two_by_fd_and_detach_from_a_running_guest(
         # The guest itself enumerated both (its uevents, on its serial port).
         assert running.wait_pci_events(EDU_ID, (2, 0), since=since) == (2, 0)
         assert sorted(a.bus or "" for a in done) == ["rp0", "rp1"]
-        peripherals = {i["name"]: i["type"] for i in await qemu.qom_list("/machine/peripheral")}
+        peripherals = {i.name: i.type for i in await qemu.qom_list("/machine/peripheral")}
         for addr in edus:
             assert peripherals[qdev_id(addr)] == "child<vfio-pci>"
         held = running.fds()
@@ -123,11 +202,11 @@ async def test_attach_two_by_fd_and_detach_from_a_running_guest(
         gone = await detach(qemu, edus, timeout=120)
         assert gone == [qdev_id(a) for a in edus]
         assert running.wait_pci_events(EDU_ID, (2, 2), since=since) == (2, 2)
-        peripherals = {i["name"] for i in await qemu.qom_list("/machine/peripheral")}
-        assert not {qdev_id(a) for a in edus} & peripherals
+        names = {i.name for i in await qemu.qom_list("/machine/peripheral")}
+        assert not {qdev_id(a) for a in edus} & names
         # The VM's iommufd object stays for the next attach: QEMU never closes
         # an iommufd it was given by fd= (backends/iommufd.c: not "owned").
-        objects = {o["name"] for o in await qemu.qom_list("/objects")}
+        objects = {o.name for o in await qemu.qom_list("/objects")}
         assert IOMMUFD_OBJECT in objects
         held = running.fds()
         assert not {cdev_of(a) for a in edus} & set(held)
@@ -234,7 +313,7 @@ async def test_cold_plug_starts_qemu_with_its_devices(edus: tuple[str, str]) -> 
     try:
         assert qemu.proc.poll() is None, qemu.stderr.read_text()
         async with Qemu(qemu.qmp, pid=qemu.pid) as qmp:  # answers once devices are realized
-            peripherals = {i["name"] for i in await qmp.qom_list("/machine/peripheral")}
+            peripherals = {i.name for i in await qmp.qom_list("/machine/peripheral")}
         assert {qdev_id(a) for a in edus} <= peripherals
         held = qemu.fds()
         assert "/dev/iommu" in held
@@ -278,7 +357,7 @@ async def test_cli_detach_times_out_while_the_guest_is_stopped(
         assert "did not release" in done.stderr
         assert "Traceback" not in done.stderr
         async with Qemu(running.qmp, pid=running.pid) as qemu:
-            names = {i["name"] for i in await qemu.qom_list("/machine/peripheral")}
+            names = {i.name for i in await qemu.qom_list("/machine/peripheral")}
         assert qdev_id(edus[0]) in names  # still attached, as QEMU has it
         assert cdev_of(edus[0]) in running.fds()
     finally:
@@ -287,7 +366,7 @@ async def test_cli_detach_times_out_while_the_guest_is_stopped(
     # The request stays pending in QEMU; the guest answers it once it runs.
     async with Qemu(running.qmp, pid=running.pid) as qemu:
         for _ in range(240):
-            names = {i["name"] for i in await qemu.qom_list("/machine/peripheral")}
+            names = {i.name for i in await qemu.qom_list("/machine/peripheral")}
             if qdev_id(edus[0]) not in names:
                 break
             await asyncio.sleep(0.5)

@@ -158,7 +158,8 @@ async def test_an_fd_travels_with_its_getfd(fake_qemu: tuple[Path, int], tmp_pat
 
 async def test_deletion_is_seen_by_polling_qom(fake_qemu: tuple[Path, int]) -> None:
     run_dir, _ = fake_qemu
-    answers = iter([[{"name": "kvmvfio-0000-00-03-0"}], [{"name": "kvmvfio-0000-00-03-0"}], []])
+    ours = {"name": "kvmvfio-0000-00-03-0", "type": "child<vfio-pci>"}
+    answers = iter([[ours], [ours], []])
     mon, api = monitor(run_dir, {"qom-list": lambda _a: next(answers)})
     async with mon, mon.watch_deleted("kvmvfio-0000-00-03-0") as deleted:
         await deleted()

@@ -7,12 +7,17 @@ this test process itself, so SO_PEERCRED reports our own pid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import math
 import os
+import re
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from fakeqmp import SILENT, Error, FakeQmp
+from fakeqmp import HANGUP, SILENT, Envelope, Error, FakeQmp, Raw
 from fakesysfs import Dev, Topology
 
 from kvmvfio.errors import (
@@ -20,12 +25,16 @@ from kvmvfio.errors import (
     NoHotplugPort,
     NotAttached,
     QemuError,
+    QemuGone,
     QemuNoAnswer,
     QemuPeerMismatch,
     QemuRefused,
+    QemuReplyInvalid,
+    UsageError,
 )
 from kvmvfio.host import Host
-from kvmvfio.qemu import Qemu, attach, detach, free_ports, qdev_id
+from kvmvfio.qemu import Qemu, attach, detach, free_ports, qdev_id, read_pidfile
+from kvmvfio.qemu.qmp import Monitor
 
 EDU = {"vendor": 0x1234, "device": 0x11E8, "cls": 0x00FF00}
 
@@ -114,7 +123,12 @@ async def test_detach_retries_while_the_guest_is_busy(fake: FakeQmp) -> None:
         return {}
 
     fake.replies["device_del"] = device_del
-    fake.events["device_del"] = [{"event": "DEVICE_DELETED", "data": {"device": ident}}]
+    fake.events["device_del"] = [
+        {
+            "event": "DEVICE_DELETED",
+            "data": {"device": ident, "path": f"/machine/peripheral/{ident}"},
+        }
+    ]
     fake.replies["qom-list"] = lambda a: (
         _peripheral((ident, "vfio-pci")) if a["path"] == "/machine/peripheral" else []
     )
@@ -148,7 +162,8 @@ async def test_events_nobody_waits_for_are_not_kept(fake: FakeQmp) -> None:
     """A long-lived connection (1000 cycles in the soak) must not hoard QEMU's events."""
     fake.replies["query-status"] = {"running": True}
     fake.events["query-status"] = [
-        {"event": "DEVICE_DELETED", "data": {"device": f"d{i}"}} for i in range(50)
+        {"event": "DEVICE_DELETED", "data": {"device": f"d{i}", "path": f"/d{i}"}}
+        for i in range(50)
     ]
     async with Qemu(fake.path) as qemu:
         for _ in range(4):
@@ -171,3 +186,210 @@ async def test_a_qemu_that_does_not_answer_is_named_not_waited_for_forever(
     said = str(stuck.value)
     assert f"QEMU pid {os.getpid()} did not answer query-status within 0.3 s" in said
     assert f"/proc/{os.getpid()}/task/*/stack" in said
+
+
+# -- what QEMU says is checked; every step has a deadline --------------------------------------
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+async def test_a_socket_nobody_accepts_on_is_given_up_on(tmp_path: Path) -> None:
+    """A listener whose queue is full: ``connect`` waits until the deadline, then says so."""
+    path = tmp_path / "stuck.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    queued = []
+    try:
+        for _ in range(4):  # fill the queue: later connections wait (or EAGAIN)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(str(path))
+            queued.append(s)
+        before = _open_fds()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(QemuError, match="nobody accepted a connection on the QMP socket"):
+            await Qemu(path, greeting_timeout=0.3).connect()
+        assert 0.3 <= loop.time() - start < 2
+        assert _open_fds() == before
+    finally:
+        for s in queued:
+            s.close()
+        listener.close()
+
+
+async def test_capabilities_never_answered_are_named(fake: FakeQmp) -> None:
+    fake.replies["qmp_capabilities"] = SILENT
+    with pytest.raises(QemuNoAnswer, match=r"did not answer qmp_capabilities within 0\.3 s"):
+        await Qemu(fake.path, pid=os.getpid(), greeting_timeout=0.3).connect()
+
+
+@pytest.mark.parametrize(
+    ("greeting", "said"),
+    [
+        (Raw(b"\xff\xfe not json"), "QMP greeting does not fit QEMU's schema (a message that is"),
+        ({"QMP": []}, "QMP greeting does not fit QEMU's schema (a message that is not QMP"),
+        ({"qmp": {}}, "QMP greeting does not fit QEMU's schema (a message that is not QMP"),
+    ],
+)
+async def test_a_greeting_that_is_not_qmp(
+    fake: FakeQmp, greeting: dict[str, object] | Raw, said: str
+) -> None:
+    fake.greet = greeting
+    with pytest.raises(QemuReplyInvalid, match=re.escape(said)):
+        await Qemu(fake.path).connect()
+
+
+async def test_a_peer_that_hangs_up_at_once(fake: FakeQmp) -> None:
+    fake.replies["qmp_capabilities"] = HANGUP
+    with pytest.raises(QemuGone, match="QEMU went away during the QMP qmp_capabilities"):
+        await Qemu(fake.path).connect()
+
+
+# The replies issue 21 lists, each answered with what did not fit and where.
+_MISFITS = [
+    ("query-memory-size-summary", [], "reply to query-memory-size-summary does not fit QEMU's "
+     "schema (the reply is a list, not an object (MemoryInfo))"),
+    ("query-memory-size-summary", {"base-memory": "1073741824"},
+     "(the reply's 'base-memory' is a string, not an integer)"),
+    ("query-memory-size-summary", {"base-memory": True}, "'base-memory' is a boolean"),
+    ("query-memory-size-summary", {"base-memory": -1}, "outside QAPI's size"),
+    ("query-memory-size-summary", {"base-memory": 1 << 60}, "more than a 52-bit physical"),
+    ("query-memory-size-summary", {"plugged-memory": 0}, "the reply has no 'base-memory'"),
+    ("query-memory-size-summary", Envelope({"error": {"class": "GenericError"}}),
+     "(its 'error' has no string 'class' and 'desc')"),
+    ("query-memory-size-summary", Envelope({"error": "GenericError"}),
+     "(its 'error' has no string 'class' and 'desc')"),
+    ("query-memory-size-summary", Envelope({"bogus": 1}), "(it has neither 'return' nor 'error')"),
+    ("query-memory-size-summary", Raw(b"not json"), "(a message that is not JSON)"),
+    ("query-memory-size-summary", Raw(b"\xc3\x28"), "(a message that is not"),
+    ("query-memory-size-summary", Raw(b"[" * 100_000), "(a message nested too deeply)"),
+    ("query-memory-size-summary", Raw(b" " * (2 << 20)), "(a message longer than 1048576 bytes)"),
+    ("qom-list", {"name": "rp0"}, "(the reply is an object, not a list of ObjectPropertyInfo)"),
+    ("qom-list", [{"name": ["rp0"], "type": "child<pcie-root-port>"}],
+     "(entry 0's 'name' is a list, not a string)"),
+    ("qom-list", [{"name": "rp\x1b[2J", "type": "child<pcie-root-port>"}],
+     "(entry 0's 'name' holds control characters: 'rp\\x1b[2J')"),
+    ("qom-list", [{"name": "rp0", "type": "child<x>"}] * 5000,
+     "(the reply lists 5000 entries (at most 4096))"),
+    ("qom-list", [{"name": "n" * 5000, "type": "string"}], "is 5000 characters long"),
+    ("qom-list-types", [{"name": "iommufd", "abstract": "no"}], "'abstract' is a string"),
+    ("qom-list-types", None, "the reply is null, not a list of ObjectTypeInfo"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("command", "reply", "said"), _MISFITS)
+async def test_a_reply_that_does_not_fit_is_named_not_a_traceback(
+    fake: FakeQmp, build_host: Callable[[Topology], Host], command: str, reply: object, said: str
+) -> None:
+    host = build_host(Topology(devices=[Dev("0000:00:03.0", driver="vfio-pci", group=1, **EDU)]))
+    fake.replies.update(
+        {
+            "qom-list-types": [{"name": "iommufd"}],
+            "qom-list": lambda a: (
+                _peripheral(("rp0", "pcie-root-port")) if a["path"] == "/machine/peripheral" else []
+            ),
+            "query-memory-size-summary": {"base-memory": 1 << 20},
+        }
+    )
+    fake.replies[command] = reply
+    before = _open_fds()
+    with pytest.raises(QemuReplyInvalid) as invalid:
+        async with Qemu(fake.path, pid=os.getpid()) as qemu:
+            await attach(qemu, ["0000:00:03.0"], coherency="ignore", host=host)
+    assert said in str(invalid.value)
+    assert str(invalid.value).startswith(f"QEMU pid {os.getpid()}'s reply to {command} ")
+    assert invalid.value.command == command
+    assert "getfd" not in [c for c, _ in fake.received]  # nothing handed over
+    assert _open_fds() == before
+
+
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        ([], "(its data is a list, not an object (DEVICE_DELETED))"),
+        ({"device": 3, "path": "/x"}, "(its data's 'device' is an integer, not a string)"),
+        ({"device": "kvmvfio-0000-00-03-0"}, "(its data has no 'path' (DEVICE_DELETED))"),
+    ],
+)
+async def test_an_event_with_odd_data_is_named(fake: FakeQmp, data: object, said: str) -> None:
+    ident = qdev_id("0000:00:03.0")
+    fake.replies["device_del"] = {}
+    fake.events["device_del"] = [
+        Raw(json.dumps({"event": "DEVICE_DELETED", "data": data}).encode())
+    ]
+    fake.replies["qom-list"] = lambda a: (
+        _peripheral((ident, "vfio-pci")) if a["path"] == "/machine/peripheral" else []
+    )
+    fake.replies["qom-get"] = "/objects/kvmvfio-iommufd"
+    async with Qemu(fake.path, pid=os.getpid()) as qemu:
+        with pytest.raises(QemuReplyInvalid) as invalid:
+            await detach(qemu, ["0000:00:03.0"], timeout=5, host=Host("/nonexistent"))
+    assert str(invalid.value).startswith(f"QEMU pid {os.getpid()}'s DEVICE_DELETED event ")
+    assert said in str(invalid.value)
+
+
+async def test_events_of_other_shapes_and_names_are_let_by(fake: FakeQmp) -> None:
+    """An event name that is not a string, or events kvmvfio does not wait for, end nothing."""
+    ident = qdev_id("0000:00:03.0")
+    fake.replies["device_del"] = {}
+    fake.events["device_del"] = [
+        Raw(b'{"event": ["DEVICE_DELETED"], "data": {}}'),
+        Raw(b'{"event": "SOMETHING", "data": [1, 2]}'),
+        {"event": "DEVICE_DELETED", "data": {"path": "/machine/peripheral-anon/device[3]"}},
+        {"event": "DEVICE_DELETED", "data": {"device": ident, "path": f"/x/{ident}"}},
+    ]
+    fake.replies["qom-list"] = lambda a: (
+        _peripheral((ident, "vfio-pci")) if a["path"] == "/machine/peripheral" else []
+    )
+    fake.replies["qom-get"] = "/objects/kvmvfio-iommufd"
+    async with Qemu(fake.path, pid=os.getpid()) as qemu:
+        assert await detach(qemu, ["0000:00:03.0"], timeout=5, host=Host("/nonexistent")) == [ident]
+
+
+async def test_a_peer_that_leaves_during_the_wait_is_said_gone(fake: FakeQmp) -> None:
+    ident = qdev_id("0000:00:03.0")
+    fake.replies["device_del"] = {}
+    fake.events["device_del"] = [Raw(b"\xff")]  # not JSON: kvmvfio ends the session
+    fake.replies["qom-list"] = lambda a: (
+        _peripheral((ident, "vfio-pci")) if a["path"] == "/machine/peripheral" else []
+    )
+    fake.replies["qom-get"] = "/objects/kvmvfio-iommufd"
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    async with Qemu(fake.path, pid=os.getpid()) as qemu:
+        with pytest.raises(QemuReplyInvalid, match="DEVICE_DELETED event does not fit"):
+            await detach(qemu, ["0000:00:03.0"], timeout=30, host=Host("/nonexistent"))
+    assert loop.time() - start < 5  # not the 30 s of the detach timeout
+
+
+async def test_qemus_words_are_printed_escaped(fake: FakeQmp) -> None:
+    fake.replies["device_add"] = Error("\x1b]0;x\x07", "no\x1b[2J" + "!" * 500)
+    async with Qemu(fake.path) as qemu:
+        with pytest.raises(QemuRefused) as refused:
+            await qemu.perform("device_add", {"driver": "vfio-pci"})
+    said = str(refused.value)
+    assert "\x1b" not in said
+    assert "no\\x1b[2J" in said
+    assert len(said) < 400
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0, 1e400, 10**9])
+async def test_deadlines_that_are_no_number_of_seconds_are_refused(value: float) -> None:
+    with pytest.raises(UsageError, match="must be a number of seconds"):
+        Qemu("/x", command_timeout=value)
+    with pytest.raises(UsageError, match="the detach timeout must be a number of seconds"):
+        await detach(Monitor(), ["0000:00:03.0"], timeout=value)
+
+
+def test_a_pidfile_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "qemu.pid"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match="is not a regular file"):
+        read_pidfile(fifo)
+    (tmp_path / "big.pid").write_text(str(2**70))
+    with pytest.raises(UsageError, match="not a pid"):
+        read_pidfile(tmp_path / "big.pid")

@@ -24,6 +24,7 @@ from kvmvfio.errors import (
     NoHotplugPort,
     NoInterruptRemapping,
     QemuNoAnswer,
+    QemuReplyInvalid,
     SysfsError,
     speaking_to,
 )
@@ -81,6 +82,9 @@ def build() -> dict[str, KvmvfioError]:
         "claimed": ClaimedBy(14, "vm1", 4242, Liveness(False, "process 4242 has exited")),
         "detach timeout": DetachTimeout("0000:03:00.0", "kvmvfio-0000-03-00-0", 30),
         "QEMU does not answer": QemuNoAnswer("device_add", 4242, 120),
+        "QEMU's reply does not fit": QemuReplyInvalid(
+            "qom-list", "entry 3's 'name' is a list, not a string", 4242
+        ),
         **NO_GROUP_CASES,
         "no cdev": KernelUnsupported(
             "the cdev path", "the kernel has no /dev/iommu (CONFIG_IOMMUFD); use --path group"

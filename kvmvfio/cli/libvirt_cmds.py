@@ -10,6 +10,7 @@ import asyncio
 import logging
 import sys
 
+from kvmvfio.cli.args import path_text
 from kvmvfio.cli.qemu_cmds import positive_seconds_arg, seconds_arg
 from kvmvfio.prepare.journal import DEFAULT_ROOT
 
@@ -43,7 +44,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="seconds a guest has to let go of a device (default 60)",
     )
     p.add_argument("--unit", action="store_true", help="print a systemd unit for the agent")
-    p.add_argument("--root", default=str(DEFAULT_ROOT), help=argparse.SUPPRESS)
+    p.add_argument("--root", default=str(DEFAULT_ROOT), type=path_text, help=argparse.SUPPRESS)
     p.set_defaults(handler=_agent)
 
 

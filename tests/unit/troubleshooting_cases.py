@@ -55,8 +55,8 @@ def build() -> dict[str, KvmvfioError]:
                     "0000:03:00.1",
                     "snd_hda_intel",
                     "on host driver snd_hda_intel, and domain 'vm1' does not list it in its "
-                    "kvmvfio metadata; list it to have kvmvfio move it too (with handoff='none' if the "
-                    "VM does not use it)",
+                    "kvmvfio metadata; list it to have kvmvfio move it too "
+                    "(with handoff='none' if the VM does not use it)",
                 )
             ],
         ),

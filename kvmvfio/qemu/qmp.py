@@ -126,7 +126,7 @@ def _misfit(err: BaseException | None) -> str | None:
         return "a message that is not UTF-8"
     if isinstance(err, RecursionError):
         return "a message nested too deeply"
-    if isinstance(err, ValueError) and "limit" in str(err):  # asyncio's readline
+    if isinstance(err, ValueError) and "Separator" in str(err):  # asyncio's readline, too long
         return f"a message longer than {MAX_MESSAGE} bytes"
     if isinstance(err, ValueError):  # json: an integer of thousands of digits
         return f"a message kvmvfio cannot read ({err})"

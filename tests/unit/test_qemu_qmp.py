@@ -268,6 +268,7 @@ _MISFITS = [
     ("query-memory-size-summary", Raw(b"\xc3\x28"), "(a message that is not"),
     ("query-memory-size-summary", Raw(b"[" * 100_000), "(a message nested too deeply)"),
     ("query-memory-size-summary", Raw(b" " * (2 << 20)), "(a message longer than 1048576 bytes)"),
+    ("query-memory-size-summary", Raw(b"1" * 5000), "(a message kvmvfio cannot read (Exceeds"),
     ("qom-list", {"name": "rp0"}, "(the reply is an object, not a list of ObjectPropertyInfo)"),
     ("qom-list", [{"name": ["rp0"], "type": "child<pcie-root-port>"}],
      "(entry 0's 'name' is a list, not a string)"),

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import stat
+import sys
 
 from kvmvfio.errors import shown
+from kvmvfio.vfio.policy import VfioPath, old_spelling
 
 #: Linux's limits on a path and on one of its components (bytes).
 PATH_MAX = 4096
@@ -47,3 +49,20 @@ def existing_dir(text: str) -> str:
     if not stat.S_ISDIR(mode):
         raise argparse.ArgumentTypeError(f"{shown(text, 80)}: not a directory")
     return text
+
+
+#: What ``--path`` takes (old spellings are read too, with a notice).
+PATHS = [p.value for p in VfioPath]
+
+
+def vfio_path(text: str) -> str:
+    """A ``--path`` argument in kvmvfio's one vocabulary (:class:`VfioPath`).
+
+    An old spelling (``iommufd``, ``legacy``) is taken with a one-line
+    notice naming the new one; anything else is left for ``choices`` to refuse.
+    """
+    notice = old_spelling(text, "--path ")
+    if notice is None:
+        return text
+    print(f"kvmvfio: {notice}", file=sys.stderr)
+    return VfioPath(text).value

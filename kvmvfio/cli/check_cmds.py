@@ -18,10 +18,10 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from kvmvfio.cli.args import existing_dir
+from kvmvfio.cli.args import PATHS, existing_dir, vfio_path
 from kvmvfio.errors import KvmvfioError
 from kvmvfio.host import Host
-from kvmvfio.vfio.policy import Backend, Coherency
+from kvmvfio.vfio.policy import Coherency, VfioPath
 
 if TYPE_CHECKING:
     from kvmvfio.kvm import KvmVfioDevice
@@ -54,9 +54,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check.add_argument("addresses", nargs="+", metavar="ADDR", help="PCI address, e.g. 03:00.0")
     check.add_argument(
         "--path",
-        choices=[b.value for b in Backend],
-        default=Backend.AUTO.value,
-        help="which kernel interface to use (default: auto, cdev + iommufd where present)",
+        type=vfio_path,
+        choices=PATHS,
+        default=VfioPath.AUTO.value,
+        help="which of the kernel's ways to use (default: auto, cdev + iommufd where present)",
     )
     check.add_argument(
         "--coherency",
@@ -113,6 +114,7 @@ def _info_json(info: DeviceInfo) -> JsonObject:
 
 def report_json(report: SessionReport, *, kvm_checked: bool) -> JsonObject:
     """The ``check --json`` document for a session that opened."""
+    plan = report.plan.to_json() if report.plan is not None else None
     return {
         "schema": SCHEMA,
         "ok": True,
@@ -121,6 +123,7 @@ def report_json(report: SessionReport, *, kvm_checked: bool) -> JsonObject:
         "coherent": report.coherent,
         "kvm": {"checked": kvm_checked, "accepted": report.kvm_associated},
         "unsafe": list(report.unsafe),
+        "plan": plan,
         "devices": [
             {
                 "address": dev.address,
@@ -156,8 +159,11 @@ def _size(n: int) -> str:
 
 
 def render(report: SessionReport, *, kvm_checked: bool, policy: Coherency) -> str:
-    """The human report of a session that opened."""
-    lines = [f"path:       {report.backend.value}"]
+    """The human report of a session that opened: its plan, then what the kernel answered."""
+    # The plan's own coherency line would say again what the kernel's answer below says.
+    plan = report.plan.lines() if report.plan is not None else []
+    lines = [line for line in plan if not line.startswith("coherency:")]
+    lines.append(f"path:       {report.backend.value}")
     lines.append("groups:     " + ", ".join(f"IOMMU group {g} (viable)" for g in report.groups))
     if report.coherent is None:
         lines.append("coherency:  not checked (--coherency=ignore)")

@@ -16,11 +16,11 @@ import sys
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from kvmvfio.cli.args import PATHS, vfio_path
 from kvmvfio.errors import UsageError
 from kvmvfio.host import Host, PciAddress
 from kvmvfio.qemu.deadline import parse_seconds
-from kvmvfio.qemu.paths import HandoffPath
-from kvmvfio.vfio.policy import Coherency
+from kvmvfio.vfio.policy import Coherency, VfioPath
 
 if TYPE_CHECKING:
     from kvmvfio.qemu.handoff import Attachment
@@ -45,9 +45,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _common(att)
     att.add_argument(
         "--path",
-        choices=[p.value for p in HandoffPath],
-        default=HandoffPath.AUTO.value,
-        help="iommufd (fds), legacy (host= with an ACL grant), or auto (default)",
+        type=vfio_path,
+        choices=PATHS,
+        default=VfioPath.AUTO.value,
+        help=(
+            "cdev (by fd: QEMU opens nothing), group (host= with an ACL grant on the group "
+            "node), or auto (default: cdev where QEMU and the kernel have it); group-iommufd "
+            "is for kvmvfio's own sessions"
+        ),
     )
     att.add_argument(
         "--bus",
@@ -135,12 +140,13 @@ async def _monitor(args: argparse.Namespace) -> AsyncIterator[Monitor]:
             raise UsageError(
                 "--domain reaches QEMU through libvirt: give no --qmp, --pid or --pidfile"
             )
-        if getattr(args, "path", HandoffPath.IOMMUFD.value) == HandoffPath.LEGACY.value:
+        if getattr(args, "path", VfioPath.CDEV.value) not in (VfioPath.AUTO, VfioPath.CDEV):
             raise UsageError(
-                f"--path legacy cannot go through libvirt (domain {args.domain!r}): QEMU would "
-                "have to open /dev/vfio itself; give the domain a <hostdev managed='no'> instead"
+                f"--path {args.path} cannot go through libvirt (domain {args.domain!r}): QEMU "
+                "would have to open /dev/vfio itself; give the domain a <hostdev managed='no'> "
+                "instead"
             )
-        args.path = HandoffPath.IOMMUFD.value
+        args.path = VfioPath.CDEV.value
         from kvmvfio.libvirt.monitor import DomainMonitor, open_domain  # noqa: PLC0415
 
         with open_domain(args.uri, args.domain) as dom:
@@ -156,13 +162,18 @@ async def _monitor(args: argparse.Namespace) -> AsyncIterator[Monitor]:
         yield qemu
 
 
+#: ``attach --json``'s "path" keeps the spelling it had before ``vfio_path`` came.
+_OLD_JSON_PATH = {VfioPath.CDEV: "iommufd", VfioPath.GROUP: "legacy"}
+
+
 def attachment_json(a: Attachment) -> dict[str, object]:
     """One attached device as ``attach --json`` prints it."""
     return {
         "address": a.address,
         "qdev_id": a.qdev_id,
         "bus": a.bus,
-        "path": a.path.value,
+        "path": _OLD_JSON_PATH[a.path],
+        "vfio_path": a.path.value,
         "group": a.group,
         "coherent": a.coherent,
         "unsafe": list(a.unsafe),
@@ -194,7 +205,7 @@ def _attach(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     for a in done:
-        how = "by fd, QEMU opened nothing" if a.path is HandoffPath.IOMMUFD else "group ACL"
+        how = "by fd, QEMU opened nothing" if a.path is VfioPath.CDEV else "group ACL"
         print(f"attached {a.address} to QEMU pid {pid} as {a.qdev_id} on {a.bus} ({how})")
         for note in a.unsafe:
             print(f"  warning: {note}")

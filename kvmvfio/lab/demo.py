@@ -30,7 +30,7 @@ from kvmvfio.lab import topology as topo_mod
 from kvmvfio.lab.l2 import NOBODY, L2Qemu
 from kvmvfio.prepare import prepare, release
 from kvmvfio.qemu import Qemu, attach, detach
-from kvmvfio.vfio import Backend, Coherency, VfioSession
+from kvmvfio.vfio import Coherency, VfioPath, VfioSession
 
 DEMO_ROOT = Path("/run/kvmvfio-demo")
 
@@ -82,7 +82,7 @@ def main() -> int:
     results.append(("edu0 on vfio-pci with a viable group", group.viable))
 
     try:
-        for backend in (Backend.GROUP, Backend.GROUP_IOMMUFD, Backend.CDEV):
+        for backend in (VfioPath.GROUP, VfioPath.GROUP_IOMMUFD, VfioPath.CDEV):
             _step(f"a VM's view of {edu0} on the {backend.value} path")
             ok = _session(edu0, backend)
             results.append((f"{backend.value} path: open, KVM, info, release", ok))
@@ -181,7 +181,7 @@ async def _handoff_steps(addr: str, l2: L2Qemu) -> bool:
     return ok
 
 
-def _session(addr: str, backend: Backend) -> bool:
+def _session(addr: str, backend: VfioPath) -> bool:
     fds_before = len(os.listdir("/proc/self/fd"))
     start = time.perf_counter()
     try:

@@ -60,7 +60,7 @@ from kvmvfio.prepare import prepare, release, release_owner
 from kvmvfio.prepare.journal import DEFAULT_ROOT, Journal
 from kvmvfio.prepare.rundir import RunFolder
 from kvmvfio.qemu.handoff import attach, detach, kvmvfio_devices, qdev_id
-from kvmvfio.qemu.paths import HandoffPath
+from kvmvfio.vfio.policy import VfioPath
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ class Agent:
         state.devices[addr] = dev.reset
         self.store.write(state)  # before QEMU has it: a crash now still leads back
         (done,) = await attach(
-            monitor, [addr], path=HandoffPath.IOMMUFD, coherency=dev.coherency, host=host
+            monitor, [addr], path=VfioPath.CDEV, coherency=dev.coherency, host=host
         )
         log.info(
             "domain %s: attached %s by fd to QEMU pid %d as %s on %s",

@@ -41,7 +41,6 @@ from kvmvfio.errors import Blocker, GroupNotViable, Interface, KvmvfioError, spe
 from kvmvfio.host import Host, IommuGroup
 from kvmvfio.libvirt.metadata import (
     MAX_XML_BYTES,
-    DevicePath,
     DomainRequest,
     Handoff,
     MetadataError,
@@ -57,7 +56,7 @@ from kvmvfio.prepare import (
     release,
 )
 from kvmvfio.prepare.journal import DEFAULT_ROOT
-from kvmvfio.vfio.policy import Backend, Coherency
+from kvmvfio.vfio.policy import Coherency
 
 # Named, not __name__: run as `python -m kvmvfio.libvirt.hook`, this module is __main__.
 log = logging.getLogger("kvmvfio.libvirt.hook")
@@ -124,7 +123,7 @@ def check_request(request: DomainRequest, host: Host, groups: dict[int, IommuGro
                 f"the devices of IOMMU group {number} ({', '.join(addrs)}) ask for different "
                 "paths; a group is opened one way at a time",
             )
-        backend = Backend.CDEV if paths.pop() is DevicePath.CDEV else Backend.GROUP
+        backend = paths.pop()
         policy = max((wanted[a].coherency for a in addrs), key=_STRICTNESS.__getitem__)
         with VfioSession(addrs, backend=backend, coherency=policy, host=host) as session:
             notes += session.unsafe

@@ -45,6 +45,7 @@ metadata, and the PCI ``<hostdev>`` elements.
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from xml.parsers import expat
@@ -53,7 +54,9 @@ from kvmvfio.errors import InvalidAddress, UsageError
 from kvmvfio.host.address import PciAddress
 from kvmvfio.prepare import safety
 from kvmvfio.prepare.owners import LIBVIRT_PREFIX, libvirt_owner
-from kvmvfio.vfio.policy import Coherency
+from kvmvfio.vfio.policy import Coherency, VfioPath, old_spelling
+
+log = logging.getLogger(__name__)
 
 #: kvmvfio's XML namespace in libvirt domain metadata.
 NAMESPACE = "urn:kvmvfio:libvirt:1"
@@ -81,11 +84,10 @@ class Handoff(enum.StrEnum):
     NONE = "none"  # moved off its host driver with its group, given to no one
 
 
-class DevicePath(enum.StrEnum):
-    """The kernel path a device is checked on (and handed over by)."""
-
-    CDEV = "cdev"
-    GROUP = "group"
+#: The kernel path a device is checked on (and handed over by): kvmvfio's one
+#: vocabulary, :class:`~kvmvfio.vfio.policy.VfioPath`. ``auto`` is ``cdev`` for
+#: the agent (by fd) and ``group`` for libvirt (its QEMU opens the group node).
+DevicePath = VfioPath
 
 
 class MetadataError(UsageError):
@@ -104,7 +106,7 @@ class DeviceRequest:
 
     address: str
     handoff: Handoff = Handoff.LIBVIRT
-    path: DevicePath = DevicePath.GROUP
+    path: VfioPath = VfioPath.GROUP
     coherency: Coherency = Coherency.WARN
     reset: bool = False
     accept: tuple[str, ...] = ()
@@ -172,7 +174,11 @@ def _options(attrs: Mapping[str, str], where: str, base: dict[str, str]) -> dict
         if name == "handoff":
             _choice(Handoff, name, value, where)
         elif name == "path":
-            _choice(DevicePath, name, value, where)
+            notice = old_spelling(value, "path=")
+            if notice:
+                log.info("%s: %s", where, notice)
+            else:
+                _choice(VfioPath, name, value, where)
         elif name == "coherency":
             _choice(Coherency, name, value, where)
         elif name == "reset" and value not in _YES_NO:
@@ -192,9 +198,16 @@ def _device(opts: dict[str, str]) -> DeviceRequest:
     except InvalidAddress as err:
         raise ValueError(f"<kvmvfio:device address={text[:40]!r}>: {err.reason}") from None
     handoff = Handoff(opts.get("handoff", Handoff.LIBVIRT))
-    default_path = DevicePath.CDEV if handoff is Handoff.AGENT else DevicePath.GROUP
-    path = DevicePath(opts.get("path", default_path))
-    if handoff is Handoff.AGENT and path is not DevicePath.CDEV:
+    default_path = VfioPath.CDEV if handoff is Handoff.AGENT else VfioPath.GROUP
+    path = VfioPath(opts.get("path", default_path))
+    if path is VfioPath.AUTO:
+        path = default_path
+    if path is VfioPath.GROUP_IOMMUFD and handoff is not Handoff.NONE:
+        raise ValueError(
+            f"device {address} has path='group-iommufd': no QEMU opens a group on iommufd "
+            "(that path is kvmvfio's own sessions'); use path='cdev' or path='group'"
+        )
+    if handoff is Handoff.AGENT and path is not VfioPath.CDEV:
         raise ValueError(
             f"device {address} has handoff='agent' with path={path.value!r}: the agent hands "
             "devices over by file descriptor, which QEMU accepts only on the iommufd (cdev) path"

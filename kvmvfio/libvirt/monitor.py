@@ -38,11 +38,10 @@ from kvmvfio.qemu import replies
 from kvmvfio.qemu.handoff import Attachment
 from kvmvfio.qemu.handoff import attach as _attach
 from kvmvfio.qemu.handoff import detach as _detach
-from kvmvfio.qemu.paths import HandoffPath
 from kvmvfio.qemu.qmp import JsonObject, Monitor
 from kvmvfio.qemu.replies import ReplyMisfit
 from kvmvfio.vfio.files import OwnedFd
-from kvmvfio.vfio.policy import Coherency
+from kvmvfio.vfio.policy import Coherency, VfioPath
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -319,7 +318,7 @@ async def attach(
         return await _attach(
             monitor,
             addresses,
-            path=HandoffPath.IOMMUFD,
+            path=VfioPath.CDEV,
             coherency=coherency,
             buses=buses,
             raise_memlock=raise_memlock,

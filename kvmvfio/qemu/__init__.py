@@ -3,7 +3,8 @@
 :class:`~kvmvfio.qemu.qmp.Qemu` is a QMP connection whose peer is checked
 (``SO_PEERCRED``) before anything is sent; :func:`~kvmvfio.qemu.handoff.attach`
 and :func:`~kvmvfio.qemu.handoff.detach` move devices in and out of a
-running VM; :func:`~kvmvfio.qemu.coldplug.coldplug` gives a launcher the
+running VM (:func:`~kvmvfio.qemu.handoff.plan_attach` shows first what
+``attach`` would do); :func:`~kvmvfio.qemu.coldplug.coldplug` gives a launcher the
 arguments and fds to start one with its devices. Read
 :mod:`kvmvfio.qemu.handoff` first.
 """
@@ -15,8 +16,16 @@ from typing import TYPE_CHECKING
 from kvmvfio._lazy import lazy_getattr
 
 if TYPE_CHECKING:
-    from kvmvfio.qemu.coldplug import ColdPlug, coldplug
-    from kvmvfio.qemu.handoff import IOMMUFD_OBJECT, Attachment, attach, detach, free_ports, qdev_id
+    from kvmvfio.qemu.coldplug import ColdPlug, coldplug, plan_coldplug
+    from kvmvfio.qemu.handoff import (
+        IOMMUFD_OBJECT,
+        Attachment,
+        attach,
+        detach,
+        free_ports,
+        plan_attach,
+        qdev_id,
+    )
     from kvmvfio.qemu.paths import HandoffPath
     from kvmvfio.qemu.qmp import Qemu, peer_credentials, read_pidfile
 
@@ -25,6 +34,8 @@ if TYPE_CHECKING:
 _LAZY = {
     "ColdPlug": "kvmvfio.qemu.coldplug",
     "coldplug": "kvmvfio.qemu.coldplug",
+    "plan_coldplug": "kvmvfio.qemu.coldplug",
+    "plan_attach": "kvmvfio.qemu.handoff",
     "Attachment": "kvmvfio.qemu.handoff",
     "IOMMUFD_OBJECT": "kvmvfio.qemu.handoff",
     "attach": "kvmvfio.qemu.handoff",
@@ -48,6 +59,8 @@ __all__ = [
     "detach",
     "free_ports",
     "peer_credentials",
+    "plan_attach",
+    "plan_coldplug",
     "qdev_id",
     "read_pidfile",
 ]

@@ -21,14 +21,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvmvfio._closing import Closing
-from kvmvfio.errors import KernelUnsupported, UsageError
+from kvmvfio.errors import UsageError
 from kvmvfio.host import Host, PciAddress
 from kvmvfio.qemu.handoff import IOMMUFD_OBJECT, MEMLOCK_MARGIN, qdev_id
-from kvmvfio.vfio import Coherency
 from kvmvfio.vfio.files import OwnedFd, open_node
 from kvmvfio.vfio.iommufd import open_for_vmm
-from kvmvfio.vfio.policy import apply_coherency
-from kvmvfio.vfio.session import check_devices, probe_cdev_coherency
+from kvmvfio.vfio.plan import Opener, Plan, make_plan
+from kvmvfio.vfio.policy import Coherency
 
 
 @dataclass
@@ -38,6 +37,8 @@ class ColdPlug(Closing):
     args: list[str] = field(default_factory=list)
     fds: list[OwnedFd] = field(default_factory=list)
     unsafe: list[str] = field(default_factory=list)
+    #: The plan the arguments were made from.
+    plan: Plan | None = None
 
     @property
     def pass_fds(self) -> tuple[int, ...]:
@@ -65,61 +66,72 @@ class ColdPlug(Closing):
             fd.close()
 
 
-def coldplug(
+def plan_coldplug(
     addresses: Sequence[str | PciAddress],
+    *,
+    coherency: Coherency | str = Coherency.WARN,
+    allow_noiommu: bool = False,
+    host: Host | None = None,
+) -> Plan:
+    """The plan for starting a QEMU with the devices at ``addresses``; nothing is opened.
+
+    Cold plug passes fds, which QEMU takes on the cdev path only. Raises
+    what :func:`~kvmvfio.vfio.plan.make_plan` raises.
+    """
+    return make_plan(
+        addresses,
+        coherency=coherency,
+        allow_noiommu=allow_noiommu,
+        opener=Opener.COLDPLUG,
+        host=host,
+    )
+
+
+def coldplug(
+    addresses: Sequence[str | PciAddress] | Plan,
     *,
     coherency: Coherency | str = Coherency.WARN,
     buses: Sequence[str] | None = None,
     allow_noiommu: bool = False,
     host: Host | None = None,
 ) -> ColdPlug:
-    """Check the devices and return ``-object iommufd``/``-device vfio-pci`` args with fds.
+    """Plan (unless given a plan) and return ``-object iommufd``/``-device vfio-pci`` args with fds.
 
-    Raises what :func:`kvmvfio.vfio.session.check_devices` raises,
-    :class:`~kvmvfio.errors.CoherencyRefused` under ``require``,
-    :class:`KernelUnsupported` without ``/dev/iommu`` or device cdevs
-    (start QEMU with ``host=`` and access to the group node instead), and
-    :class:`~kvmvfio.vfio.iommufd.RlimitModeRefused` when the iommufd may
-    not count per process (kvmvfio lacks ``CAP_SYS_RESOURCE``).
+    Raises what :func:`~kvmvfio.vfio.plan.make_plan` raises (the devices'
+    checks, :class:`~kvmvfio.errors.CoherencyRefused` under ``require``,
+    :class:`~kvmvfio.errors.KernelUnsupported` without ``/dev/iommu`` or
+    device cdevs: start QEMU with ``host=`` and access to the group node
+    instead), and :class:`~kvmvfio.vfio.iommufd.RlimitModeRefused` when the
+    iommufd may not count per process (kvmvfio lacks ``CAP_SYS_RESOURCE``).
     """
-    host = host or Host()
-    policy = Coherency(coherency)
-    addrs = [str(PciAddress.coerce(a)) for a in addresses]
-    if buses is not None and len(buses) != len(addrs):
-        raise UsageError(f"{len(addrs)} devices but {len(buses)} buses")
-    devices, groups, unsafe = check_devices(host, addrs, allow_noiommu=allow_noiommu)
-    if not (host.devfs / "iommu").exists() or not all(d.vfio_cdev for d in devices):
-        raise KernelUnsupported(
-            "cold plug by fd", "it needs /dev/iommu and VFIO device cdevs (CONFIG_IOMMUFD)"
-        )
-    plug = ColdPlug(unsafe=list(unsafe))
-    try:
-        for dev in devices:
-            if policy is not Coherency.IGNORE:
-                coherent = probe_cdev_coherency(host, dev)
-                note = apply_coherency(
-                    policy, coherent, f"device {dev.address}", [str(dev.address)]
-                )
-                if note:
-                    plug.unsafe.append(note)
-        iommufd = open_for_vmm(host.devfs, "the QEMU to start with these arguments")
-        plug.fds.append(iommufd)
-        plug.args += ["-object", f"iommufd,id={IOMMUFD_OBJECT},fd={iommufd.fileno()}"]
-        group_of = {str(m.address): g for g in groups.values() for m in g.members}
-        for i, dev in enumerate(devices):
-            assert dev.vfio_cdev is not None
-            addr = str(dev.address)
-            fd = open_node(
-                host.devfs / "vfio" / "devices" / dev.vfio_cdev,
-                f"device {addr} ({dev.vfio_cdev})",
-                related=[group_of[addr].dev_node(host.devfs)],
+    if isinstance(addresses, Plan):
+        plan = addresses
+        if plan.opener is not Opener.COLDPLUG:
+            raise UsageError(
+                f"this plan is for {plan.opener.value}, not a QEMU to start: make it with "
+                "plan_coldplug()"
             )
-            plug.fds.append(fd)
-            opts = f"vfio-pci,id={qdev_id(addr)},iommufd={IOMMUFD_OBJECT},fd={fd.fileno()}"
+    else:
+        plan = plan_coldplug(addresses, coherency=coherency, allow_noiommu=allow_noiommu, host=host)
+    if buses is not None and len(buses) != len(plan.devices):
+        raise UsageError(f"{len(plan.devices)} devices but {len(buses)} buses")
+    cold = ColdPlug(unsafe=list(plan.notes), plan=plan)
+    try:
+        iommufd = open_for_vmm(plan.devfs, "the QEMU to start with these arguments")
+        cold.fds.append(iommufd)
+        cold.args += ["-object", f"iommufd,id={IOMMUFD_OBJECT},fd={iommufd.fileno()}"]
+        for i, dev in enumerate(plan.devices):
+            fd = open_node(
+                dev.file,
+                f"device {dev.address} ({dev.cdev})",
+                related=[plan.group(dev.group).node],
+            )
+            cold.fds.append(fd)
+            opts = f"vfio-pci,id={qdev_id(dev.address)},iommufd={IOMMUFD_OBJECT},fd={fd.fileno()}"
             if buses is not None:
                 opts += f",bus={buses[i]}"
-            plug.args += ["-device", opts]
+            cold.args += ["-device", opts]
     except BaseException:
-        plug.close()
+        cold.close()
         raise
-    return plug
+    return cold

@@ -64,16 +64,18 @@ from kvmvfio.errors import (
     QemuRefused,
     UsageError,
 )
-from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice
+from kvmvfio.host import Host, PciAddress, PciDevice
 from kvmvfio.host.procs import holders
 from kvmvfio.qemu.deadline import seconds
-from kvmvfio.qemu.paths import HandoffPath
 from kvmvfio.qemu.qmp import JsonObject, Monitor
-from kvmvfio.vfio import Coherency, VfioSession
 from kvmvfio.vfio.files import open_node
 from kvmvfio.vfio.iommufd import RlimitMode, open_for_vmm
-from kvmvfio.vfio.policy import apply_coherency
-from kvmvfio.vfio.session import check_devices, probe_cdev_coherency
+from kvmvfio.vfio.plan import DevicePlan, KernelPaths, Opener, Plan, make_plan
+from kvmvfio.vfio.plan import choose_path as _choose
+from kvmvfio.vfio.policy import Coherency, VfioPath
+
+#: The old name of :class:`VfioPath` here (``HandoffPath.IOMMUFD`` is ``VfioPath.CDEV``).
+HandoffPath = VfioPath
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ class Attachment:
     address: str
     qdev_id: str
     bus: str | None
-    path: HandoffPath
+    path: VfioPath
     group: int
     coherent: bool | None
     unsafe: tuple[str, ...] = ()
@@ -122,23 +124,12 @@ async def qemu_has_iommufd(qemu: Monitor) -> bool:
 
 
 async def choose_path(
-    qemu: Monitor, host: Host, devices: Sequence[PciDevice], requested: HandoffPath
-) -> tuple[HandoffPath, str]:
+    qemu: Monitor, host: Host, devices: Sequence[PciDevice], requested: VfioPath
+) -> tuple[VfioPath, str]:
     """Resolve ``auto`` from QEMU's and the kernel's capabilities; say why."""
     in_qemu = await qemu_has_iommufd(qemu)
-    in_kernel = os.path.exists(host.devfs / "iommu") and all(d.vfio_cdev for d in devices)
-    if requested is HandoffPath.LEGACY:
-        return requested, "asked for"
-    if in_qemu and in_kernel:
-        return HandoffPath.IOMMUFD, "QEMU has the iommufd backend and the kernel has cdevs"
-    missing = []
-    if not in_qemu:
-        missing.append("QEMU's vfio-pci has no iommufd/fd properties (QEMU < 9)")
-    if not in_kernel:
-        missing.append("the kernel has no /dev/iommu or no VFIO device cdevs")
-    if requested is HandoffPath.IOMMUFD:
-        raise KernelUnsupported("the iommufd handoff", "; ".join(missing))
-    return HandoffPath.LEGACY, "; ".join(missing)
+    kernel = KernelPaths.of(host, devices)
+    return _choose(VfioPath(requested), kernel, Opener.QEMU, qemu_iommufd=in_qemu)
 
 
 async def free_ports(qemu: Monitor) -> tuple[list[str], list[str]]:
@@ -229,7 +220,7 @@ def revoke(node: Path, uid: int) -> None:
 
 
 async def _ensure_iommufd_object(
-    qemu: Monitor, host: Host, *, accounting: RlimitMode | None = RlimitMode.PROCESS
+    qemu: Monitor, devfs: Path, *, accounting: RlimitMode | None = RlimitMode.PROCESS
 ) -> bool:
     """Create the VM's iommufd object from our /dev/iommu fd; False if it existed.
 
@@ -241,7 +232,7 @@ async def _ensure_iommufd_object(
     if IOMMUFD_OBJECT in objects:
         return False
     name = f"{IOMMUFD_OBJECT}-fd"
-    fd = open_for_vmm(host.devfs, f"QEMU pid {qemu.pid}", accounting=accounting)
+    fd = open_for_vmm(devfs, f"QEMU pid {qemu.pid}", accounting=accounting)
     try:
         await qemu.send_fd(fd, name)
     finally:
@@ -255,21 +246,18 @@ async def _ensure_iommufd_object(
     return True
 
 
-async def _attach_fd(
-    qemu: Monitor, host: Host, dev: PciDevice, group: IommuGroup, bus: str | None
-) -> None:
-    assert dev.vfio_cdev is not None
-    addr = str(dev.address)
-    name = qdev_id(addr).replace("kvmvfio-", "kvmvfio-fd-", 1)
-    cdev = host.devfs / "vfio" / "devices" / dev.vfio_cdev
-    fd = open_node(cdev, f"device {addr} ({dev.vfio_cdev})", related=[group.dev_node(host.devfs)])
+async def _attach_fd(qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | None) -> None:
+    name = qdev_id(dev.address).replace("kvmvfio-", "kvmvfio-fd-", 1)
+    fd = open_node(
+        dev.file, f"device {dev.address} ({dev.cdev})", related=[plan.group(dev.group).node]
+    )
     try:
         await qemu.send_fd(fd, name)
     finally:
         fd.close()  # QEMU has its own copy now, or nothing
     args: JsonObject = {
         "driver": "vfio-pci",
-        "id": qdev_id(addr),
+        "id": qdev_id(dev.address),
         "iommufd": IOMMUFD_OBJECT,
         "fd": name,
     }
@@ -282,16 +270,13 @@ async def _attach_fd(
         raise
 
 
-async def _attach_legacy(
-    qemu: Monitor, host: Host, dev: PciDevice, group: IommuGroup, bus: str | None
-) -> None:
-    addr = str(dev.address)
-    node = group.dev_node(host.devfs)
-    container = host.devfs / "vfio" / "vfio"
+async def _attach_legacy(qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | None) -> None:
+    node = dev.file  # the group node: QEMU opens it itself
+    container = plan.devfs / "vfio" / "vfio"
     if container.exists() and os.stat(container).st_mode & 0o006 != 0o006:
         grant(container, qemu.uid)  # it grants no device by itself; left in place
     granted = grant(node, qemu.uid)
-    args: JsonObject = {"driver": "vfio-pci", "id": qdev_id(addr), "host": addr}
+    args: JsonObject = {"driver": "vfio-pci", "id": qdev_id(dev.address), "host": dev.address}
     if bus is not None:
         args["bus"] = bus
     try:
@@ -302,58 +287,82 @@ async def _attach_legacy(
         raise
 
 
-async def attach(
+async def plan_attach(
     qemu: Monitor,
     addresses: Sequence[str | PciAddress],
     *,
-    path: HandoffPath | str = HandoffPath.AUTO,
+    path: VfioPath | str = VfioPath.AUTO,
+    coherency: Coherency | str = Coherency.WARN,
+    allow_noiommu: bool = False,
+    host: Host | None = None,
+) -> Plan:
+    """The plan for attaching ``addresses`` to the QEMU behind ``qemu``; nothing is sent.
+
+    Asks QEMU whether it has the ``iommufd`` object (the cdev path by fd),
+    then :func:`~kvmvfio.vfio.plan.make_plan` for a running QEMU. Raises
+    what that raises.
+    """
+    in_qemu = await qemu_has_iommufd(qemu)
+    return make_plan(
+        addresses,
+        path=path,
+        coherency=coherency,
+        allow_noiommu=allow_noiommu,
+        opener=Opener.QEMU,
+        qemu_iommufd=in_qemu,
+        host=host,
+    )
+
+
+async def attach(
+    qemu: Monitor,
+    addresses: Sequence[str | PciAddress] | Plan,
+    *,
+    path: VfioPath | str = VfioPath.AUTO,
     coherency: Coherency | str = Coherency.WARN,
     buses: Sequence[str] | None = None,
     allow_noiommu: bool = False,
     raise_memlock: bool = True,
     host: Host | None = None,
 ) -> list[Attachment]:
-    """Attach the devices at ``addresses`` to the QEMU behind ``qemu``.
+    """Attach the devices at ``addresses`` (or of a plan) to the QEMU behind ``qemu``.
 
-    Checks first, hands over after: each device must be on vfio-pci in a
-    viable group, the coherency policy holds, QEMU's memlock limit covers
-    its RAM (raised if kvmvfio may), and a free hotpluggable port waits for
-    each device (or ``buses`` names them). Then the devices go over one by
-    one; on a failure the ones already attached stay attached (they are
-    listed in the log) and the error propagates. Raises the errors of
-    :func:`kvmvfio.vfio.session.check_devices`, :class:`CoherencyRefused`,
-    :class:`MemlockTooLow`, :class:`NoHotplugPort`,
+    Plans first (:func:`plan_attach`, unless given a plan it made), hands
+    over after: each device must be on vfio-pci in a viable group, the
+    coherency policy holds, QEMU's memlock limit covers its RAM (raised if
+    kvmvfio may), and a free hotpluggable port waits for each device (or
+    ``buses`` names them). Then the devices go over one by one; on a
+    failure the ones already attached stay attached (they are listed in the
+    log) and the error propagates. Raises the errors of
+    :func:`~kvmvfio.vfio.plan.make_plan`, :class:`MemlockTooLow`,
+    :class:`NoHotplugPort`,
     :class:`~kvmvfio.vfio.iommufd.RlimitModeRefused` (kvmvfio lacks
     ``CAP_SYS_RESOURCE`` to make the new iommufd count per process),
     :class:`~kvmvfio.errors.QemuRefused` (QEMU's own words) and
     :class:`~kvmvfio.errors.QemuGone`.
     """
-    host = host or Host()
-    policy = Coherency(coherency)
-    addrs = [str(PciAddress.coerce(a)) for a in addresses]
-    if len(set(addrs)) != len(addrs):
-        raise UsageError(f"a device is named twice: {', '.join(addrs)}")
+    if isinstance(addresses, Plan):
+        plan = addresses
+        if plan.opener is not Opener.QEMU:
+            raise UsageError(
+                f"this plan is for {plan.opener.value}, not a running QEMU: make it with "
+                "plan_attach()"
+            )
+    else:
+        plan = await plan_attach(
+            qemu,
+            addresses,
+            path=path,
+            coherency=coherency,
+            allow_noiommu=allow_noiommu,
+            host=host,
+        )
+    addrs = list(plan.addresses)
     if buses is not None and len(buses) != len(addrs):
         raise UsageError(f"{len(addrs)} devices but {len(buses)} buses")
-    devices, groups, unsafe = check_devices(host, addrs, allow_noiommu=allow_noiommu)
-    chosen, why = await choose_path(qemu, host, devices, HandoffPath(path))
-    log.info("attaching %s to QEMU pid %d by %s (%s)", ", ".join(addrs), qemu.pid, chosen, why)
-    by_addr = {str(d.address): d for d in devices}
-    group_of = {str(m.address): g for g in groups.values() for m in g.members}
-    coherent: dict[str, bool | None] = {}
-    notes: dict[str, list[str]] = {a: list(unsafe) for a in addrs}
-    for addr in addrs:
-        answer: bool | None = None
-        if policy is not Coherency.IGNORE:
-            if chosen is HandoffPath.IOMMUFD:
-                answer = probe_cdev_coherency(host, by_addr[addr])
-            else:
-                with VfioSession([addr], backend="group", coherency="ignore", host=host) as s:
-                    answer = s.container is not None and s.container.enforces_coherency()
-            note = apply_coherency(policy, answer, f"device {addr}", [addr])
-            if note:
-                notes[addr].append(note)
-        coherent[addr] = answer
+    log.info(
+        "attaching %s to QEMU pid %d by %s (%s)", ", ".join(addrs), qemu.pid, plan.path, plan.why
+    )
     if buses is None:
         free, taken = await free_ports(qemu)
         if len(free) < len(addrs):
@@ -364,28 +373,33 @@ async def attach(
     # The first change to QEMU's state comes after every read-only check.
     await ensure_memlock(qemu, raise_it=raise_memlock)
     created_object = False
-    if chosen is HandoffPath.IOMMUFD:
-        created_object = await _ensure_iommufd_object(qemu, host)
+    if plan.path is VfioPath.CDEV:
+        created_object = await _ensure_iommufd_object(qemu, plan.devfs)
     done: list[Attachment] = []
     try:
-        for addr, bus in zip(addrs, chosen_buses, strict=True):
-            group = group_of[addr]
-            if chosen is HandoffPath.IOMMUFD:
-                await _attach_fd(qemu, host, by_addr[addr], group, bus)
+        for dev, bus in zip(plan.devices, chosen_buses, strict=True):
+            if plan.path is VfioPath.CDEV:
+                await _attach_fd(qemu, plan, dev, bus)
             else:
-                await _attach_legacy(qemu, host, by_addr[addr], group, bus)
+                await _attach_legacy(qemu, plan, dev, bus)
             done.append(
                 Attachment(
-                    address=addr,
-                    qdev_id=qdev_id(addr),
+                    address=dev.address,
+                    qdev_id=qdev_id(dev.address),
                     bus=bus,
-                    path=chosen,
-                    group=group.number,
-                    coherent=coherent[addr],
-                    unsafe=tuple(notes[addr]),
+                    path=plan.path,
+                    group=dev.group,
+                    coherent=dev.coherent,
+                    unsafe=dev.notes,
                 )
             )
-            log.info("attached %s to QEMU pid %d as %s on %s", addr, qemu.pid, qdev_id(addr), bus)
+            log.info(
+                "attached %s to QEMU pid %d as %s on %s",
+                dev.address,
+                qemu.pid,
+                qdev_id(dev.address),
+                bus,
+            )
     except BaseException:
         if done:
             log.warning("attached before the failure: %s", ", ".join(a.address for a in done))
@@ -537,6 +551,7 @@ __all__ = [
     "free_ports",
     "grant",
     "memlock_limit",
+    "plan_attach",
     "qdev_id",
     "qemu_has_iommufd",
     "revoke",

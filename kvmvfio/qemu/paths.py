@@ -1,13 +1,14 @@
-"""How devices reach QEMU (import-light: an enum only)."""
+"""The old name of :class:`~kvmvfio.vfio.policy.VfioPath` for the handoff (import-light).
+
+``HandoffPath.IOMMUFD`` is ``VfioPath.CDEV`` and ``HandoffPath.LEGACY`` is
+``VfioPath.GROUP``: one vocabulary for the kernel's ways, whoever opens the
+files.
+"""
 
 from __future__ import annotations
 
-import enum
+from kvmvfio.vfio.policy import VfioPath
 
+HandoffPath = VfioPath
 
-class HandoffPath(enum.StrEnum):
-    """How the devices reach QEMU."""
-
-    AUTO = "auto"
-    IOMMUFD = "iommufd"
-    LEGACY = "legacy"
+__all__ = ["HandoffPath", "VfioPath"]

@@ -8,6 +8,10 @@ One class per kernel object, each owning its file:
 :class:`~kvmvfio.vfio.session.VfioSession` puts them together for a VM, in
 the order the kernel needs, with the KVM association and the coherency
 policy; read its module documentation first.
+:func:`~kvmvfio.vfio.plan.make_plan` makes every decision before anything
+is opened, for kvmvfio's sessions and for QEMU alike
+(:class:`~kvmvfio.vfio.plan.Plan`); :class:`~kvmvfio.vfio.policy.VfioPath`
+names the kernel's ways.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ if TYPE_CHECKING:
     from kvmvfio.vfio.files import FdClosed, OwnedFd, open_node
     from kvmvfio.vfio.group import Group
     from kvmvfio.vfio.iommufd import Iommufd, RlimitMode, RlimitModeRefused, open_for_vmm
-    from kvmvfio.vfio.policy import Backend, Coherency
+    from kvmvfio.vfio.plan import DevicePlan, GroupPlan, Opener, Plan, make_plan
+    from kvmvfio.vfio.policy import Backend, Coherency, VfioPath
     from kvmvfio.vfio.session import SessionReport, VfioSession, choose_backend
 
 # Imported on first use: the CLI and the host-only paths never pay for the
@@ -45,6 +50,12 @@ _LAZY = {
     "open_for_vmm": "kvmvfio.vfio.iommufd",
     "Backend": "kvmvfio.vfio.policy",
     "Coherency": "kvmvfio.vfio.policy",
+    "VfioPath": "kvmvfio.vfio.policy",
+    "DevicePlan": "kvmvfio.vfio.plan",
+    "GroupPlan": "kvmvfio.vfio.plan",
+    "Opener": "kvmvfio.vfio.plan",
+    "Plan": "kvmvfio.vfio.plan",
+    "make_plan": "kvmvfio.vfio.plan",
     "SessionReport": "kvmvfio.vfio.session",
     "VfioSession": "kvmvfio.vfio.session",
     "choose_backend": "kvmvfio.vfio.session",
@@ -56,18 +67,24 @@ __all__ = [
     "Container",
     "Device",
     "DeviceInfo",
+    "DevicePlan",
     "FdClosed",
     "Group",
+    "GroupPlan",
     "Iommufd",
     "IrqInfo",
+    "Opener",
     "OwnedFd",
+    "Plan",
     "RegionInfo",
     "RlimitMode",
     "RlimitModeRefused",
     "SessionReport",
+    "VfioPath",
     "VfioSession",
     "choose_backend",
     "holders",
+    "make_plan",
     "open_for_vmm",
     "open_node",
 ]

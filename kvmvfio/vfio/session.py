@@ -28,6 +28,12 @@ Coherency. Whether the IOMMU enforces DMA cache coherency is what
 the guest flush caches (WBINVD) for the sake of non-coherent DMA. A policy
 (``require``, ``warn``, ``ignore``) is applied before anything is handed to
 KVM: ``require`` refuses, naming the group and its devices.
+
+Plan, then act. The checks, the path and the coherency answer come from a
+:class:`~kvmvfio.vfio.plan.Plan` (:func:`~kvmvfio.vfio.plan.make_plan`),
+made when the session opens or given to it
+(:meth:`VfioSession.from_plan`); the session only opens what the plan
+names, in the kernel's order.
 """
 
 from __future__ import annotations
@@ -35,28 +41,26 @@ from __future__ import annotations
 import enum
 import functools
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Self
 
-from kvmvfio.errors import (
-    DeviceNotBoundToVfio,
-    GroupNotViable,
-    KernelUnsupported,
-    NoIommuGroup,
-    NoIommuRefused,
-    SessionStateError,
-    UsageError,
-)
-from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice, is_vfio_driver
+from kvmvfio.errors import GroupNotViable, SessionStateError, UsageError
+from kvmvfio.host import Host, PciAddress, PciDevice
 from kvmvfio.kvm import KvmVfioDevice
 from kvmvfio.vfio.container import Container
 from kvmvfio.vfio.device import Device, DeviceInfo, IrqInfo, RegionInfo
 from kvmvfio.vfio.group import Group
 from kvmvfio.vfio.iommufd import Iommufd
-from kvmvfio.vfio.policy import Backend, Coherency, apply_coherency
+from kvmvfio.vfio.plan import (
+    KernelPaths,
+    Plan,
+    check_devices,
+    choose_path,
+    make_plan,
+    probe_cdev_coherency,
+)
+from kvmvfio.vfio.policy import Backend, Coherency, VfioPath
 
 log = logging.getLogger(__name__)
 
@@ -83,106 +87,23 @@ class DeviceReport:
 class SessionReport:
     """What a session opened and what the kernel answered."""
 
-    backend: Backend
+    backend: VfioPath
     groups: tuple[int, ...]
     coherent: bool | None
     kvm_associated: bool
     unsafe: tuple[str, ...] = ()
     devices: tuple[DeviceReport, ...] = field(default=())
+    #: The plan the session acted on.
+    plan: Plan | None = None
 
 
-def choose_backend(requested: Backend, host: Host, devices: Sequence[PciDevice]) -> Backend:
-    """Resolve ``auto`` and check that the kernel has what ``requested`` needs."""
-    # Two stats, not a full HostSupport probe: this runs at every session open.
-    has_iommufd = os.path.exists(host.devfs / "iommu")
-    has_container = os.path.exists(host.devfs / "vfio" / "vfio")
-    cdev_ok = has_iommufd and all(d.vfio_cdev for d in devices)
-    if requested is Backend.AUTO:
-        if cdev_ok:
-            return Backend.CDEV
-        if has_container:
-            return Backend.GROUP
-        if has_iommufd:
-            return Backend.GROUP_IOMMUFD
-        raise KernelUnsupported(
-            "VFIO", "neither /dev/vfio/vfio nor /dev/iommu exists; load vfio / vfio-pci"
-        )
-    if requested is Backend.CDEV and not cdev_ok:
-        missing = (
-            "/dev/iommu (CONFIG_IOMMUFD)"
-            if not has_iommufd
-            else "VFIO device cdevs (CONFIG_VFIO_DEVICE_CDEV)"
-        )
-        raise KernelUnsupported("the cdev path", f"the kernel has no {missing}; use --path group")
-    if requested is Backend.GROUP and not has_container:
-        raise KernelUnsupported(
-            "the group + container path",
-            "no /dev/vfio/vfio (CONFIG_VFIO_CONTAINER); use --path cdev",
-        )
-    if requested is Backend.GROUP_IOMMUFD and not has_iommufd:
-        raise KernelUnsupported(
-            "the group-on-iommufd path", "no /dev/iommu (CONFIG_IOMMUFD); use --path group"
-        )
-    return requested
+def choose_backend(requested: VfioPath, host: Host, devices: Sequence[PciDevice]) -> VfioPath:
+    """Resolve ``auto`` and check that the kernel has what ``requested`` needs.
 
-
-def check_devices(
-    host: Host, addresses: Sequence[str], *, allow_noiommu: bool = False
-) -> tuple[list[PciDevice], dict[int, IommuGroup], list[str]]:
-    """Check from sysfs that each device can be opened; return devices, groups, warnings.
-
-    Raises :class:`DeviceNotBoundToVfio`, :class:`GroupNotViable` (naming
-    the members in the way), :class:`NoIommuRefused`, and the host model's
-    errors (:class:`~kvmvfio.errors.DeviceNotFound`, ...). Changes nothing.
+    kvmvfio's own session's choice; :func:`~kvmvfio.vfio.plan.choose_path`
+    makes it for every opener.
     """
-    devices: list[PciDevice] = []
-    groups: dict[int, IommuGroup] = {}
-    unsafe: list[str] = []
-    for addr in addresses:
-        # The group's members are read anyway: take the device from them.
-        try:
-            group = host.group_of(addr)
-        except NoIommuGroup:
-            # virtio-iommu gives a device its group only once a driver
-            # binds it; say what is wrong with the device first.
-            dev = host.device(addr)
-            if not is_vfio_driver(dev.driver):
-                raise DeviceNotBoundToVfio(str(dev.address), dev.driver) from None
-            raise
-        canonical = str(PciAddress.coerce(addr))
-        dev = next(m for m in group.members if str(m.address) == canonical)
-        if not is_vfio_driver(dev.driver):
-            raise DeviceNotBoundToVfio(canonical, dev.driver)
-        if group.noiommu:
-            if not allow_noiommu:
-                raise NoIommuRefused(group.number, canonical)
-            unsafe.append(f"IOMMU group {group.number} is a no-IOMMU group: no DMA isolation")
-        if not group.viable:
-            raise GroupNotViable(str(group.number), group.blockers)
-        groups[group.number] = group
-        devices.append(dev)
-    return devices, groups, unsafe
-
-
-def probe_cdev_coherency(host: Host, dev: PciDevice, related: Sequence[Path] = ()) -> bool:
-    """Whether the IOMMU enforces DMA cache coherency for ``dev`` (on vfio-pci, with a cdev).
-
-    Binds the device to a scratch iommufd and IOAS, asks, and lets go of
-    everything: afterwards the device is as unopened as before.
-    """
-    if dev.vfio_cdev is None:
-        raise KernelUnsupported(
-            f"a VFIO device cdev for {dev.address}", "the kernel lacks CONFIG_VFIO_DEVICE_CDEV"
-        )
-    with (
-        Iommufd(host.devfs) as scratch,
-        Device.open_cdev(str(dev.address), dev.vfio_cdev, host.devfs, related=related) as probe,
-    ):
-        probe.bind_iommufd(scratch.fileno())
-        ioas = scratch.alloc_ioas()
-        probe.attach(ioas)
-        scratch.set_compat_ioas(ioas)
-        return scratch.enforces_coherency()
+    return choose_path(VfioPath(requested), KernelPaths.of(host, devices))[0]
 
 
 class VfioSession:
@@ -193,18 +114,20 @@ class VfioSession:
         async with VfioSession(["0000:00:03.0"], kvm=kvm_vfio_device) as session:
             fd = session.devices["0000:00:03.0"].fileno()
 
-    Opening checks that each device is on vfio-pci and its group is viable,
-    picks the backend, applies the coherency policy, adds the group or
-    device files to ``kvm`` (when given) and only then opens the devices.
-    Any failure releases everything opened so far before the error
-    propagates. :meth:`close` releases in reverse order and is idempotent.
+    Opening makes the plan (:func:`~kvmvfio.vfio.plan.make_plan`: each
+    device on vfio-pci, its group viable, the path, the coherency policy
+    applied to the kernel's answer) unless one is given
+    (:meth:`from_plan`), adds the group or device files to ``kvm`` (when
+    given) and only then opens the devices. Any failure releases everything
+    opened so far before the error propagates. :meth:`close` releases in
+    reverse order and is idempotent.
     """
 
     def __init__(
         self,
         addresses: Sequence[str | PciAddress],
         *,
-        backend: Backend | str = Backend.AUTO,
+        backend: VfioPath | str = VfioPath.AUTO,
         kvm: KvmVfioDevice | None = None,
         coherency: Coherency | str = Coherency.WARN,
         allow_noiommu: bool = False,
@@ -213,13 +136,14 @@ class VfioSession:
         if not addresses:
             raise UsageError("a VFIO session needs at least one device")
         self.addresses = tuple(str(PciAddress.parse(str(a))) for a in addresses)
-        self.requested = Backend(backend)
+        self.requested = VfioPath(backend)
         self.coherency = Coherency(coherency)
         self.allow_noiommu = allow_noiommu
         self.kvm = kvm
         self.host = host or Host()
         self.state = Runstate.IDLE
-        self.backend: Backend | None = None
+        self.plan: Plan | None = None
+        self.backend: VfioPath | None = None
         self.coherent: bool | None = None
         self.unsafe: list[str] = []
         self.devices: dict[str, Device] = {}
@@ -227,7 +151,25 @@ class VfioSession:
         self.container: Container | None = None
         self.iommufd: Iommufd | None = None
         self._kvm_files: list[tuple[int, str]] = []
-        self._members: dict[int, IommuGroup] = {}
+
+    @classmethod
+    def from_plan(
+        cls, plan: Plan, *, kvm: KvmVfioDevice | None = None, host: Host | None = None
+    ) -> VfioSession:
+        """A session that opens what ``plan`` names, on its path, without planning again.
+
+        ``host`` is only asked again when the kernel disagrees with the plan
+        (a group that stopped being viable: its blockers are read then).
+        """
+        session = cls(
+            plan.addresses,
+            backend=plan.path,
+            kvm=kvm,
+            coherency=plan.coherency,
+            host=host or Host(devfs=plan.devfs),
+        )
+        session.plan = plan
+        return session
 
     # -- life cycle ---------------------------------------------------------
 
@@ -259,7 +201,7 @@ class VfioSession:
         # cdev: the kvm-vfio device's reference would keep a bound cdev open
         # past our close, so KVM lets go first. group: devices close first
         # (dropping their KVM reference), then the group leaves KVM.
-        kvm_first = self.backend is Backend.CDEV
+        kvm_first = self.backend is VfioPath.CDEV
         if kvm_first:
             self._kvm_remove_all(attempt)
         for dev in reversed(self.devices.values()):
@@ -292,7 +234,7 @@ class VfioSession:
 
     def report(self) -> SessionReport:
         """What was opened and answered (devices' regions and irqs included)."""
-        if self.state is not Runstate.OPEN or self.backend is None:
+        if self.state is not Runstate.OPEN or self.backend is None or self.plan is None:
             raise SessionStateError("report", self.state.value)
         devices = []
         for addr, dev in self.devices.items():
@@ -300,7 +242,7 @@ class VfioSession:
             devices.append(
                 DeviceReport(
                     address=addr,
-                    group=self._group_number(addr),
+                    group=self.plan.device(addr).group,
                     cdev=dev.cdev,
                     info=info,
                     regions=tuple(dev.regions()),
@@ -309,43 +251,34 @@ class VfioSession:
             )
         return SessionReport(
             backend=self.backend,
-            groups=tuple(self.groups) or tuple(sorted(self._members)),
+            groups=tuple(self.groups) or tuple(g.number for g in self.plan.groups),
             coherent=self.coherent,
             kvm_associated=bool(self._kvm_files),
             unsafe=tuple(self.unsafe),
             devices=tuple(devices),
+            plan=self.plan,
         )
 
     # -- the steps ----------------------------------------------------------
 
-    def _group_number(self, addr: str) -> int:
-        for number, group in self._members.items():
-            if any(str(m.address) == addr for m in group.members):
-                return number
-        raise KeyError(addr)
-
-    def _resolve(self) -> list[PciDevice]:
-        devices, groups, unsafe = check_devices(
-            self.host, self.addresses, allow_noiommu=self.allow_noiommu
-        )
-        self._members.update(groups)
-        self.unsafe.extend(unsafe)
-        return devices
-
     def _open(self) -> None:
-        devices = self._resolve()
-        self.backend = choose_backend(self.requested, self.host, devices)
-        log.info("devices %s: backend %s", ", ".join(self.addresses), self.backend)
-        if self.backend is Backend.CDEV:
-            self._open_cdev(devices)
+        if self.plan is None:
+            self.plan = make_plan(
+                self.addresses,
+                path=self.requested,
+                coherency=self.coherency,
+                allow_noiommu=self.allow_noiommu,
+                host=self.host,
+            )
+        plan = self.plan
+        self.backend = plan.path
+        self.coherent = plan.coherent
+        self.unsafe.extend(plan.notes)
+        log.info("devices %s: backend %s (%s)", ", ".join(self.addresses), plan.path, plan.why)
+        if plan.path is VfioPath.CDEV:
+            self._open_cdev(plan)
         else:
-            self._open_groups(devices)
-
-    def _apply_policy(self, coherent: bool, subject: str, members: Sequence[str]) -> None:
-        self.coherent = coherent if self.coherent is None else (self.coherent and coherent)
-        note = apply_coherency(self.coherency, coherent, subject, members)
-        if note:
-            self.unsafe.append(note)
+            self._open_groups(plan)
 
     def _kvm_add(self, fd: int, subject: str) -> None:
         if self.kvm is None:
@@ -362,97 +295,50 @@ class VfioSession:
             fd, subject = self._kvm_files.pop()
             attempt(functools.partial(kvm.remove, fd, subject=subject))
 
-    def _cdev_path(self, dev: PciDevice) -> Path | None:
-        if dev.vfio_cdev is None:
-            return None
-        return self.host.devfs / "vfio" / "devices" / dev.vfio_cdev
-
-    def _group_node(self, number: int) -> Path:
-        return self._members[number].dev_node(self.host.devfs)
-
-    def _open_groups(self, devices: Sequence[PciDevice]) -> None:
-        if self.backend is Backend.GROUP_IOMMUFD:
-            self.iommufd = Iommufd(self.host.devfs)
+    def _open_groups(self, plan: Plan) -> None:
+        devfs = plan.devfs
+        if plan.path is VfioPath.GROUP_IOMMUFD:
+            self.iommufd = Iommufd(devfs)
             ctx_fd = self.iommufd.fileno()
         else:
-            self.container = Container(self.host.devfs)
+            self.container = Container(devfs)
             ctx_fd = self.container.fileno()
-        for number, model in self._members.items():
-            cdevs = [self._cdev_path(m) for m in model.members]
-            group = Group(
-                number,
-                self.host.devfs,
-                noiommu=model.noiommu,
-                related=[p for p in cdevs if p is not None],
-            )
-            self.groups[number] = group
+        for model in plan.groups:
+            group = Group(model.number, devfs, noiommu=model.noiommu, related=model.cdevs)
+            self.groups[model.number] = group
             if not group.viable:  # the kernel's word, in case sysfs changed under us
-                raise GroupNotViable(str(number), model.blockers)
+                raise GroupNotViable(str(model.number), self.host.group(model.number).blockers)
             group.set_container(ctx_fd)
-        names = ", ".join(f"IOMMU group {n}" for n in self.groups)
-        check = self.coherency is not Coherency.IGNORE
         if self.container is not None:
-            self.container.set_iommu(groups=names)
-            if check:
-                self._apply_policy(self.container.enforces_coherency(), names, self.addresses)
-        elif check and self.kvm is not None:
-            # Group on iommufd: the compat IOAS has no hwpt (and so answers
-            # "coherent") until a device is attached, which happens at device
-            # open. The policy must be applied before KVM is involved, so
-            # open each device once to learn the answer; closing drops the
-            # open count back to 0, and the real open below still takes KVM.
-            for dev in devices:
-                addr = str(dev.address)
-                with self.groups[self._group_number(addr)].open_device(addr):
-                    coherent = self._iommufd().enforces_coherency()
-                self._apply_policy(coherent, f"IOMMU group {self._group_number(addr)}", [addr])
+            self.container.set_iommu(groups=", ".join(f"IOMMU group {n}" for n in self.groups))
         for number, group in self.groups.items():
             self._kvm_add(group.fileno(), f"IOMMU group {number} ({group.path})")
-        for dev in devices:
-            addr = str(dev.address)
-            self.devices[addr] = self.groups[self._group_number(addr)].open_device(addr)
-        if check and self.iommufd is not None and self.kvm is None:
-            # No KVM to protect: ask once the devices are attached.
-            self._apply_policy(self._iommufd().enforces_coherency(), names, self.addresses)
+        for dev in plan.devices:
+            self.devices[dev.address] = self.groups[dev.group].open_device(dev.address)
 
-    def _iommufd(self) -> Iommufd:
-        if self.iommufd is None:
-            raise SessionStateError("use iommufd of", self.state.value)
-        return self.iommufd
-
-    def _probe_cdev_coherency(self, dev: PciDevice, related: Sequence[Path]) -> bool:
-        return probe_cdev_coherency(self.host, dev, related)
-
-    def _open_cdev(self, devices: Sequence[PciDevice]) -> None:
-        related = {
-            str(dev.address): [self._group_node(self._group_number(str(dev.address)))]
-            for dev in devices
-        }
-        check = self.coherency is not Coherency.IGNORE
-        if check and self.kvm is not None:
-            # The policy comes before KVM, and KVM before the bind: learn the
-            # answer on a scratch iommufd first.
-            for dev in devices:
-                addr = str(dev.address)
-                coherent = self._probe_cdev_coherency(dev, related[addr])
-                self._apply_policy(coherent, f"device {addr}", [addr])
-        for dev in devices:
-            assert dev.vfio_cdev is not None
-            addr = str(dev.address)
-            self.devices[addr] = Device.open_cdev(
-                addr, dev.vfio_cdev, self.host.devfs, related=related[addr]
+    def _open_cdev(self, plan: Plan) -> None:
+        for dev in plan.devices:
+            assert dev.cdev is not None  # the plan chose cdev: every device has one
+            self.devices[dev.address] = Device.open_cdev(
+                dev.address, dev.cdev, plan.devfs, related=[plan.group(dev.group).node]
             )
         # KVM first: BIND_IOMMUFD is where the device takes the file's KVM.
         for addr, device in self.devices.items():
             self._kvm_add(device.fileno(), f"device {addr} ({device.path})")
-        iommufd = self.iommufd = Iommufd(self.host.devfs)
+        iommufd = self.iommufd = Iommufd(plan.devfs)
         ioas = iommufd.alloc_ioas()
         for device in self.devices.values():
             device.bind_iommufd(iommufd.fileno())
             device.attach(ioas)
         iommufd.set_compat_ioas(ioas)
-        if check and self.kvm is None:
-            # No KVM to protect: ask once the devices are attached. One IOAS
-            # holds them all, so the answer covers every device at once.
-            subject = ", ".join(f"device {a}" for a in self.devices)
-            self._apply_policy(iommufd.enforces_coherency(), subject, list(self.devices))
+
+
+__all__ = [
+    "Backend",
+    "DeviceReport",
+    "SessionReport",
+    "VfioSession",
+    "check_devices",
+    "choose_backend",
+    "probe_cdev_coherency",
+]

@@ -139,7 +139,7 @@ async def test_without_the_option_the_second_qemu_cannot_pin_its_ram(
     for qemu, addr in zip(qemus, edus, strict=True):
         async with Qemu(qemu.qmp, pid=qemu.pid) as qmp:
             await handoff.ensure_memlock(qmp)
-            await handoff._ensure_iommufd_object(qmp, host, accounting=None)
+            await handoff._ensure_iommufd_object(qmp, host.devfs, accounting=None)
             try:
                 await handoff._attach_fd(qmp, host, host.device(addr), host.group_of(addr), "rp0")
                 results.append(None)

@@ -21,8 +21,11 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
         (["attach", "03:00.0", "--qmp", "/run/x.qmp"], "say which QEMU"),
         (["detach", "03:00.0", "--pid", "1"], "say which QEMU"),
         (["attach", "03:00.0", "--domain", "vm1", "--qmp", "/run/x.qmp"], "give no --qmp"),
+        (["attach", "03:00.0", "--domain", "vm1", "--path", "group"],
+         "--path group cannot go through libvirt (domain 'vm1')"),
         (["attach", "03:00.0", "--domain", "vm1", "--path", "legacy"],
-         "--path legacy cannot go through libvirt (domain 'vm1')"),
+         "--path legacy is now spelled --path group (the old spelling still works)\n"
+         "kvmvfio: --path group cannot go through libvirt (domain 'vm1')"),
         (["attach", "3:0.9", "--domain", "vm1"], "'3:0.9' is not a PCI address"),
     ],
 )  # fmt: skip

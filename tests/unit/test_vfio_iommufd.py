@@ -288,7 +288,7 @@ async def test_attach_sets_the_option_before_qemu_gets_the_iommufd(
     kernel.before_each = lambda: fake.fds_received
     async with Qemu(fake.path) as qemu:
         (done,) = await attach(qemu, ["0000:00:03.0"], coherency="ignore", host=host)
-    assert done.path == "iommufd"
+    assert done.path == "cdev"
     (call,) = kernel.calls
     assert (call.path, call.op, call.val64) == (
         str(host.devfs / "iommu"),

@@ -79,7 +79,7 @@ def test_bad_input(build_host: BuildHost) -> None:
         VfioSession(["../x"])
     with pytest.raises(UsageError):
         VfioSession([])
-    with pytest.raises(ValueError, match="'gruop' is not a valid Backend"):
+    with pytest.raises(ValueError, match="'gruop' is not a valid VfioPath"):
         VfioSession(["00:03.0"], backend="gruop")
 
 

@@ -1,0 +1,563 @@
+"""Plan, then act: what a VM's devices need, decided once before anything is handed over.
+
+Every way kvmvfio gives devices to a VM starts the same: check each device
+(on vfio-pci, its IOMMU group viable, no-IOMMU only when accepted), choose
+one of the kernel's ways to reach them (:class:`~kvmvfio.vfio.policy.VfioPath`)
+for whoever will open the files, ask the kernel whether the IOMMU enforces
+DMA cache coherency, and apply the user's policy to the answer.
+:func:`make_plan` makes those decisions, once, and returns them as a frozen
+:class:`Plan`; :class:`~kvmvfio.vfio.session.VfioSession`,
+:func:`kvmvfio.qemu.attach`, :func:`kvmvfio.qemu.coldplug`, the libvirt
+hook and ``kvmvfio check`` only act on one. So ``kvmvfio check`` answers,
+by construction, what a VM would get.
+
+A launcher can make the plan itself, show it, and act on it::
+
+    plan = make_plan(["0000:03:00.0"], coherency="require")
+    print("\\n".join(plan.lines()))
+    with VfioSession.from_plan(plan, kvm=kvm_vfio_device) as session:
+        ...
+
+Planning hands nothing over and leaves nothing behind: it reads sysfs and
+``/dev``, and (unless the policy is ``ignore``) asks the kernel the
+coherency question on scratch files of its own (an iommufd, a container, a
+group), which it closes before it returns; the devices are as unopened
+afterwards as before. The answer is the IOMMU's, and it does not change
+while the devices stay where they are. A plan is a snapshot: acting on it
+later, the kernel still checks what it checks (a group that lost its
+viability, a device someone else opened) and says so.
+
+Who opens the files (:class:`Opener`) decides which paths are on offer:
+kvmvfio's own session takes any of the three; a running QEMU takes a cdev
+by fd (QEMU >= 9) or opens a group itself; a QEMU started with kvmvfio's
+arguments takes fds only, so the cdev path only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvmvfio.errors import GroupNotViable, KernelUnsupported, UsageError
+from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice
+from kvmvfio.vfio.policy import Coherency, VfioPath, apply_coherency
+
+if TYPE_CHECKING:
+    from kvmvfio.vfio.group import Group
+
+JsonObject = dict[str, object]
+_NOIOMMU = "IOMMU group {number} is a no-IOMMU group: no DMA isolation"
+
+
+class Opener(enum.StrEnum):
+    """Who opens the files a plan names."""
+
+    #: kvmvfio itself: :class:`~kvmvfio.vfio.session.VfioSession`, ``kvmvfio check``.
+    SESSION = "session"
+    #: A running QEMU: a cdev by fd, or a group node it opens itself (``attach``).
+    QEMU = "qemu"
+    #: A QEMU started with kvmvfio's arguments: fds only (``coldplug``).
+    COLDPLUG = "coldplug"
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What the plan decided for one device."""
+
+    address: str
+    group: int
+    #: Its VFIO cdev's name (``vfio0``), when the kernel made one.
+    cdev: str | None
+    #: The file that reaches it: its cdev on the cdev path, else its group node.
+    file: Path
+    #: The IOMMU's answer on DMA cache coherency; None when not asked (policy ``ignore``).
+    coherent: bool | None
+    #: What a user should know before using it (no isolation, no coherency).
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """An IOMMU group the plan's devices are in."""
+
+    number: int
+    #: ``/dev/vfio/N`` (``noiommu-N``).
+    node: Path
+    #: Every member, by address (not only the plan's devices).
+    members: tuple[str, ...]
+    noiommu: bool = False
+    #: The members' cdevs: a holder of one of them keeps the group busy.
+    cdevs: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every decision about a VM's devices, made before any of them is handed over."""
+
+    opener: Opener
+    #: The path asked for, and the one chosen (never ``auto``), and why.
+    requested: VfioPath
+    path: VfioPath
+    why: str
+    coherency: Coherency
+    devices: tuple[DevicePlan, ...]
+    groups: tuple[GroupPlan, ...]
+    #: What is accepted that a default would refuse (a no-IOMMU group, no coherency).
+    accepted: tuple[str, ...] = ()
+    devfs: Path = field(default=Path("/dev"), compare=False)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(d.address for d in self.devices)
+
+    @property
+    def context_file(self) -> Path:
+        """``/dev/vfio/vfio`` on the group path, else ``/dev/iommu``."""
+        if self.path is VfioPath.GROUP:
+            return self.devfs / "vfio" / "vfio"
+        return self.devfs / "iommu"
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file opened for the VM, in the order it is opened."""
+        if self.path is VfioPath.CDEV:
+            return (self.context_file, *(d.file for d in self.devices))
+        return (self.context_file, *(g.node for g in self.groups))
+
+    @property
+    def coherent(self) -> bool | None:
+        """Whether the IOMMU enforces coherency for every device; None when not asked."""
+        answers = [d.coherent for d in self.devices]
+        if any(a is None for a in answers):
+            return None
+        return all(answers)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Every device's notes, each once, in order."""
+        return tuple(dict.fromkeys(n for d in self.devices for n in d.notes))
+
+    def device(self, address: str | PciAddress) -> DevicePlan:
+        """The plan for the device at ``address``; KeyError when it is not in the plan."""
+        canonical = str(PciAddress.coerce(address))
+        for dev in self.devices:
+            if dev.address == canonical:
+                return dev
+        raise KeyError(canonical)
+
+    def group(self, number: int) -> GroupPlan:
+        """The plan's IOMMU group ``number``; KeyError when it has none of that number."""
+        for group in self.groups:
+            if group.number == number:
+                return group
+        raise KeyError(number)
+
+    def devices_of(self, number: int) -> tuple[DevicePlan, ...]:
+        """The plan's devices in IOMMU group ``number``."""
+        return tuple(d for d in self.devices if d.group == number)
+
+    def to_json(self) -> JsonObject:
+        """The plan as ``kvmvfio check --json`` prints it (docs/cli-json.md)."""
+        return {
+            "opener": self.opener.value,
+            "requested": self.requested.value,
+            "path": self.path.value,
+            "why": self.why,
+            "coherency": self.coherency.value,
+            "coherent": self.coherent,
+            "files": [str(f) for f in self.files],
+            "groups": [
+                {
+                    "number": g.number,
+                    "node": str(g.node),
+                    "members": list(g.members),
+                    "noiommu": g.noiommu,
+                }
+                for g in self.groups
+            ],
+            "devices": [
+                {
+                    "address": d.address,
+                    "group": d.group,
+                    "cdev": d.cdev,
+                    "file": str(d.file),
+                    "coherent": d.coherent,
+                    "notes": list(d.notes),
+                }
+                for d in self.devices
+            ],
+            "accepted": list(self.accepted),
+            "notes": list(self.notes),
+        }
+
+    def lines(self) -> list[str]:
+        """The plan in a few lines, for a person."""
+        out = [f"plan:       the {self.path.value} path ({self.why})"]
+        out.append("files:      " + ", ".join(str(f) for f in self.files))
+        if self.coherent is None:
+            answer = "not asked (coherency policy ignore)"
+        elif self.coherent:
+            answer = "enforced by the IOMMU"
+        else:
+            answer = f"NOT enforced (coherency policy {self.coherency.value})"
+        out.append(f"coherency:  {answer}")
+        out.extend(f"accepted:   {text}" for text in self.accepted)
+        return out
+
+
+# -- the path --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelPaths:
+    """Which of the kernel's ways exist for a set of devices (two stats and the cdevs)."""
+
+    iommufd: bool
+    container: bool
+    cdevs: bool
+
+    @classmethod
+    def of(cls, host: Host, devices: Sequence[PciDevice]) -> KernelPaths:
+        return cls(
+            iommufd=os.path.exists(host.devfs / "iommu"),
+            container=os.path.exists(host.devfs / "vfio" / "vfio"),
+            cdevs=all(d.vfio_cdev for d in devices),
+        )
+
+    @property
+    def cdev(self) -> bool:
+        return self.iommufd and self.cdevs
+
+
+def choose_path(
+    requested: VfioPath,
+    kernel: KernelPaths,
+    opener: Opener = Opener.SESSION,
+    *,
+    qemu_iommufd: bool = True,
+) -> tuple[VfioPath, str]:
+    """Resolve ``auto`` for ``opener`` and check the kernel has the path; return it and why.
+
+    ``qemu_iommufd`` says whether the QEMU (:attr:`Opener.QEMU`) has the
+    ``iommufd`` object, and with it vfio-pci's ``fd=``. Raises
+    :class:`KernelUnsupported` naming what is missing, and
+    :class:`UsageError` for a path the opener cannot take.
+    """
+    if opener is Opener.SESSION:
+        return _for_session(requested, kernel)
+    if opener is Opener.QEMU:
+        return _for_qemu(requested, kernel, qemu_iommufd)
+    if requested not in (VfioPath.AUTO, VfioPath.CDEV):
+        raise UsageError(
+            f"cold plug passes file descriptors, which QEMU takes on the cdev path only, "
+            f"not the {requested.value} path"
+        )
+    if not kernel.cdev:
+        raise KernelUnsupported(
+            "cold plug by fd", "it needs /dev/iommu and VFIO device cdevs (CONFIG_IOMMUFD)"
+        )
+    return VfioPath.CDEV, "cold plug passes fds: the cdev path"
+
+
+def _for_session(requested: VfioPath, kernel: KernelPaths) -> tuple[VfioPath, str]:
+    if requested is VfioPath.AUTO:
+        if kernel.cdev:
+            return VfioPath.CDEV, "the kernel has /dev/iommu and VFIO device cdevs"
+        if kernel.container:
+            return VfioPath.GROUP, "no /dev/iommu or no device cdevs; /dev/vfio/vfio is there"
+        if kernel.iommufd:
+            return VfioPath.GROUP_IOMMUFD, "no device cdevs and no /dev/vfio/vfio"
+        raise KernelUnsupported(
+            "VFIO", "neither /dev/vfio/vfio nor /dev/iommu exists; load vfio / vfio-pci"
+        )
+    if requested is VfioPath.CDEV and not kernel.cdev:
+        missing = (
+            "/dev/iommu (CONFIG_IOMMUFD)"
+            if not kernel.iommufd
+            else "VFIO device cdevs (CONFIG_VFIO_DEVICE_CDEV)"
+        )
+        raise KernelUnsupported("the cdev path", f"the kernel has no {missing}; use --path group")
+    if requested is VfioPath.GROUP and not kernel.container:
+        raise KernelUnsupported(
+            "the group + container path",
+            "no /dev/vfio/vfio (CONFIG_VFIO_CONTAINER); use --path cdev",
+        )
+    if requested is VfioPath.GROUP_IOMMUFD and not kernel.iommufd:
+        raise KernelUnsupported(
+            "the group-on-iommufd path", "no /dev/iommu (CONFIG_IOMMUFD); use --path group"
+        )
+    return requested, "asked for"
+
+
+def _for_qemu(requested: VfioPath, kernel: KernelPaths, in_qemu: bool) -> tuple[VfioPath, str]:
+    if requested is VfioPath.GROUP_IOMMUFD:
+        raise UsageError(
+            "QEMU opens a group only in a container: the group-iommufd path is kvmvfio's own "
+            "sessions'; use --path cdev or --path group"
+        )
+    if requested is VfioPath.GROUP:
+        return requested, "asked for"
+    if in_qemu and kernel.cdev:
+        return VfioPath.CDEV, "QEMU has the iommufd backend and the kernel has cdevs"
+    missing = []
+    if not in_qemu:
+        missing.append("QEMU's vfio-pci has no iommufd/fd properties (QEMU < 9)")
+    if not kernel.cdev:
+        missing.append("the kernel has no /dev/iommu or no VFIO device cdevs")
+    if requested is VfioPath.CDEV:
+        raise KernelUnsupported("the iommufd handoff", "; ".join(missing))
+    return VfioPath.GROUP, "; ".join(missing)
+
+
+# -- the devices -------------------------------------------------------------------------
+
+
+def check_devices(
+    host: Host, addresses: Sequence[str], *, allow_noiommu: bool = False
+) -> tuple[list[PciDevice], dict[int, IommuGroup], list[str]]:
+    """Check from sysfs that each device can be opened; return devices, groups, warnings.
+
+    Raises :class:`~kvmvfio.errors.DeviceNotBoundToVfio`,
+    :class:`GroupNotViable` (naming the members in the way),
+    :class:`~kvmvfio.errors.NoIommuRefused`, and the host model's errors
+    (:class:`~kvmvfio.errors.DeviceNotFound`, ...). Changes nothing.
+    """
+    # Imported here: the errors' module is light, the names are many.
+    from kvmvfio.errors import DeviceNotBoundToVfio, NoIommuGroup, NoIommuRefused  # noqa: PLC0415
+    from kvmvfio.host import is_vfio_driver  # noqa: PLC0415
+
+    devices: list[PciDevice] = []
+    groups: dict[int, IommuGroup] = {}
+    unsafe: list[str] = []
+    for addr in addresses:
+        # The group's members are read anyway: take the device from them.
+        try:
+            group = host.group_of(addr)
+        except NoIommuGroup:
+            # virtio-iommu gives a device its group only once a driver
+            # binds it; say what is wrong with the device first.
+            dev = host.device(addr)
+            if not is_vfio_driver(dev.driver):
+                raise DeviceNotBoundToVfio(str(dev.address), dev.driver) from None
+            raise
+        canonical = str(PciAddress.coerce(addr))
+        dev = next(m for m in group.members if str(m.address) == canonical)
+        if not is_vfio_driver(dev.driver):
+            raise DeviceNotBoundToVfio(canonical, dev.driver)
+        if group.noiommu:
+            if not allow_noiommu:
+                raise NoIommuRefused(group.number, canonical)
+            unsafe.append(_NOIOMMU.format(number=group.number))
+        if not group.viable:
+            raise GroupNotViable(str(group.number), group.blockers)
+        groups[group.number] = group
+        devices.append(dev)
+    return devices, groups, unsafe
+
+
+def _cdev_node(host: Host, dev: PciDevice) -> Path | None:
+    return None if dev.vfio_cdev is None else host.devfs / "vfio" / "devices" / dev.vfio_cdev
+
+
+def _group_plan(host: Host, group: IommuGroup) -> GroupPlan:
+    cdevs = (_cdev_node(host, m) for m in group.members)
+    return GroupPlan(
+        number=group.number,
+        node=group.dev_node(host.devfs),
+        members=tuple(str(m.address) for m in group.members),
+        noiommu=group.noiommu,
+        cdevs=tuple(c for c in cdevs if c is not None),
+    )
+
+
+# -- the coherency question --------------------------------------------------------------
+
+
+def probe_cdev_coherency(host: Host, dev: PciDevice, related: Sequence[Path] = ()) -> bool:
+    """Whether the IOMMU enforces DMA cache coherency for ``dev`` (on vfio-pci, with a cdev).
+
+    Binds the device to a scratch iommufd and IOAS, asks, and lets go of
+    everything: afterwards the device is as unopened as before.
+    """
+    from kvmvfio.vfio.device import Device  # noqa: PLC0415 (cffi only when asked)
+    from kvmvfio.vfio.iommufd import Iommufd  # noqa: PLC0415
+
+    if dev.vfio_cdev is None:
+        raise KernelUnsupported(
+            f"a VFIO device cdev for {dev.address}", "the kernel lacks CONFIG_VFIO_DEVICE_CDEV"
+        )
+    with (
+        Iommufd(host.devfs) as scratch,
+        Device.open_cdev(str(dev.address), dev.vfio_cdev, host.devfs, related=related) as probe,
+    ):
+        probe.bind_iommufd(scratch.fileno())
+        ioas = scratch.alloc_ioas()
+        probe.attach(ioas)
+        scratch.set_compat_ioas(ioas)
+        return scratch.enforces_coherency()
+
+
+@contextlib.contextmanager
+def _scratch_group(host: Host, group: GroupPlan) -> Iterator[Group]:
+    from kvmvfio.vfio.group import Group  # noqa: PLC0415 (cffi only when asked)
+
+    with Group(group.number, host.devfs, noiommu=group.noiommu, related=group.cdevs) as opened:
+        if not opened.viable:  # the kernel's word, in case sysfs changed under us
+            raise GroupNotViable(str(group.number), host.group(group.number).blockers)
+        yield opened
+
+
+def probe_group_coherency(
+    host: Host, path: VfioPath, group: GroupPlan, addresses: Sequence[str]
+) -> bool:
+    """Whether the IOMMU enforces coherency for group ``group`` on a group path.
+
+    ``group``: in a scratch container, after ``VFIO_SET_IOMMU``.
+    ``group-iommufd``: on a scratch iommufd, with ``addresses`` opened once
+    (the compat IOAS has no hwpt, and so answers "coherent", until a device
+    is attached, which happens at device open); closing drops each device's
+    open count back to 0, so the real open still takes KVM.
+    """
+    from kvmvfio.vfio.container import Container  # noqa: PLC0415 (cffi only when asked)
+    from kvmvfio.vfio.iommufd import Iommufd  # noqa: PLC0415
+
+    if path is VfioPath.GROUP:
+        with Container(host.devfs) as container, _scratch_group(host, group) as opened:
+            opened.set_container(container.fileno())
+            container.set_iommu(groups=f"IOMMU group {group.number}")
+            return container.enforces_coherency()
+    with Iommufd(host.devfs) as scratch, _scratch_group(host, group) as opened:
+        opened.set_container(scratch.fileno())
+        with contextlib.ExitStack() as stack:
+            for addr in addresses:
+                stack.enter_context(opened.open_device(addr))
+            return scratch.enforces_coherency()
+
+
+# -- the plan ----------------------------------------------------------------------------
+
+
+def make_plan(
+    addresses: Sequence[str | PciAddress],
+    *,
+    path: VfioPath | str = VfioPath.AUTO,
+    coherency: Coherency | str = Coherency.WARN,
+    allow_noiommu: bool = False,
+    opener: Opener = Opener.SESSION,
+    qemu_iommufd: bool = True,
+    host: Host | None = None,
+) -> Plan:
+    """Decide everything about handing the devices at ``addresses`` to a VM; see the module.
+
+    Raises, before anything is handed over: :class:`UsageError` (no device,
+    one named twice, a path ``opener`` cannot take), the host model's errors
+    (:class:`~kvmvfio.errors.DeviceNotFound`, ...),
+    :class:`~kvmvfio.errors.DeviceNotBoundToVfio`, :class:`GroupNotViable`,
+    :class:`~kvmvfio.errors.NoIommuRefused`, :class:`KernelUnsupported`,
+    :class:`~kvmvfio.errors.CoherencyRefused` under ``require``, and the
+    kernel's refusals of the coherency question
+    (:class:`~kvmvfio.errors.Busy` when someone else has a device open,
+    :class:`~kvmvfio.errors.NoInterruptRemapping`).
+    """
+    host = host or Host()
+    requested = VfioPath(path)
+    policy = Coherency(coherency)
+    addrs = [str(PciAddress.coerce(a)) for a in addresses]
+    if not addrs:
+        raise UsageError("no device to plan for: name at least one")
+    if len(set(addrs)) != len(addrs):
+        raise UsageError(f"a device is named twice: {', '.join(addrs)}")
+    devices, groups, _ = check_devices(host, addrs, allow_noiommu=allow_noiommu)
+    chosen, why = choose_path(
+        requested, KernelPaths.of(host, devices), opener, qemu_iommufd=qemu_iommufd
+    )
+    group_plans = {n: _group_plan(host, g) for n, g in groups.items()}
+    group_of = {str(m.address): n for n, g in groups.items() for m in g.members}
+    answers = _ask(
+        host, chosen, policy=policy, devices=devices, groups=group_plans, group_of=group_of
+    )
+    notes: dict[str, list[str]] = {a: [] for a in addrs}
+    accepted: list[str] = []
+    for number, group in group_plans.items():
+        if group.noiommu:
+            accepted.append(f"IOMMU group {number} is a no-IOMMU group (no DMA isolation)")
+            for addr in addrs:
+                if group_of[addr] == number:
+                    notes[addr].append(_NOIOMMU.format(number=number))
+    for subject, members, coherent in _subjects(chosen, addrs, group_of, answers):
+        note = apply_coherency(policy, coherent, subject, members)
+        if note:
+            accepted.append(f"{subject}: no enforced DMA cache coherency (policy {policy.value})")
+            for addr in members:
+                notes[addr].append(note)
+    plans = []
+    for dev in devices:
+        addr = str(dev.address)
+        number = group_of[addr]
+        cdev = _cdev_node(host, dev)
+        plans.append(
+            DevicePlan(
+                address=addr,
+                group=number,
+                cdev=dev.vfio_cdev,
+                file=cdev if chosen is VfioPath.CDEV and cdev else group_plans[number].node,
+                coherent=answers.get(addr),
+                notes=tuple(notes[addr]),
+            )
+        )
+    return Plan(
+        opener=opener,
+        requested=requested,
+        path=chosen,
+        why=why,
+        coherency=policy,
+        devices=tuple(plans),
+        groups=tuple(group_plans.values()),
+        accepted=tuple(accepted),
+        devfs=host.devfs,
+    )
+
+
+def _ask(
+    host: Host,
+    path: VfioPath,
+    *,
+    policy: Coherency,
+    devices: Sequence[PciDevice],
+    groups: Mapping[int, GroupPlan],
+    group_of: Mapping[str, int],
+) -> dict[str, bool]:
+    """The kernel's coherency answer per device, on scratch files; none under ``ignore``."""
+    if policy is Coherency.IGNORE:
+        return {}
+    if path is VfioPath.CDEV:
+        return {
+            str(d.address): probe_cdev_coherency(host, d, [groups[group_of[str(d.address)]].node])
+            for d in devices
+        }
+    answers: dict[str, bool] = {}
+    for number, group in groups.items():
+        addrs = [str(d.address) for d in devices if group_of[str(d.address)] == number]
+        coherent = probe_group_coherency(host, path, group, addrs)
+        answers.update(dict.fromkeys(addrs, coherent))
+    return answers
+
+
+def _subjects(
+    path: VfioPath, addrs: Sequence[str], group_of: Mapping[str, int], answers: Mapping[str, bool]
+) -> Iterator[tuple[str, list[str], bool]]:
+    """What each coherency answer is about: a device (cdev) or a group (the group paths)."""
+    if not answers:
+        return
+    if path is VfioPath.CDEV:
+        for addr in addrs:
+            yield f"device {addr}", [addr], answers[addr]
+        return
+    for number in dict.fromkeys(group_of[a] for a in addrs):
+        members = [a for a in addrs if group_of[a] == number]
+        yield f"IOMMU group {number}", members, answers[members[0]]

@@ -1,0 +1,298 @@
+"""The planning layer on a fake host and a fake VFIO kernel (the real kernel's answers: lab).
+
+A plan is made once and acted on: these tests check what a plan decides
+for each opener and path, that planning leaves nothing open and writes
+nothing, that every way in (session, attach, cold plug, check) acts on the
+same plan, and that the one path vocabulary reads the old spellings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fakeqmp import FakeQmp
+from fakesysfs import Dev, Topology
+from fakevfio import FakeVfio
+
+from kvmvfio import uapi
+from kvmvfio.cli import run
+from kvmvfio.errors import CoherencyRefused, KernelUnsupported, NoIommuRefused, UsageError
+from kvmvfio.host import Host
+from kvmvfio.libvirt.metadata import MetadataError, parse_domain
+from kvmvfio.qemu import coldplug, handoff, plan_attach, plan_coldplug
+from kvmvfio.qemu.qmp import Qemu
+from kvmvfio.vfio import Opener, Plan, VfioPath, VfioSession, make_plan
+
+EDU = {"vendor": 0x1234, "device": 0x11E8, "cls": 0x00FF00}
+BuildHost = Callable[[Topology], Host]
+A, B, C = "0000:00:03.0", "0000:00:04.0", "0000:00:05.0"
+
+
+@pytest.fixture
+def kernel() -> Iterator[FakeVfio]:
+    fake = FakeVfio()
+    previous = uapi.set_backend(fake)
+    try:
+        yield fake
+    finally:
+        uapi.set_backend(previous)
+
+
+@pytest.fixture
+def host(build_host: BuildHost) -> Host:
+    """Two devices on vfio-pci in group 1, one in group 2, and an e1000e in group 3."""
+    return build_host(
+        Topology(
+            devices=[
+                Dev(A, driver="vfio-pci", group=1, **EDU),
+                Dev(B, driver="vfio-pci", group=1, **EDU),
+                Dev(C, driver="vfio-pci", group=2, **EDU),
+                Dev("0000:00:06.0", driver="e1000e", group=3),
+            ]
+        )
+    )
+
+
+def _tree(root: Path) -> str:
+    """A digest of every file's name, mode and content under ``root`` (links not followed)."""
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            st = path.lstat()
+            digest.update(f"{path}:{st.st_mode}".encode())
+            if path.is_file() and not path.is_symlink():
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+# -- what a plan decides -------------------------------------------------------------------
+
+
+def test_a_plan_names_the_path_the_files_and_the_answers(host: Host, kernel: FakeVfio) -> None:
+    plan = make_plan([C, A], host=host)
+    assert plan.path is VfioPath.CDEV
+    assert plan.requested is VfioPath.AUTO
+    assert plan.why == "the kernel has /dev/iommu and VFIO device cdevs"
+    assert plan.addresses == (C, A)
+    assert [g.number for g in plan.groups] == [2, 1]
+    assert plan.group(1).members == (A, B)
+    cdevs = {d.address: d.cdev for d in plan.devices}
+    assert plan.files == (
+        host.devfs / "iommu",
+        host.devfs / "vfio" / "devices" / str(cdevs[C]),
+        host.devfs / "vfio" / "devices" / str(cdevs[A]),
+    )
+    assert plan.coherent is True
+    assert plan.notes == ()
+    assert plan.accepted == ()
+    # cdev: the question is asked once per device, each on its own scratch iommufd.
+    assert kernel.asked_coherency() == 2
+    assert kernel.names().count("VFIO_DEVICE_BIND_IOMMUFD") == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "context"), [(VfioPath.GROUP, "vfio/vfio"), (VfioPath.GROUP_IOMMUFD, "iommu")]
+)
+def test_the_group_paths_open_groups(
+    host: Host, kernel: FakeVfio, path: VfioPath, context: str
+) -> None:
+    plan = make_plan([A, B, C], path=path, host=host)
+    assert plan.path is path
+    assert plan.why == "asked for"
+    assert plan.files == (host.devfs / context, host.devfs / "vfio/1", host.devfs / "vfio/2")
+    assert [d.file for d in plan.devices] == [host.devfs / "vfio/1"] * 2 + [host.devfs / "vfio/2"]
+    # one question per group: the group is the unit on these paths
+    assert kernel.asked_coherency() == 2
+
+
+def test_not_coherent_under_warn_is_noted_and_accepted(host: Host, kernel: FakeVfio) -> None:
+    kernel.coherent = False
+    plan = make_plan([A, B], path="group", host=host)
+    note = "IOMMU group 1: the IOMMU does not enforce DMA cache coherency"
+    assert plan.coherent is False
+    assert [d.notes for d in plan.devices] == [(note,), (note,)]
+    assert plan.notes == (note,)
+    assert plan.accepted == ("IOMMU group 1: no enforced DMA cache coherency (policy warn)",)
+    with pytest.raises(CoherencyRefused, match="IOMMU group 1"):
+        make_plan([A, B], path="group", coherency="require", host=host)
+
+
+def test_ignore_asks_nothing(host: Host, kernel: FakeVfio) -> None:
+    plan = make_plan([A], coherency="ignore", host=host)
+    assert plan.coherent is None
+    assert plan.device(A).coherent is None
+    assert kernel.calls == []
+
+
+def test_noiommu_is_refused_or_accepted_by_name(build_host: BuildHost, kernel: FakeVfio) -> None:
+    host = build_host(
+        Topology(devices=[Dev(A, driver="vfio-pci", group=7, **EDU)], noiommu_groups=[7])
+    )
+    with pytest.raises(NoIommuRefused):
+        make_plan([A], path="group", coherency="ignore", host=host)
+    plan = make_plan([A], path="group", coherency="ignore", allow_noiommu=True, host=host)
+    assert plan.group(7).noiommu
+    assert plan.files[1] == host.devfs / "vfio" / "noiommu-7"
+    assert plan.accepted == ("IOMMU group 7 is a no-IOMMU group (no DMA isolation)",)
+    assert plan.notes == ("IOMMU group 7 is a no-IOMMU group: no DMA isolation",)
+
+
+def test_planning_leaves_nothing_open_and_writes_nothing(host: Host, kernel: FakeVfio) -> None:
+    root = host.sysfs.parent
+    before, fds = _tree(root), _fds()
+    for path in ("cdev", "group", "group-iommufd"):
+        make_plan([A, C], path=path, host=host)
+    assert _tree(root) == before
+    assert _fds() == fds
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"addresses": []}, UsageError, "no device to plan for"),
+        ({"addresses": [A, "00:03.0"]}, UsageError, "a device is named twice"),
+        ({"addresses": [A], "opener": Opener.QEMU, "path": "group-iommufd"}, UsageError,
+         "QEMU opens a group only in a container"),
+        ({"addresses": [A], "opener": Opener.COLDPLUG, "path": "group"}, UsageError,
+         "cold plug passes file descriptors"),
+        ({"addresses": [A], "opener": Opener.QEMU, "path": "cdev", "qemu_iommufd": False},
+         KernelUnsupported, "QEMU's vfio-pci has no iommufd/fd properties"),
+    ],
+)  # fmt: skip
+def test_bad_requests_are_refused_with_a_sentence(
+    host: Host, kernel: FakeVfio, kwargs: dict[str, object], error: type[Exception], words: str
+) -> None:
+    addresses = kwargs.pop("addresses")
+    with pytest.raises(error, match=words):
+        make_plan(addresses, host=host, **kwargs)  # type: ignore[arg-type]
+    assert kernel.calls == []
+
+
+def test_auto_for_a_qemu_without_iommufd_is_the_group_path(host: Host, kernel: FakeVfio) -> None:
+    plan = make_plan([A], opener=Opener.QEMU, qemu_iommufd=False, host=host)
+    assert plan.path is VfioPath.GROUP
+    assert plan.why == "QEMU's vfio-pci has no iommufd/fd properties (QEMU < 9)"
+
+
+def test_a_plan_prints_as_json(host: Host, kernel: FakeVfio) -> None:
+    doc = make_plan([A], host=host).to_json()
+    assert json.loads(json.dumps(doc)) == doc
+    assert doc["path"] == "cdev"
+    assert doc["files"] == [str(host.devfs / "iommu"), doc["devices"][0]["file"]]  # type: ignore[index]
+
+
+# -- every way in acts on the same plan -------------------------------------------------------
+
+
+def _same(a: Plan, b: Plan) -> None:
+    """Equal decisions, whoever they were made for."""
+    for name in ("path", "devices", "groups", "files", "coherent", "notes", "accepted"):
+        assert getattr(a, name) == getattr(b, name), name
+
+
+def test_a_session_opens_what_its_plan_names_without_asking_again(
+    host: Host, kernel: FakeVfio
+) -> None:
+    plan = make_plan([A, C], path="group", host=host)
+    kernel.calls.clear()
+    with VfioSession.from_plan(plan, host=host) as session:
+        assert session.plan is plan
+        opened = {os.readlink(f"/proc/self/fd/{g.fileno()}") for g in session.groups.values()}
+        assert opened == {str(f) for f in plan.files[1:]}
+    assert kernel.asked_coherency() == 0  # the plan's answer, not a second question
+    with VfioSession([A, C], backend="group", host=host) as session:
+        assert session.plan is not None
+        _same(session.plan, plan)
+
+
+async def test_attach_and_coldplug_plan_as_a_session_does(
+    host: Host, kernel: FakeVfio, tmp_path: Path
+) -> None:
+    session = make_plan([A, C], host=host)
+    cold = plan_coldplug([A, C], host=host)
+    assert cold.opener is Opener.COLDPLUG
+    _same(cold, session)
+    with coldplug(cold) as plug:
+        assert plug.plan is cold
+        assert [os.readlink(f"/proc/self/fd/{fd}") for fd in plug.pass_fds] == [
+            str(f) for f in cold.files
+        ]
+    peer = await FakeQmp(tmp_path / "qmp.sock").start()
+    peer.replies["qom-list-types"] = [{"name": "iommufd"}]
+    try:
+        async with Qemu(peer.path) as qemu:
+            attach = await plan_attach(qemu, [A, C], host=host)
+            with pytest.raises(UsageError, match="make it with plan_attach"):
+                await handoff.attach(qemu, cold)
+    finally:
+        await peer.stop()
+    assert attach.opener is Opener.QEMU
+    _same(attach, session)
+
+
+def test_check_prints_the_plan_it_acted_on(
+    host: Host, kernel: FakeVfio, capsys: pytest.CaptureFixture[str]
+) -> None:
+    roots = ["--sysfs-root", str(host.sysfs), "--dev-root", str(host.devfs)]
+    code = run(["check", A, "--no-kvm", "--path", "group", "--json", *roots])
+    out = capsys.readouterr().out
+    doc = json.loads(out[: out.rindex("}") + 1])
+    assert doc["plan"] == make_plan([A], path="group", host=host).to_json()
+    assert code == 0
+
+
+# -- one vocabulary ----------------------------------------------------------------------------
+
+
+def test_old_spellings_name_the_same_paths() -> None:
+    assert VfioPath("iommufd") is VfioPath.CDEV is VfioPath.IOMMUFD
+    assert VfioPath("legacy") is VfioPath.GROUP is VfioPath.LEGACY
+    assert [p.value for p in VfioPath] == ["auto", "cdev", "group", "group-iommufd"]
+    from kvmvfio.qemu import HandoffPath  # noqa: PLC0415
+    from kvmvfio.vfio import Backend  # noqa: PLC0415
+
+    assert HandoffPath is VfioPath is Backend
+
+
+def test_the_cli_reads_an_old_spelling_with_a_notice(
+    host: Host, kernel: FakeVfio, capsys: pytest.CaptureFixture[str]
+) -> None:
+    roots = ["--sysfs-root", str(host.sysfs), "--dev-root", str(host.devfs)]
+    run(["check", A, "--no-kvm", "--path", "legacy", "--json", *roots])
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0] == (
+        "kvmvfio: --path legacy is now spelled --path group (the old spelling still works)"
+    )
+    assert json.loads(captured.out[: captured.out.rindex("}") + 1])["plan"]["path"] == "group"
+
+
+def _domain(attrs: str) -> str:
+    return (
+        "<domain><name>vm</name><metadata>"
+        '<kvmvfio:devices xmlns:kvmvfio="urn:kvmvfio:libvirt:1">'
+        f'<kvmvfio:device address="03:00.0" handoff="agent" {attrs}/>'
+        "</kvmvfio:devices></metadata></domain>"
+    )
+
+
+def test_metadata_takes_the_same_vocabulary(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "kvmvfio.libvirt.metadata")
+    for attrs in ("", 'path="auto"', 'path="cdev"', 'path="iommufd"'):
+        request = parse_domain(_domain(attrs))
+        assert request is not None
+        assert request.devices[0].path is VfioPath.CDEV
+    assert "path=iommufd is now spelled path=cdev" in caplog.text
+    with pytest.raises(MetadataError, match="no QEMU opens a group on iommufd"):
+        parse_domain(_domain('path="group-iommufd"'))

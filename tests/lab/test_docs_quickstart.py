@@ -114,7 +114,7 @@ def test_the_python_quick_start_works_as_written(topology: Topology, tmp_path: P
             timeout=300, check=False,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
-        assert f"attached {edu0} as kvmvfio-0000-00-03-0 on rp0 by iommufd" in done.stdout
+        assert f"attached {edu0} as kvmvfio-0000-00-03-0 on rp0 by cdev" in done.stdout
         assert f"detached {edu0}" in done.stdout
         assert driver(edu0) == before
     finally:

@@ -116,7 +116,7 @@ async def test_qemus_of_one_uid_each_pin_their_own_ram(
             assert isinstance(summary, dict)
             assert summary["base-memory"] == RAM
             (done,) = await attach(qmp, [addr])
-        assert done.path == "iommufd"
+        assert done.path == "cdev"
         assert memlock_limit(qemu.pid) == RAM + SLACK
         assert f"iommufd for QEMU pid {qemu.pid}: pinned memory counted per process" in caplog.text
         assert qemu_iommufd_mode(qemu) is RlimitMode.PROCESS

@@ -411,7 +411,7 @@ def test_python_api_attaches_and_detaches_by_virdomain(
     try:
         dom = conn.lookupByName("api")
         (att,) = asyncio.run(monitor.attach(dom, [edu1]))
-        assert att.path == "iommufd"
+        assert att.path == "cdev"
         assert cdev_of(edu1) in qemu_fds(pid)
         qom_list = '{"execute":"qom-list","arguments":{"path":"/machine/peripheral"}}'
         reply = json.loads(virsh("qemu-monitor-command", "api", qom_list).stdout)
@@ -432,7 +432,8 @@ def test_python_api_attaches_and_detaches_by_virdomain(
         assert out.returncode == 0, out.stderr
         doc = json.loads(out.stdout)
         assert doc["qemu_pid"] == pid
-        assert [a["path"] for a in doc["attached"]] == ["iommufd"]
+        assert [a["path"] for a in doc["attached"]] == ["iommufd"]  # the old spelling, kept
+        assert [a["vfio_path"] for a in doc["attached"]] == ["cdev"]
         assert cdev_of(edu1) in qemu_fds(pid)
         out = subprocess.run(
             [*cli, "detach", edu1, "--domain", "api", "--timeout", "180"],

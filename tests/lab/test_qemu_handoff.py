@@ -180,7 +180,7 @@ async def test_attach_two_by_fd_and_detach_from_a_running_guest(
     since = running.wait_pci_events(EDU_ID, (0, 0), timeout=0)  # what the guest saw so far
     async with Qemu(running.qmp, pid=running.pid) as qemu:
         done = await attach(qemu, edus)
-        assert [a.path for a in done] == ["iommufd", "iommufd"]
+        assert [a.path for a in done] == ["cdev", "cdev"]
         # The guest itself enumerated both (its uevents, on its serial port).
         assert running.wait_pci_events(EDU_ID, (2, 0), since=since) == (2, 0)
         assert sorted(a.bus or "" for a in done) == ["rp0", "rp1"]
@@ -227,7 +227,7 @@ async def test_legacy_path_grants_and_revokes_the_group_node(
     node = f"/dev/vfio/{group_of(edus[0])}"
     async with Qemu(running.qmp, pid=running.pid) as qemu:
         (done,) = await attach(qemu, edus[:1], path="legacy")
-        assert done.path == "legacy"
+        assert done.path == "group"
         assert node in running.fds()  # QEMU opened the group itself, through the grant
         acl = subprocess.run(["getfacl", "-n", node], capture_output=True, text=True, check=True)
         assert f"user:{NOBODY}:rw-" in acl.stdout

@@ -30,6 +30,8 @@ API_MODULES = (
     "kvmvfio.libvirt.monitor",
     "kvmvfio.libvirt.agent",
 )
+#: Modules whose page says where each re-exported name lives (the errors' map).
+_REEXPORTING = ("kvmvfio.errors",)
 _HEADER = "<!-- Written by tools/reference.py from the code; do not edit by hand. -->\n\n"
 
 
@@ -100,6 +102,9 @@ def api_page() -> str:
         for name, obj in _public(module):
             kind = "class" if inspect.isclass(obj) else "def"
             out += [f"\n### `{name}`\n\n```python\n{kind} {_signature(name, obj)}\n```\n\n"]
+            home = getattr(obj, "__module__", modname)
+            if modname in _REEXPORTING and home != modname:
+                out += [f"Lives in `{home}`; re-exported here.\n\n"]
             out += [_doc(obj), "\n"]
             if inspect.isclass(obj):
                 for mname, member in vars(obj).items():

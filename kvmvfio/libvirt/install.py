@@ -38,7 +38,8 @@ from importlib import resources
 from pathlib import Path
 
 import kvmvfio
-from kvmvfio.errors import KernelError, KvmvfioError, UsageError
+from kvmvfio.errors import KvmvfioError, UsageError
+from kvmvfio.libvirt.errors import ForeignHook, HookFileError, HooksDirMissing
 
 log = logging.getLogger(__name__)
 
@@ -68,50 +69,6 @@ class InstallResult:
     #: No qemu hook existed before: libvirt runs this one only once the daemon
     #: was restarted (or reloaded).
     restart_needed: bool
-
-
-class HookFileError(KernelError):
-    """A file operation on the hooks folder failed (EACCES, EROFS, ...)."""
-
-    def __init__(
-        self,
-        err: int,
-        op: str,
-        path: str | None = None,
-        subject: str | None = None,
-        hint: str | None = None,
-    ) -> None:
-        if hint is None:
-            if err in (_errno.EACCES, _errno.EPERM):
-                hint = "libvirt's hooks folder belongs to root: run kvmvfio hook as root"
-            elif err == _errno.EROFS:
-                hint = "that file system is mounted read-only"
-            elif err in (_errno.ENOSPC, _errno.EDQUOT):
-                hint = "that file system is full"
-        super().__init__(err, op, path, subject, hint)
-
-
-class ForeignHook(KvmvfioError):
-    """A file at the hook's path was not written by kvmvfio; it was left alone."""
-
-    def __init__(self, path: Path, action: str, hint: str) -> None:
-        self.path = path
-        self.action = action
-        super().__init__(
-            f"refusing to {action} {path}: kvmvfio did not write it (its header has no "
-            f"kvmvfio marker line); {hint}"
-        )
-
-
-class HooksDirMissing(UsageError):
-    """The folder that should hold libvirt's hooks folder does not exist."""
-
-    def __init__(self, hooks_dir: Path) -> None:
-        self.hooks_dir = hooks_dir
-        super().__init__(
-            f"cannot create {hooks_dir}: {hooks_dir.parent} does not exist (is libvirt "
-            "installed? name libvirt's hooks folder with --hooks-dir)"
-        )
 
 
 @contextlib.contextmanager

@@ -23,22 +23,22 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmvfio.errors import Busy, KvmvfioError, UsageError, shown
+from kvmvfio.errors import Busy, KvmvfioError, UsageError
 from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice, driver_managed_dma
 from kvmvfio.host.procs import ProcessId, holders
 from kvmvfio.prepare import safety
 from kvmvfio.prepare.driver import Sysfs
+from kvmvfio.prepare.errors import ClaimedBy, JournalError, UntrustedFile
 from kvmvfio.prepare.journal import (
     DEFAULT_ROOT,
     Entry,
     Journal,
-    JournalError,
     Record,
     check_on_host,
     owner_problem,
 )
 from kvmvfio.prepare.owners import Liveness, OwnerWatch
-from kvmvfio.prepare.rundir import RunFolder, UntrustedFile
+from kvmvfio.prepare.rundir import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +62,6 @@ __all__ = [
     "set_change_hook",
     "status",
 ]
-
-
-class ClaimedBy(KvmvfioError):
-    """Another owner holds the group."""
-
-    def __init__(self, group: int, owner: str, pid: int, liveness: Liveness) -> None:
-        self.group = group
-        self.owner = owner
-        self.pid = pid
-        self.alive = liveness.alive
-        self.why = liveness.why
-        if liveness.alive:
-            tail = f" ({liveness.why})"
-        else:
-            tail = (
-                f", which is gone ({liveness.why}): `kvmvfio release --owner {owner} ADDR` "
-                "(ADDR: any device of the group) or `kvmvfio recover` frees it"
-            )
-        super().__init__(f"IOMMU group {group} is claimed by {shown(owner)!r}{tail}")
 
 
 @dataclass(frozen=True)

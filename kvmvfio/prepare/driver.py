@@ -23,8 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmvfio.errors import InvalidAddress, KernelError, SysfsError, UsageError, shown
+from kvmvfio.errors import InvalidAddress, KernelError, SysfsError, shown
 from kvmvfio.host import PciAddress
+from kvmvfio.prepare.errors import UnsafeSysfsName
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +55,6 @@ def driver_name_problem(name: object) -> str | None:
     if len(name.encode()) > MAX_DRIVER_NAME:
         return f"it is longer than {MAX_DRIVER_NAME} bytes"
     return None
-
-
-class UnsafeSysfsName(UsageError):
-    """An address or driver name that cannot be part of a sysfs path; nothing was written."""
-
-    def __init__(self, what: str, value: object, problem: str) -> None:
-        self.what = what
-        self.value = value
-        self.problem = problem
-        text = shown(repr(value), 80)
-        super().__init__(
-            f"kvmvfio will not write to sysfs for the {what} {text}: {problem}; nothing was written"
-        )
 
 
 def canonical_address(addr: str | PciAddress) -> str:

@@ -44,6 +44,7 @@ from kvmvfio.errors import DeviceNotFound, KvmvfioError, NoIommuGroup, shown
 from kvmvfio.host import Host, PciAddress
 from kvmvfio.host.procs import ProcessId
 from kvmvfio.prepare.driver import driver_name_problem
+from kvmvfio.prepare.errors import JournalError
 from kvmvfio.prepare.rundir import RunFolder
 
 log = logging.getLogger(__name__)
@@ -68,22 +69,6 @@ _REQUIRED = ("version", "group", "owner", "pid", "devices")
 #: ``steps`` and ``pid_start`` are absent from records written by older kvmvfio versions.
 _OPTIONAL = ("steps", "pid_start")
 _ENTRY_KEYS = ("address", "driver", "override")
-
-
-class JournalError(KvmvfioError):
-    """A journal file is unreadable, malformed or does not fit the host; it is left for a human.
-
-    ``path`` is the file, ``problem`` what is wrong with it. kvmvfio acts
-    on nothing a refused record names.
-    """
-
-    def __init__(self, path: Path, problem: str) -> None:
-        self.path = path
-        self.problem = problem
-        super().__init__(
-            f"the kvmvfio journal {path} is unusable ({problem}); kvmvfio acted on none of it "
-            "and left it as it is: check the devices it names by hand, then remove it"
-        )
 
 
 def owner_problem(owner: str) -> str | None:

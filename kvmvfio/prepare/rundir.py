@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kvmvfio.errors import KernelError, KvmvfioError
+from kvmvfio.prepare.errors import UntrustedFile
 
 FILE_MODE = 0o600
 FOLDER_MODE = 0o700
@@ -52,29 +53,6 @@ _KINDS = (
     (stat.S_ISBLK, "a block device node"),
     (stat.S_ISREG, "a regular file"),
 )
-
-
-class UntrustedFile(KvmvfioError):
-    """A file or folder where kvmvfio keeps its state is not one kvmvfio made.
-
-    ``path`` is where, ``found`` what is there (``"is a symbolic link"``,
-    ``"is owned by uid 1000"``, ``"has mode 0644"``), ``expected`` what
-    kvmvfio keeps there. Nothing was read from it or written through it.
-    """
-
-    def __init__(self, path: Path, found: str, expected: str, fix: str | None = None) -> None:
-        self.path = path
-        self.found = found
-        self.expected = expected
-        advice = (
-            f"If kvmvfio made it, `{fix}`; otherwise find out who put it there and remove it"
-            if fix
-            else "Find out who put it there and remove it"
-        )
-        super().__init__(
-            f"{path} {found}; kvmvfio keeps {expected} there, so it did not use it and left it "
-            f"as it is. {advice}, then run the command again"
-        )
 
 
 def describe(st: os.stat_result) -> str:

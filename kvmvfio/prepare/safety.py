@@ -18,10 +18,11 @@ import os
 from collections.abc import Collection
 from pathlib import Path
 
-from kvmvfio.errors import Interface, KvmvfioError, interface
+from kvmvfio.errors import Interface, interface
 from kvmvfio.host import PciDevice
 from kvmvfio.host.blockdev import BlockUse, ExclusiveProbe, UseKind, disk_uses, exclusive_claim
 from kvmvfio.host.procs import holders
+from kvmvfio.prepare.errors import UnsafeToUnbind, accept_advice  # noqa: F401 (re-exported)
 
 CHECKS = ("boot-vga", "disk-in-use", "default-route", "in-use")
 #: Old names of checks, still accepted wherever a check is named (``--force``).
@@ -33,30 +34,6 @@ MAX_SHOWN = 6
 def canonical(name: str) -> str:
     """The name of check ``name`` (an old name gives the current one; unknown names pass)."""
     return ALIASES.get(name, name)
-
-
-class UnsafeToUnbind(KvmvfioError):
-    """Taking the device from its host driver would take something the host uses."""
-
-    def __init__(self, address: str, driver: str, check: str, found: str) -> None:
-        self.address = address
-        self.driver = driver
-        self.check = check
-        self.found = found
-        super().__init__(
-            f"PCI device {address} ({driver}) {found}; taking it from the host could cut "
-            f"off what uses it. {accept_advice(check)}"
-        )
-
-
-def accept_advice(check: str) -> str:
-    """How the user accepts finding ``check``, worded for the interface they used."""
-    return {
-        Interface.CLI: f"Pass --force {check} to accept that",
-        Interface.METADATA: f"Add accept='{check}' to the device's <kvmvfio:device> element in "
-        "the domain's metadata to accept that",
-        Interface.API: f"Pass force=[{check!r}] to accept that",
-    }[interface()]
 
 
 def accepted_by(check: str) -> str:

@@ -24,9 +24,10 @@ if TYPE_CHECKING:
     from kvmvfio.host.procs import holders
     from kvmvfio.vfio.container import Container
     from kvmvfio.vfio.device import Device, DeviceInfo, IrqInfo, RegionInfo
-    from kvmvfio.vfio.files import FdClosed, OwnedFd, open_node
+    from kvmvfio.vfio.errors import FdClosed, RlimitModeRefused
+    from kvmvfio.vfio.files import OwnedFd, open_node
     from kvmvfio.vfio.group import Group
-    from kvmvfio.vfio.iommufd import Iommufd, RlimitMode, RlimitModeRefused, open_for_vmm
+    from kvmvfio.vfio.iommufd import Iommufd, RlimitMode, open_for_vmm
     from kvmvfio.vfio.plan import DevicePlan, GroupPlan, Opener, Plan, make_plan
     from kvmvfio.vfio.policy import Backend, Coherency, VfioPath
     from kvmvfio.vfio.session import SessionReport, VfioSession, choose_backend
@@ -39,14 +40,14 @@ _LAZY = {
     "DeviceInfo": "kvmvfio.vfio.device",
     "IrqInfo": "kvmvfio.vfio.device",
     "RegionInfo": "kvmvfio.vfio.device",
-    "FdClosed": "kvmvfio.vfio.files",
+    "FdClosed": "kvmvfio.vfio.errors",
     "OwnedFd": "kvmvfio.vfio.files",
     "holders": "kvmvfio.host.procs",
     "open_node": "kvmvfio.vfio.files",
     "Group": "kvmvfio.vfio.group",
     "Iommufd": "kvmvfio.vfio.iommufd",
     "RlimitMode": "kvmvfio.vfio.iommufd",
-    "RlimitModeRefused": "kvmvfio.vfio.iommufd",
+    "RlimitModeRefused": "kvmvfio.vfio.errors",
     "open_for_vmm": "kvmvfio.vfio.iommufd",
     "Backend": "kvmvfio.vfio.policy",
     "Coherency": "kvmvfio.vfio.policy",

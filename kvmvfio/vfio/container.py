@@ -63,13 +63,13 @@ class Container(FdObject):
         """
         try:
             uapi.ioctl(
-                self.fileno(), uapi.VFIO_SET_IOMMU, iommu_type, subject=groups or self.subject
+                self.fileno(),
+                uapi.VFIO_SET_IOMMU,
+                iommu_type,
+                subject=groups or self.subject,
+                errors={errno.EPERM: NoInterruptRemapping},
             )
         except KernelError as err:
-            if err.errno == errno.EPERM:
-                raise NoInterruptRemapping(
-                    "VFIO_SET_IOMMU", self.path, groups or self.subject
-                ) from err
             # Asked here rather than up front: one ioctl fewer per session.
             if err.errno in (errno.EINVAL, errno.ENODEV) and not self.check_extension(iommu_type):
                 raise KernelUnsupported(

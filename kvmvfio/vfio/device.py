@@ -136,10 +136,14 @@ class Device(FdObject):
         cmd.iommufd = iommufd_fd
         op = "VFIO_DEVICE_BIND_IOMMUFD"
         try:
-            uapi.ioctl(self.fileno(), uapi.VFIO_DEVICE_BIND_IOMMUFD, cmd, subject=self.subject)
+            uapi.ioctl(
+                self.fileno(),
+                uapi.VFIO_DEVICE_BIND_IOMMUFD,
+                cmd,
+                subject=self.subject,
+                errors={errno.EPERM: NoInterruptRemapping},
+            )
         except KernelError as err:
-            if err.errno == errno.EPERM:
-                raise NoInterruptRemapping(op, self.path, self.subject) from err
             if err.errno in (errno.EBUSY, errno.EINVAL):
                 who = holders(self.path, *self.related)
                 if who:

@@ -15,18 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvmvfio._closing import Closing
-from kvmvfio.errors import Busy, KernelError, KvmvfioError, PermissionDenied
+from kvmvfio.errors import Busy, KernelError, PermissionDenied
 from kvmvfio.host.procs import holders
+from kvmvfio.vfio.errors import FdClosed
 
 log = logging.getLogger(__name__)
-
-
-class FdClosed(KvmvfioError):
-    """An operation was asked of an fd that was already closed or handed over."""
-
-    def __init__(self, subject: str) -> None:
-        self.subject = subject
-        super().__init__(f"{subject} is closed (or was handed over); open it again")
 
 
 class OwnedFd:

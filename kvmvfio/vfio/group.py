@@ -89,7 +89,7 @@ class Group(FdObject):
                 # On iommufd the device is bound (iommufd_device_bind) here,
                 # and that is where MSI isolation is checked.
                 raise NoInterruptRemapping(
-                    "VFIO_GROUP_GET_DEVICE_FD", self.path, f"device {address}"
+                    err.errno, "VFIO_GROUP_GET_DEVICE_FD", self.path, f"device {address}"
                 ) from err
             raise
         return Device(OwnedFd(fd, f"{self.path}:{address}", f"device {address}"), address)

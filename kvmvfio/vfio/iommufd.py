@@ -36,6 +36,7 @@ from pathlib import Path
 
 from kvmvfio import uapi
 from kvmvfio.errors import KernelError, KernelUnsupported
+from kvmvfio.vfio.errors import RlimitModeRefused
 from kvmvfio.vfio.files import FdObject, OwnedFd, open_node
 
 log = logging.getLogger(__name__)
@@ -56,34 +57,6 @@ class RlimitMode(IntEnum):
     PROCESS = 1
 
 
-_RLIMIT_HINTS = {
-    errno.EPERM: "setting an iommufd's pinned-memory accounting needs CAP_SYS_RESOURCE",
-    errno.EBUSY: "the iommufd holds objects already (an IO address space or a bound device); "
-    "the accounting mode can only be set on a fresh /dev/iommu, before anything uses it",
-    errno.EINVAL: "the kernel knows only 0 (per user) and 1 (per process)",
-    errno.EOPNOTSUPP: "this kernel's iommufd has no IOMMU_OPTION_RLIMIT_MODE; "
-    "it charges pinned memory per user",
-    errno.ENOTTY: "this kernel's iommufd has no IOMMU_OPTION ioctl; "
-    "it charges pinned memory per user",
-}
-
-
-class RlimitModeRefused(KernelError):
-    """The kernel refused to set or read an iommufd's pinned-memory accounting mode.
-
-    ``errno`` says why: EPERM (the caller lacks ``CAP_SYS_RESOURCE``),
-    EBUSY (the iommufd holds an object already), EOPNOTSUPP or ENOTTY (the
-    kernel does not know the option: :attr:`unsupported`).
-    """
-
-    hints = _RLIMIT_HINTS
-
-    @property
-    def unsupported(self) -> bool:
-        """Whether the kernel lacks the option (as opposed to refusing this caller or fd)."""
-        return self.errno in (errno.EOPNOTSUPP, errno.ENOTTY)
-
-
 def _rlimit_option(fd: int, op: int, value: int, subject: str) -> int:
     cmd = uapi.new(
         "iommu_option", option_id=uapi.IOMMU_OPTION_RLIMIT_MODE, op=op, object_id=0, val64=value
@@ -93,7 +66,7 @@ def _rlimit_option(fd: int, op: int, value: int, subject: str) -> int:
         uapi.IOMMU_OPTION,
         cmd,
         subject=subject,
-        errors=dict.fromkeys(_RLIMIT_HINTS, RlimitModeRefused),
+        errors=dict.fromkeys(RlimitModeRefused.hints, RlimitModeRefused),
         label=RLIMIT_MODE_OP,
     )
     return int(cmd.val64)

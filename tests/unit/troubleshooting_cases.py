@@ -6,6 +6,7 @@ message exactly as kvmvfio prints it: when a message changes, the page must.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 from troubleshooting_nogroup import NO_GROUP_CASES
@@ -62,7 +63,7 @@ def build() -> dict[str, KvmvfioError]:
         ),
         "busy": Busy(16, "open", "/dev/vfio/14", "IOMMU group 14", "pid 4242 (qemu-system-x86)"),
         "no interrupt remapping": NoInterruptRemapping(
-            "VFIO_SET_IOMMU", "/dev/vfio/vfio", "the container of IOMMU group 14"
+            errno.EPERM, "VFIO_SET_IOMMU", "/dev/vfio/vfio", "the container of IOMMU group 14"
         ),
         "no hotplug port": NoHotplugPort("0000:03:00.0", []),
         "coherency refused": CoherencyRefused("IOMMU group 14", ["0000:03:00.0"]),

@@ -1,0 +1,119 @@
+"""Errors of the prepare layer: claims on groups, the journal, the run folder, unbinding.
+
+Raised by :mod:`kvmvfio.prepare` while it moves devices between drivers and
+records what it did; re-exported by :mod:`kvmvfio.errors`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvmvfio.errors import Interface, KvmvfioError, UsageError, interface, shown
+
+if TYPE_CHECKING:
+    from kvmvfio.prepare.owners import Liveness
+
+__all__ = [
+    "ClaimedBy",
+    "JournalError",
+    "UnsafeSysfsName",
+    "UnsafeToUnbind",
+    "UntrustedFile",
+    "accept_advice",
+]
+
+
+class ClaimedBy(KvmvfioError):
+    """Another owner holds the group."""
+
+    def __init__(self, group: int, owner: str, pid: int, liveness: Liveness) -> None:
+        self.group = group
+        self.owner = owner
+        self.pid = pid
+        self.alive = liveness.alive
+        self.why = liveness.why
+        if liveness.alive:
+            tail = f" ({liveness.why})"
+        else:
+            tail = (
+                f", which is gone ({liveness.why}): `kvmvfio release --owner {owner} ADDR` "
+                "(ADDR: any device of the group) or `kvmvfio recover` frees it"
+            )
+        super().__init__(f"IOMMU group {group} is claimed by {shown(owner)!r}{tail}")
+
+
+class UnsafeToUnbind(KvmvfioError):
+    """Taking the device from its host driver would take something the host uses."""
+
+    def __init__(self, address: str, driver: str, check: str, found: str) -> None:
+        self.address = address
+        self.driver = driver
+        self.check = check
+        self.found = found
+        super().__init__(
+            f"PCI device {address} ({driver}) {found}; taking it from the host could cut "
+            f"off what uses it. {accept_advice(check)}"
+        )
+
+
+def accept_advice(check: str) -> str:
+    """How the user accepts finding ``check``, worded for the interface they used."""
+    return {
+        Interface.CLI: f"Pass --force {check} to accept that",
+        Interface.METADATA: f"Add accept='{check}' to the device's <kvmvfio:device> element in "
+        "the domain's metadata to accept that",
+        Interface.API: f"Pass force=[{check!r}] to accept that",
+    }[interface()]
+
+
+class UnsafeSysfsName(UsageError):
+    """An address or driver name that cannot be part of a sysfs path; nothing was written."""
+
+    def __init__(self, what: str, value: object, problem: str) -> None:
+        self.what = what
+        self.value = value
+        self.problem = problem
+        text = shown(repr(value), 80)
+        super().__init__(
+            f"kvmvfio will not write to sysfs for the {what} {text}: {problem}; nothing was written"
+        )
+
+
+class JournalError(KvmvfioError):
+    """A journal file is unreadable, malformed or does not fit the host; it is left for a human.
+
+    ``path`` is the file, ``problem`` what is wrong with it. kvmvfio acts
+    on nothing a refused record names.
+    """
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(
+            f"the kvmvfio journal {path} is unusable ({problem}); kvmvfio acted on none of it "
+            "and left it as it is: check the devices it names by hand, then remove it"
+        )
+
+
+class UntrustedFile(KvmvfioError):
+    """A file or folder where kvmvfio keeps its state is not one kvmvfio made.
+
+    ``path`` is where, ``found`` what is there (``"is a symbolic link"``,
+    ``"is owned by uid 1000"``, ``"has mode 0644"``), ``expected`` what
+    kvmvfio keeps there. Nothing was read from it or written through it.
+    """
+
+    def __init__(self, path: Path, found: str, expected: str, fix: str | None = None) -> None:
+        self.path = path
+        self.found = found
+        self.expected = expected
+        advice = (
+            f"If kvmvfio made it, `{fix}`; otherwise find out who put it there and remove it"
+            if fix
+            else "Find out who put it there and remove it"
+        )
+        super().__init__(
+            f"{path} {found}; kvmvfio keeps {expected} there, so it did not use it and left it "
+            f"as it is. {advice}, then run the command again"
+        )

@@ -1,0 +1,143 @@
+"""Errors of the VFIO layer: groups, containers, iommufd, device files, a session.
+
+Raised by :mod:`kvmvfio.vfio` and by the layers above that open VFIO files
+through it; re-exported by :mod:`kvmvfio.errors`.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from kvmvfio.errors import Interface, KernelError, KvmvfioError, interface
+
+if TYPE_CHECKING:
+    from kvmvfio.host.errors import Blocker
+
+__all__ = [
+    "CoherencyRefused",
+    "DeviceNotBoundToVfio",
+    "FdClosed",
+    "GroupNotViable",
+    "NoInterruptRemapping",
+    "NoIommuRefused",
+    "NotADeviceOfGroup",
+    "RlimitModeRefused",
+]
+
+
+class GroupNotViable(KvmvfioError):
+    """An IOMMU group has a member bound to a host driver VFIO cannot share with."""
+
+    def __init__(self, group: str, blockers: Sequence[Blocker]) -> None:
+        self.group = group
+        self.blockers = tuple(blockers)
+        listed = "; ".join(str(b) for b in self.blockers) or "the kernel reports it not viable"
+        super().__init__(
+            f"IOMMU group {group} is not viable: {listed}. Every member must be bound to "
+            "vfio-pci (or to no driver) before the group can be used"
+        )
+
+
+class NoInterruptRemapping(KernelError):
+    """EPERM from VFIO_SET_IOMMU / VFIO_DEVICE_BIND_IOMMUFD: MSIs cannot be isolated."""
+
+    default_hint = (
+        "the IOMMU has no interrupt remapping, so a device could forge interrupts; enable "
+        "interrupt remapping (intel_iommu=on with x2APIC, intremap=on for a vIOMMU), or accept "
+        "the risk with vfio_iommu_type1.allow_unsafe_interrupts=1 / "
+        "iommufd.allow_unsafe_interrupts=1"
+    )
+
+
+class NotADeviceOfGroup(KvmvfioError):
+    """VFIO_GROUP_GET_DEVICE_FD was given a name that is not a member of the group."""
+
+    def __init__(self, address: str, group: int) -> None:
+        self.address = address
+        self.group = group
+        super().__init__(f"{address} is not a device of IOMMU group {group}")
+
+
+class DeviceNotBoundToVfio(KvmvfioError):
+    """A device a VFIO session needs is not on vfio-pci."""
+
+    def __init__(self, address: str, driver: str | None) -> None:
+        self.address = address
+        self.driver = driver
+        where = f"bound to {driver}" if driver else "bound to no driver"
+        how = {
+            Interface.CLI: f"`kvmvfio prepare --owner NAME {address}` moves it there",
+            Interface.METADATA: "list it in the domain's kvmvfio metadata to have the hook "
+            "move it there",
+            Interface.API: f"kvmvfio.prepare.prepare([{address!r}], owner) moves it there",
+        }[interface()]
+        super().__init__(f"PCI device {address} is {where}, not vfio-pci: prepare it first ({how})")
+
+
+class NoIommuRefused(KvmvfioError):
+    """A no-IOMMU group was asked for without the caller allowing it."""
+
+    def __init__(self, group: int, address: str) -> None:
+        self.group = group
+        self.address = address
+        super().__init__(
+            f"IOMMU group {group} ({address}) is a no-IOMMU group: the device could DMA anywhere "
+            "in host memory and the kernel taints itself; allow it explicitly (--allow-noiommu) "
+            "only if you accept that"
+        )
+
+
+class CoherencyRefused(KvmvfioError):
+    """Policy ``require``: the IOMMU does not enforce DMA cache coherency."""
+
+    def __init__(self, subject: str, devices: Sequence[str]) -> None:
+        self.subject = subject
+        self.devices = tuple(devices)
+        super().__init__(
+            f"{subject} ({', '.join(self.devices)}) cannot have enforced DMA cache coherency: "
+            "the IOMMU does not enforce snooping, so the guest's non-coherent DMA would need "
+            f"KVM to emulate WBINVD. {_COHERENCY_ADVICE[interface()]} to accept that, or a host "
+            "whose IOMMU enforces snooping"
+        )
+
+
+_COHERENCY_ADVICE = {
+    Interface.CLI: "Use --coherency=warn",
+    Interface.METADATA: "Set coherency='warn' on the device in the domain's kvmvfio metadata",
+    Interface.API: "Pass coherency='warn'",
+}
+
+
+class FdClosed(KvmvfioError):
+    """An operation was asked of an fd that was already closed or handed over."""
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+        super().__init__(f"{subject} is closed (or was handed over); open it again")
+
+
+class RlimitModeRefused(KernelError):
+    """The kernel refused to set or read an iommufd's pinned-memory accounting mode.
+
+    ``errno`` says why: EPERM (the caller lacks ``CAP_SYS_RESOURCE``),
+    EBUSY (the iommufd holds an object already), EOPNOTSUPP or ENOTTY (the
+    kernel does not know the option: :attr:`unsupported`).
+    """
+
+    hints: ClassVar[Mapping[int, str]] = {
+        errno.EPERM: "setting an iommufd's pinned-memory accounting needs CAP_SYS_RESOURCE",
+        errno.EBUSY: "the iommufd holds objects already (an IO address space or a bound device); "
+        "the accounting mode can only be set on a fresh /dev/iommu, before anything uses it",
+        errno.EINVAL: "the kernel knows only 0 (per user) and 1 (per process)",
+        errno.EOPNOTSUPP: "this kernel's iommufd has no IOMMU_OPTION_RLIMIT_MODE; "
+        "it charges pinned memory per user",
+        errno.ENOTTY: "this kernel's iommufd has no IOMMU_OPTION ioctl; "
+        "it charges pinned memory per user",
+    }
+
+    @property
+    def unsupported(self) -> bool:
+        """Whether the kernel lacks the option (as opposed to refusing this caller or fd)."""
+        return self.errno in (errno.EOPNOTSUPP, errno.ENOTTY)

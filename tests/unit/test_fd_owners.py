@@ -95,18 +95,40 @@ def test_one_kind_of_owner() -> None:
     assert files.FdClosed is FdClosed
 
 
+#: Modules whose raw ``os.open`` opens a file that is not a device of VFIO,
+#: iommufd or KVM (sysfs attributes, /proc, the journal folder, a pid file,
+#: a block device probed for O_EXCL) and closes it in a ``finally`` of the
+#: same function: such an fd never outlives the call, and needs no owner.
+OPEN_AND_CLOSE = {
+    "kvmvfio/host/blockdev.py",
+    "kvmvfio/host/pci.py",
+    "kvmvfio/host/procs.py",
+    "kvmvfio/libvirt/install.py",
+    "kvmvfio/prepare/driver.py",
+    "kvmvfio/prepare/rundir.py",
+    "kvmvfio/qemu/qmp.py",
+    "kvmvfio/uapi/__main__.py",
+}
+
+
 def test_device_nodes_are_opened_into_owners() -> None:
-    # A raw os.open in the VFIO layer or kvm.py is either open_node (which
-    # returns an OwnedFd) or /dev/kvm, closed in a finally a few lines on.
+    # Elsewhere, a raw os.open is either open_node (which returns an OwnedFd)
+    # or /dev/kvm, closed in a finally a few lines on. A new one fails here
+    # until it is one of those, or its module is listed above.
     found = []
-    for path in [*sorted((ROOT / "kvmvfio" / "vfio").glob("*.py")), ROOT / "kvmvfio" / "kvm.py"]:
+    for path in sorted((ROOT / "kvmvfio").rglob("*.py")):
+        name = path.relative_to(ROOT).as_posix()
+        if name in OPEN_AND_CLOSE:
+            continue
         for line in path.read_text().splitlines():
             if "os.open(" in line:
-                found.append((path.relative_to(ROOT).as_posix(), line.strip()))
+                found.append((name, line.strip()))
     assert found == [
-        ("kvmvfio/vfio/files.py", "fd = os.open(text, os.O_RDWR | os.O_CLOEXEC)"),
         ("kvmvfio/kvm.py", "return os.open(path, os.O_RDWR | os.O_CLOEXEC)"),
+        ("kvmvfio/vfio/files.py", "fd = os.open(text, os.O_RDWR | os.O_CLOEXEC)"),
     ]
+    for name in OPEN_AND_CLOSE:
+        assert "os.open(" in (ROOT / name).read_text(), f"{name} needs no exception any more"
 
 
 def test_the_suite_makes_a_dropped_owner_an_error() -> None:

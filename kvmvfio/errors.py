@@ -42,7 +42,8 @@ The hierarchy (``[module]``: where a leaf lives, under ``kvmvfio.``)::
      |    +-- KvmClosed                                          [kvm_errors]
      +-- NoIommuGroup, SysfsError, KernelUnsupported             [host.errors]
      +-- GroupNotViable, NotADeviceOfGroup, DeviceNotBoundToVfio,
-     |   NoIommuRefused, CoherencyRefused, FdClosed              [vfio.errors]
+     |   NoIommuRefused, CoherencyRefused                        [vfio.errors]
+     +-- FdClosed                                                [_closing; vfio.errors]
      +-- QemuError                                               [qemu.errors]
      |    +-- QemuRefused, QemuGone, QemuNoAnswer, QemuReplyInvalid,
      |        QemuPeerMismatch, NoHotplugPort, DetachTimeout,

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Self
 
 from kvmvfio import uapi
-from kvmvfio._closing import Closing
+from kvmvfio._closing import Closing, OwnedFd
 from kvmvfio.errors import (
     AlreadyAssociated,
     KernelError,
@@ -78,8 +78,7 @@ class KvmVm(Closing):
 
     path: str
     subject: str
-    owned: bool
-    _fd: int | None
+    _file: OwnedFd
 
     def __init__(self, path: str | os.PathLike[str] = "/dev/kvm", *, machine_type: int = 0) -> None:
         """Create a VM: open ``path`` (``/dev/kvm``) and ``KVM_CREATE_VM``.
@@ -103,11 +102,12 @@ class KvmVm(Closing):
                 )
             fd = uapi.ioctl(kvm, uapi.KVM_CREATE_VM, machine_type, subject=where)
         finally:
+            # /dev/kvm is needed for these two ioctls only: opened and closed
+            # within this try, it needs no owner.
             os.close(kvm)
         # KVM opens the VM file with O_CLOEXEC itself (kvm_dev_ioctl_create_vm).
-        self._fd = fd
-        self.owned = True
         self.subject = f"KVM VM (fd {fd})"
+        self._file = OwnedFd(fd, VM_FILE, self.subject)
         log.info("created %s from %s", self.subject, self.path)
 
     @classmethod
@@ -126,20 +126,24 @@ class KvmVm(Closing):
             raise UsageError(f"fd {vm_fd} is open on {path}, not on a KVM VM ({VM_FILE})")
         vm = cls.__new__(cls)
         vm.path = path
-        vm._fd = vm_fd
-        vm.owned = False
         vm.subject = subject or f"KVM VM (fd {vm_fd}, borrowed)"
+        vm._file = OwnedFd(vm_fd, path, vm.subject, borrowed=True)
         return vm
 
     @property
+    def owned(self) -> bool:
+        """Whether :meth:`close` closes the fd (False for a borrowed VM)."""
+        return not self._file.borrowed
+
+    @property
     def closed(self) -> bool:
-        return self._fd is None
+        return self._file.closed
 
     def fileno(self) -> int:
         """The VM's fd. Raises :class:`~kvmvfio.errors.KvmClosed` after :meth:`close`."""
-        if self._fd is None:
+        if self._file.closed:
             raise KvmClosed("use its fd", self.subject)
-        return self._fd
+        return self._file.fileno()
 
     def detach(self) -> int:
         """Give up the fd: return it, and leave closing it to the caller.
@@ -147,9 +151,8 @@ class KvmVm(Closing):
         This object is closed afterwards. Raises
         :class:`~kvmvfio.errors.KvmClosed` when it is closed already.
         """
-        fd = self.fileno()
-        self._fd = None
-        return fd
+        self.fileno()  # KvmClosed, not FdClosed, when closed already
+        return self._file.detach()
 
     def close(self) -> None:
         """Close the VM's fd if it is ours (a borrowed one is only forgotten); safe twice.
@@ -157,9 +160,10 @@ class KvmVm(Closing):
         KVM destroys the VM once no file refers to it any more: a kvm-vfio
         device still open keeps it alive.
         """
-        fd, self._fd = self._fd, None
-        if fd is not None and self.owned:
-            os.close(fd)
+        if self._file.closed:
+            return
+        self._file.close()
+        if self.owned:
             log.info("closed %s", self.subject)
 
     def vfio_device(self) -> KvmVfioDevice:
@@ -167,11 +171,12 @@ class KvmVm(Closing):
         return KvmVfioDevice(self)
 
     def __repr__(self) -> str:
-        state = "closed" if self._fd is None else f"fd={self._fd}"
+        state = "closed" if self.closed else f"fd={self._file.fileno()}"
         return f"<KvmVm {state} owned={self.owned}>"
 
 
 def _open_kvm(path: str) -> int:
+    # The caller closes it in a finally a few lines on; no owner needed.
     try:
         return os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as err:
@@ -216,8 +221,7 @@ class KvmVfioDevice(Closing):
     """A VM's kvm-vfio device: the door through which KVM learns of VFIO files."""
 
     subject: str
-    owned: bool
-    _fd: int | None
+    _file: OwnedFd
     _files: list[KvmFile]
 
     def __init__(self, vm: KvmVm) -> None:
@@ -246,9 +250,9 @@ class KvmVfioDevice(Closing):
                 ) from err
             raise
         # KVM opens the device file with O_CLOEXEC itself (kvm_ioctl_create_device).
-        self._fd = int(cmd.fd)
-        self.owned = True
-        self.subject = f"the kvm-vfio device (fd {self._fd}) of {vm.subject}"
+        fd = int(cmd.fd)
+        self.subject = f"the kvm-vfio device (fd {fd}) of {vm.subject}"
+        self._file = OwnedFd(fd, KVM_VFIO_FILE, self.subject)
         self._files = []
         log.info("created %s", self.subject)
 
@@ -272,15 +276,19 @@ class KvmVfioDevice(Closing):
                 f"fd {device_fd} is open on {path}, not on a kvm-vfio device ({KVM_VFIO_FILE})"
             )
         dev = cls.__new__(cls)
-        dev._fd = device_fd
-        dev.owned = False
         dev.subject = subject or f"the kvm-vfio device (fd {device_fd}, borrowed)"
+        dev._file = OwnedFd(device_fd, path, dev.subject, borrowed=True)
         dev._files = []
         return dev
 
     @property
+    def owned(self) -> bool:
+        """Whether :meth:`close` closes the fd (False for a borrowed device)."""
+        return not self._file.borrowed
+
+    @property
     def closed(self) -> bool:
-        return self._fd is None
+        return self._file.closed
 
     @property
     def files(self) -> tuple[KvmFile, ...]:
@@ -289,9 +297,9 @@ class KvmVfioDevice(Closing):
 
     def fileno(self) -> int:
         """The device's fd. Raises :class:`~kvmvfio.errors.KvmClosed` after :meth:`close`."""
-        if self._fd is None:
+        if self._file.closed:
             raise KvmClosed("use its fd", self.subject)
-        return self._fd
+        return self._file.fileno()
 
     def _file_attr(self, attr: int, fd: int, what: str, errors: uapi.ErrorMap) -> None:
         # kvm_vfio_set_file() reads the fd through addr as an int32.
@@ -328,7 +336,7 @@ class KvmVfioDevice(Closing):
         :class:`~kvmvfio.errors.KernelError` (EBADF) when ``fd`` is not open.
         """
         what = subject or _describe(fd)
-        if self._fd is None:
+        if self.closed:
             raise KvmClosed(f"add {what}", self.subject)
         self._file_attr(
             uapi.KVM_DEV_VFIO_FILE_ADD,
@@ -355,7 +363,7 @@ class KvmVfioDevice(Closing):
         """
         known = self._find(fd)
         what = subject or (known.subject if known else _describe(fd))
-        if self._fd is None:
+        if self.closed:
             raise KvmClosed(f"remove {what}", self.subject)
         try:
             self._del(fd, what)
@@ -408,7 +416,7 @@ class KvmVfioDevice(Closing):
         refuses is logged, not raised: closing the device's fd releases every
         file KVM still holds anyway.
         """
-        if self._fd is None:
+        if self.closed:
             return
         try:
             while self._files:
@@ -428,11 +436,10 @@ class KvmVfioDevice(Closing):
                 else:
                     log.info("KVM: removed %s from %s", record.subject, self.subject)
         finally:
-            fd, self._fd = self._fd, None
+            self._file.close()
             if self.owned:
-                os.close(fd)
                 log.info("closed %s", self.subject)
 
     def __repr__(self) -> str:
-        state = "closed" if self._fd is None else f"fd={self._fd}"
+        state = "closed" if self.closed else f"fd={self._file.fileno()}"
         return f"<KvmVfioDevice {state} owned={self.owned} files={len(self._files)}>"

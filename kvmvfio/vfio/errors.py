@@ -10,6 +10,8 @@ import errno
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
+# FdClosed is raised by the fd owner below the layers (KVM's fds too); named here as before.
+from kvmvfio._closing import FdClosed
 from kvmvfio.errors import Interface, KernelError, KvmvfioError, interface
 
 if TYPE_CHECKING:
@@ -108,14 +110,6 @@ _COHERENCY_ADVICE = {
     Interface.METADATA: "Set coherency='warn' on the device in the domain's kvmvfio metadata",
     Interface.API: "Pass coherency='warn'",
 }
-
-
-class FdClosed(KvmvfioError):
-    """An operation was asked of an fd that was already closed or handed over."""
-
-    def __init__(self, subject: str) -> None:
-        self.subject = subject
-        super().__init__(f"{subject} is closed (or was handed over); open it again")
 
 
 class RlimitModeRefused(KernelError):

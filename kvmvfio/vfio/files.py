@@ -1,9 +1,11 @@
 """File descriptors with one owner, and opening VFIO's device nodes.
 
-Every fd kvmvfio opens is held by exactly one :class:`OwnedFd`. Closing is
-idempotent; handing the fd to someone else is explicit (:meth:`OwnedFd.detach`),
-never a copy of the integer. Everything is opened with ``O_CLOEXEC`` so no
-child process inherits a device by accident.
+Every fd kvmvfio opens is held by exactly one :class:`OwnedFd` (defined in
+:mod:`kvmvfio._closing`, below the layers, so that KVM's fds use it too).
+Closing is idempotent; handing the fd to someone else is explicit
+(:meth:`OwnedFd.detach`), never a copy of the integer; an owner dropped while
+open warns (:class:`ResourceWarning`) and closes. Everything is opened with
+``O_CLOEXEC`` so no child process inherits a device by accident.
 """
 
 from __future__ import annotations
@@ -14,48 +16,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvmvfio._closing import Closing
+from kvmvfio._closing import Closing, FdClosed, OwnedFd
 from kvmvfio.errors import Busy, KernelError, PermissionDenied
 from kvmvfio.host.procs import holders
-from kvmvfio.vfio.errors import FdClosed
 
 log = logging.getLogger(__name__)
 
-
-class OwnedFd:
-    """One open file descriptor and the path it was opened from."""
-
-    __slots__ = ("_fd", "path", "subject")
-
-    def __init__(self, fd: int, path: str, subject: str) -> None:
-        self._fd: int | None = fd
-        self.path = path
-        self.subject = subject
-
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
-
-    def fileno(self) -> int:
-        """The fd number. Raises :class:`FdClosed` once closed or detached."""
-        if self._fd is None:
-            raise FdClosed(self.subject)
-        return self._fd
-
-    def detach(self) -> int:
-        """Give up ownership: return the fd, which the caller must now close."""
-        fd = self.fileno()
-        self._fd = None
-        return fd
-
-    def close(self) -> None:
-        """Close the fd; safe to call twice."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def __repr__(self) -> str:
-        return f"OwnedFd({self._fd}, {self.path!r})"
+__all__ = ["FdClosed", "FdObject", "OwnedFd", "open_node"]
 
 
 def open_node(

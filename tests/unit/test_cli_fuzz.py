@@ -13,6 +13,7 @@ import contextlib
 import io
 import os
 import signal
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,6 +140,21 @@ def _run(argv: list[str]) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+def _leaks(argv: list[str]) -> tuple[int, str, list[str]]:
+    """Run ``argv``; also what fd owners were dropped open meanwhile (their ResourceWarnings).
+
+    Raised inside ``__del__``, the warning would reach pytest only as an
+    unraisable exception after the whole test, with no case to shrink to.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        code, err = _run(argv)
+    for w in caught:
+        if not issubclass(w.category, ResourceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return code, err, [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
 @settings(
     max_examples=CASES,
     deadline=None,
@@ -152,8 +168,9 @@ def test_any_argv_gets_a_result_or_a_sentence(roots: dict[str, str], argv: list[
         full += [flag, roots[flag]]
     if command == "check":
         full.append("--no-kvm")
-    code, err = _run(full)
+    code, err, leaks = _leaks(full)
     event(f"{command} exit {code}")
+    assert not leaks, (full, leaks)
     assert code in (0, 1, 2), (full, code, err)
     assert "Traceback" not in err, (full, err)
     if code != 0:

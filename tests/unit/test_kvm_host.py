@@ -11,10 +11,12 @@ the ioctl seam. Every test checks that it leaves no fd open.
 from __future__ import annotations
 
 import errno
+import gc
 import inspect
 import logging
 import os
 import pickle
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -454,3 +456,35 @@ def test_remove_of_a_stale_record_forgets_it(fake: FakeKvm, files: list[int]) ->
         with pytest.raises(NotAssociated):
             device.remove(files[0])
         assert device.files == ()
+
+
+# -- owners dropped without close() ---------------------------------------------------
+
+
+def test_a_vm_and_device_dropped_open_warn_and_close(fake: FakeKvm) -> None:
+    vm = KvmVm(os.devnull)
+    vm_fd = vm.fileno()
+    box: list[object] = [vm.vfio_device()]
+    device_fd = box[0].fileno()  # type: ignore[attr-defined]
+    with pytest.warns(ResourceWarning) as caught:
+        box.clear()
+    assert [str(w.message) for w in caught] == [
+        f"unclosed the kvm-vfio device (fd {device_fd}) of KVM VM (fd {vm_fd}) "
+        f"(fd {device_fd}, {KVM_VFIO_FILE})"
+    ]
+    box = [vm]
+    del vm
+    with pytest.warns(ResourceWarning, match=rf"^unclosed KVM VM \(fd {vm_fd}\) \(fd {vm_fd}, "):
+        box.clear()
+    # no_fd_leak checks that both fds were closed
+
+
+@pytest.mark.kvm
+def test_borrowed_owners_dropped_open_are_silent(vm: KvmVm, device: KvmVfioDevice) -> None:
+    box: list[object] = [KvmVm.borrow(vm.fileno()), KvmVfioDevice.borrow(device.fileno())]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        box.clear()
+        gc.collect()
+    assert uapi.fd_path(vm.fileno()) == VM_FILE
+    assert uapi.fd_path(device.fileno()) == KVM_VFIO_FILE

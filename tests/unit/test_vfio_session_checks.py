@@ -7,7 +7,9 @@ the first open leaves no fd behind.
 
 from __future__ import annotations
 
+import gc
 import os
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -139,6 +141,28 @@ def test_a_failure_after_opening_closes_everything(build_host: BuildHost) -> Non
     with pytest.raises(SessionStateError):
         session.open()
     session.close()  # idempotent
+
+
+def test_a_device_named_twice_is_refused_before_anything_is_opened(build_host: BuildHost) -> None:
+    """However spelled, one device named twice is refused, and no file is left open.
+
+    Before the plan refused it, ``check 0000:00:03.0 00:03.0`` opened the
+    cdev twice and dropped the first file unclosed (the argv tier,
+    test_cli_fuzz.py, found it by its owner's ResourceWarning).
+    """
+    host = _host(
+        build_host,
+        Dev("0000:00:03.0", driver="vfio-pci", group=1, **EDU),  # type: ignore[arg-type]
+    )
+    session = VfioSession(["0000:00:03.0", "00:03.0"], backend="cdev", host=host)
+    before = set(os.listdir("/proc/self/fd"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UsageError, match="a device is named twice"):
+            session.open()
+        gc.collect()
+    assert [str(w.message) for w in caught] == []
+    assert set(os.listdir("/proc/self/fd")) == before
 
 
 def test_report_needs_an_open_session() -> None:

@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, ClassVar
 from kvmvfio._lazy import lazy_getattr
 
 if TYPE_CHECKING:
+    from kvmvfio._closing import FdClosed
     from kvmvfio.host.errors import (
         Blocker,
         DeviceNotFound,
@@ -113,7 +114,6 @@ if TYPE_CHECKING:
     from kvmvfio.vfio.errors import (
         CoherencyRefused,
         DeviceNotBoundToVfio,
-        FdClosed,
         GroupNotViable,
         NoInterruptRemapping,
         NoIommuRefused,
@@ -141,9 +141,9 @@ _LEAVES = {
         "DeviceNotBoundToVfio",
         "NoIommuRefused",
         "CoherencyRefused",
-        "FdClosed",
         "RlimitModeRefused",
     ),
+    "kvmvfio._closing": ("FdClosed",),
     "kvmvfio.kvm_errors": (
         "KvmRefusedFile",
         "AlreadyAssociated",

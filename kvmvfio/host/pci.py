@@ -43,6 +43,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 from kvmvfio.errors import InvalidAddress, KernelError, SysfsError
@@ -413,6 +414,10 @@ class PciDevice:
     sriov_numvfs: int | None = None
     vfio_cdev: str | None = None
     boot_vga: bool | None = None
+
+    def cdev_node(self, devfs: str | Path = "/dev") -> Path | None:
+        """Its VFIO cdev, ``/dev/vfio/devices/vfioN``; None when the kernel made none."""
+        return None if self.vfio_cdev is None else Path(devfs) / "vfio" / "devices" / self.vfio_cdev
 
     @property
     def is_bridge(self) -> bool:

@@ -481,9 +481,9 @@ def _device_nodes(host: Host, addr: str) -> set[str]:
     nodes: set[str] = set()
     with contextlib.suppress(KvmvfioError):
         nodes.add(str(host.group_of(addr).dev_node(host.devfs)))
-        cdev = host.device(addr).vfio_cdev
-        if cdev:
-            nodes.add(str(host.devfs / "vfio" / "devices" / cdev))
+        cdev = host.device(addr).cdev_node(host.devfs)
+        if cdev is not None:
+            nodes.add(str(cdev))
     return nodes
 
 

@@ -360,12 +360,8 @@ def check_devices(
     return devices, groups, unsafe
 
 
-def _cdev_node(host: Host, dev: PciDevice) -> Path | None:
-    return None if dev.vfio_cdev is None else host.devfs / "vfio" / "devices" / dev.vfio_cdev
-
-
 def _group_plan(host: Host, group: IommuGroup) -> GroupPlan:
-    cdevs = (_cdev_node(host, m) for m in group.members)
+    cdevs = (m.cdev_node(host.devfs) for m in group.members)
     return GroupPlan(
         number=group.number,
         node=group.dev_node(host.devfs),
@@ -499,7 +495,7 @@ def make_plan(
     for dev in devices:
         addr = str(dev.address)
         number = group_of[addr]
-        cdev = _cdev_node(host, dev)
+        cdev = dev.cdev_node(host.devfs)
         plans.append(
             DevicePlan(
                 address=addr,

@@ -411,6 +411,7 @@ class _Builder:
         if totalvfs is not None:
             files["sriov_totalvfs"] = b"%d\n" % totalvfs
             files["sriov_numvfs"] = b"%d\n" % dev.vfs
+            files["sriov_drivers_autoprobe"] = b"1\n"
         if dev.boot_vga is not None:
             files["boot_vga"] = b"1\n" if dev.boot_vga else b"0\n"
         if self.topo.filler:

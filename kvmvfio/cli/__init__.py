@@ -37,6 +37,7 @@ def make_parser() -> argparse.ArgumentParser:
         libvirt_cmds,
         prepare_cmds,
         qemu_cmds,
+        sriov_cmds,
     )
 
     parser = _Parser(
@@ -50,6 +51,7 @@ def make_parser() -> argparse.ArgumentParser:
     for module in (
         host_cmds,
         prepare_cmds,
+        sriov_cmds,
         check_cmds,
         qemu_cmds,
         hook_cmds,

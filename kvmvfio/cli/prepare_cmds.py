@@ -140,14 +140,23 @@ def _release(args: argparse.Namespace) -> int:
 
 
 def _recover(args: argparse.Namespace) -> int:
+    from kvmvfio.prepare.sriov import recover_vfs  # noqa: PLC0415 (imported on use)
+
     host = Host(args.sysfs_root, args.dev_root)
     done = recover(host=host, root=Path(args.root))
+    # VFs after groups: a VF given back from vfio-pci no longer keeps its count.
+    vfs = recover_vfs(host=host, root=Path(args.root))
     if args.json:
         _out(
             {
                 "recovered": [asdict(r) for r in done.restored],
                 "skipped": [_status_doc(g) for g in done.skipped],
                 "failed": [{"group": n, "message": m} for n, m in done.failed],
+                "vfs": {
+                    "restored": [asdict(c) for c in vfs.restored],
+                    "skipped": [{"pf": p, "why": w} for p, w in vfs.skipped],
+                    "failed": [{"pf": p, "message": m} for p, m in vfs.failed],
+                },
             }
         )
     else:
@@ -156,7 +165,13 @@ def _recover(args: argparse.Namespace) -> int:
             print(f"recover: left IOMMU group {g.group} to {shown(g.owner)}: {g.why}")
         for number, message in done.failed:
             print(f"recover: IOMMU group {number} not restored: {message}", file=sys.stderr)
-    return 1 if done.failed else 0
+        for c in vfs.restored:
+            print(f"recover: PF {c.pf} back to {c.after} VFs (had {c.before})")
+        for pf, why in vfs.skipped:
+            print(f"recover: left the VFs of PF {pf}: {why}")
+        for pf, message in vfs.failed:
+            print(f"recover: PF {pf} not restored: {message}", file=sys.stderr)
+    return 1 if done.failed or vfs.failed else 0
 
 
 def _status_doc(g: GroupStatus) -> dict[str, object]:

@@ -184,6 +184,14 @@ class Sysfs:
         path = self.bus / "drivers" / checked_driver(driver) / "bind"
         self._write(path, addr, f"PCI device {addr}")
 
+    def set_numvfs(self, pf: str, count: int) -> None:
+        """Host change: write the PF's ``sriov_numvfs`` (the kernel makes or removes VFs)."""
+        self._write(self.device(pf) / "sriov_numvfs", str(int(count)), f"PF {pf}")
+
+    def set_autoprobe(self, pf: str, on: bool) -> None:
+        """Host change: write the PF's ``sriov_drivers_autoprobe`` (1: VFs get a driver at once)."""
+        self._write(self.device(pf) / "sriov_drivers_autoprobe", "1" if on else "0", f"PF {pf}")
+
     def reset(self, addr: str) -> None:
         """Host change: reset the function (``reset``, the kernel's best method)."""
         self._write(self.device(addr) / "reset", "1", f"PCI device {addr}")

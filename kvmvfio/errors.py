@@ -35,7 +35,8 @@ The hierarchy (``[module]``: where a leaf lives, under ``kvmvfio.``)::
      |    +-- PermissionDenied                                   [errors]
      |    +-- Busy                                               [errors]
      |    |    +-- KvmVfioDeviceExists                           [kvm_errors]
-     |    +-- NoInterruptRemapping, RlimitModeRefused            [vfio.errors]
+     |    +-- NoInterruptRemapping, RlimitModeRefused,
+     |    |   VfTokenRefused                                     [vfio.errors]
      |    +-- KvmRefusedFile, AlreadyAssociated, NotAssociated   [kvm_errors]
      |    +-- HookFileError                                      [libvirt.errors]
      +-- SessionStateError
@@ -119,6 +120,7 @@ if TYPE_CHECKING:
         NoIommuRefused,
         NotADeviceOfGroup,
         RlimitModeRefused,
+        VfTokenRefused,
     )
 
 #: The leaves, by the module each lives in (see the map above). Each is
@@ -142,6 +144,7 @@ _LEAVES = {
         "NoIommuRefused",
         "CoherencyRefused",
         "RlimitModeRefused",
+        "VfTokenRefused",
     ),
     "kvmvfio._closing": ("FdClosed",),
     "kvmvfio.kvm_errors": (
@@ -206,6 +209,7 @@ __all__ = [  # noqa: RUF022
     "CoherencyRefused",
     "FdClosed",
     "RlimitModeRefused",
+    "VfTokenRefused",
     "KvmRefusedFile",
     "AlreadyAssociated",
     "NotAssociated",

@@ -22,6 +22,8 @@ class FakeVfio:
     coherent: bool = True
     viable: bool = True
     calls: list[tuple[str, str | None]] = field(default_factory=list)
+    #: The names given to VFIO_GROUP_GET_DEVICE_FD (``ADDR`` or ``ADDR vf_token=UUID``).
+    opened: list[str] = field(default_factory=list)
 
     def __call__(self, fd: int, op: uapi.Ioctl, arg: uapi.CData | int) -> int:
         name = op.name
@@ -35,6 +37,8 @@ class FakeVfio:
             arg.flags = uapi.VFIO_GROUP_FLAGS_VIABLE if self.viable else 0
             return 0
         if name == "VFIO_GROUP_GET_DEVICE_FD":
+            assert not isinstance(arg, int)
+            self.opened.append(uapi.ffi.string(arg).decode())
             return os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         if name == "VFIO_DEVICE_BIND_IOMMUFD":
             assert not isinstance(arg, int)

@@ -73,6 +73,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="accept no-IOMMU groups (no DMA isolation; taints the kernel)",
     )
+    check.add_argument(
+        "--vf-token",
+        metavar="UUID",
+        help="the VF token, for a VF whose PF is on vfio-pci (docs/sriov.md)",
+    )
     check.add_argument("--json", action="store_true", help="print JSON (docs/cli-json.md)")
     check.add_argument("--sysfs-root", default="/sys", type=existing_dir, help=argparse.SUPPRESS)
     check.add_argument("--dev-root", default="/dev", type=existing_dir, help=argparse.SUPPRESS)
@@ -210,6 +215,7 @@ def _check(args: argparse.Namespace) -> int:
                 kvm=kvm,
                 coherency=policy,
                 allow_noiommu=args.allow_noiommu,
+                vf_token=args.vf_token,
                 host=host,
             )
             with session:

@@ -67,6 +67,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="what to do when the IOMMU does not enforce DMA cache coherency (default: warn)",
     )
     att.add_argument(
+        "--vf-token",
+        metavar="UUID",
+        help="the VF token, for a VF whose PF is on vfio-pci (docs/sriov.md)",
+    )
+    att.add_argument(
         "--no-raise-memlock",
         action="store_true",
         help="refuse instead of raising QEMU's RLIMIT_MEMLOCK when it is too low",
@@ -194,6 +199,7 @@ def _attach(args: argparse.Namespace) -> int:
                 coherency=args.coherency,
                 buses=args.bus,
                 raise_memlock=not args.no_raise_memlock,
+                vf_token=args.vf_token,
                 host=host,
             )
             return qemu.pid, done

@@ -48,6 +48,7 @@ import os
 import resource
 import shutil
 import subprocess
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,9 @@ async def _attach_legacy(qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | 
         grant(container, qemu.uid)  # it grants no device by itself; left in place
     granted = grant(node, qemu.uid)
     args: JsonObject = {"driver": "vfio-pci", "id": qdev_id(dev.address), "host": dev.address}
+    token = plan.token_for(dev.address)
+    if token is not None:
+        args["vf-token"] = str(token)  # QEMU opens the VF itself, with the token
     if bus is not None:
         args["bus"] = bus
     try:
@@ -294,6 +298,7 @@ async def plan_attach(
     path: VfioPath | str = VfioPath.AUTO,
     coherency: Coherency | str = Coherency.WARN,
     allow_noiommu: bool = False,
+    vf_token: uuid.UUID | str | None = None,
     host: Host | None = None,
 ) -> Plan:
     """The plan for attaching ``addresses`` to the QEMU behind ``qemu``; nothing is sent.
@@ -310,6 +315,7 @@ async def plan_attach(
         allow_noiommu=allow_noiommu,
         opener=Opener.QEMU,
         qemu_iommufd=in_qemu,
+        vf_token=vf_token,
         host=host,
     )
 
@@ -323,6 +329,7 @@ async def attach(
     buses: Sequence[str] | None = None,
     allow_noiommu: bool = False,
     raise_memlock: bool = True,
+    vf_token: uuid.UUID | str | None = None,
     host: Host | None = None,
 ) -> list[Attachment]:
     """Attach the devices at ``addresses`` (or of a plan) to the QEMU behind ``qemu``.
@@ -355,6 +362,7 @@ async def attach(
             path=path,
             coherency=coherency,
             allow_noiommu=allow_noiommu,
+            vf_token=vf_token,
             host=host,
         )
     addrs = list(plan.addresses)

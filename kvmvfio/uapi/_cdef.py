@@ -205,6 +205,18 @@ struct vfio_pci_hot_reset {
 	__s32	group_fds[];
 };
 
+struct vfio_device_feature {
+	__u32	argsz;
+	__u32	flags;
+#define VFIO_DEVICE_FEATURE_MASK	65535	/* (0xffff) */
+#define VFIO_DEVICE_FEATURE_GET		65536	/* (1 << 16) */
+#define VFIO_DEVICE_FEATURE_SET		131072	/* (1 << 17) */
+#define VFIO_DEVICE_FEATURE_PROBE	262144	/* (1 << 18) */
+	__u8	data[];
+};
+
+#define VFIO_DEVICE_FEATURE_PCI_VF_TOKEN	0
+
 struct vfio_device_bind_iommufd {
 	__u32		argsz;
 	__u32		flags;

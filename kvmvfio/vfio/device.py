@@ -18,6 +18,7 @@ device driver. :class:`kvmvfio.vfio.session.VfioSession` enforces that order.
 from __future__ import annotations
 
 import errno
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,31 @@ class Device(FdObject):
             related=related,
         )
         return cls(fd, address, cdev, related)
+
+    def set_vf_token(self, token: uuid.UUID) -> None:
+        """``VFIO_DEVICE_FEATURE(SET, PCI_VF_TOKEN)``: the token this PF's VFs open with.
+
+        On a PF on vfio-pci. The kernel checks it when a VF is opened through
+        its group (the name ``ADDR vf_token=UUID``). Raises
+        :class:`~kvmvfio.errors.KernelError` with the kernel's errno (EINVAL:
+        the device is not a PF on vfio-pci).
+        """
+        data = list(token.bytes)
+        cmd = uapi.ffi.new(
+            "struct vfio_device_feature *",
+            {
+                "argsz": uapi.ffi.sizeof("struct vfio_device_feature") + len(data),
+                "flags": uapi.VFIO_DEVICE_FEATURE_SET | uapi.VFIO_DEVICE_FEATURE_PCI_VF_TOKEN,
+                "data": data,
+            },
+        )
+        uapi.ioctl(
+            self.fileno(),
+            uapi.VFIO_DEVICE_FEATURE,
+            cmd,
+            subject=self.subject,
+            label="VFIO_DEVICE_FEATURE(SET, PCI_VF_TOKEN)",
+        )
 
     def bind_iommufd(self, iommufd_fd: int) -> int:
         """``VFIO_DEVICE_BIND_IOMMUFD``: open the device for use on an iommufd; return its devid.

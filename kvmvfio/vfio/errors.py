@@ -26,6 +26,7 @@ __all__ = [
     "NoIommuRefused",
     "NotADeviceOfGroup",
     "RlimitModeRefused",
+    "VfTokenRefused",
 ]
 
 
@@ -110,6 +111,23 @@ _COHERENCY_ADVICE = {
     Interface.METADATA: "Set coherency='warn' on the device in the domain's kvmvfio metadata",
     Interface.API: "Pass coherency='warn'",
 }
+
+
+class VfTokenRefused(KernelError):
+    """The kernel refused a VF's token, or the lack of one (``VFIO_GROUP_GET_DEVICE_FD``).
+
+    A VF whose PF is on vfio-pci opens only with the token its PF's user set
+    (``VFIO_DEVICE_FEATURE_PCI_VF_TOKEN``): the VF's user proves it works
+    with whoever drives the PF. ``errno`` says which way it failed.
+    """
+
+    hints: ClassVar[Mapping[int, str]] = {
+        errno.EACCES: "the VF's PF is on vfio-pci, so the kernel wants the VF token set on the "
+        "PF (VFIO_DEVICE_FEATURE_PCI_VF_TOKEN); none or another one was given: pass the PF "
+        "user's token (vf_token=, --vf-token)",
+        errno.EINVAL: "a VF token was given, but the device is not a VF whose PF is on "
+        "vfio-pci (nor a PF on vfio-pci); open it without one",
+    }
 
 
 class RlimitModeRefused(KernelError):

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 from kvmvfio import uapi
 from kvmvfio.errors import KernelError, NoInterruptRemapping, NotADeviceOfGroup
 from kvmvfio.vfio.device import Device
+from kvmvfio.vfio.errors import VfTokenRefused
 from kvmvfio.vfio.files import FdObject, OwnedFd, open_node
 
 
@@ -72,12 +74,16 @@ class Group(FdObject):
         uapi.ioctl(self.fileno(), uapi.VFIO_GROUP_UNSET_CONTAINER, subject=self.subject)
         self.container_set = False
 
-    def open_device(self, address: str) -> Device:
+    def open_device(self, address: str, *, vf_token: uuid.UUID | None = None) -> Device:
         """``VFIO_GROUP_GET_DEVICE_FD``: the device file of member ``address``.
 
-        Raises :class:`NotADeviceOfGroup` when the group has no such device.
+        ``vf_token``: the VF token, for a VF whose PF is on vfio-pci (the
+        kernel reads it from the name: ``ADDR vf_token=UUID``). Raises
+        :class:`NotADeviceOfGroup` when the group has no such device, and
+        :class:`VfTokenRefused` when the kernel refuses the token or its lack.
         """
-        name = uapi.ffi.new("char[]", address.encode())
+        text = address if vf_token is None else f"{address} vf_token={vf_token}"
+        name = uapi.ffi.new("char[]", text.encode())
         try:
             fd = uapi.ioctl(
                 self.fileno(), uapi.VFIO_GROUP_GET_DEVICE_FD, name, subject=self.subject
@@ -85,6 +91,10 @@ class Group(FdObject):
         except KernelError as err:
             if err.errno == errno.ENODEV:
                 raise NotADeviceOfGroup(address, self.number) from err
+            if err.errno == errno.EACCES or (err.errno == errno.EINVAL and vf_token is not None):
+                raise VfTokenRefused(
+                    err.errno, "VFIO_GROUP_GET_DEVICE_FD", self.path, f"device {address}"
+                ) from err
             if err.errno == errno.EPERM and not self.noiommu:
                 # On iommufd the device is bound (iommufd_device_bind) here,
                 # and that is where MSI isolation is checked.

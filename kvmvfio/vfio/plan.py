@@ -38,12 +38,20 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvmvfio.errors import GroupNotViable, KernelUnsupported, UsageError
+from kvmvfio.errors import (
+    GroupNotViable,
+    Interface,
+    KernelUnsupported,
+    UsageError,
+    interface,
+    shown,
+)
 from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice
 from kvmvfio.vfio.policy import Coherency, VfioPath, apply_coherency
 
@@ -52,6 +60,27 @@ if TYPE_CHECKING:
 
 JsonObject = dict[str, object]
 _NOIOMMU = "IOMMU group {number} is a no-IOMMU group: no DMA isolation"
+_CDEV_TOKEN = (
+    "VF {address}: the kernel's cdev path checks no VF token on this kernel (Linux 6.12: "
+    "only the group path's VFIO_GROUP_GET_DEVICE_FD does); the group path enforces it"
+)
+
+
+class VfTokenNeeded(UsageError):
+    """A VF whose PF is on vfio-pci was asked for without the VF token."""
+
+    def __init__(self, address: str, pf: str) -> None:
+        self.address = address
+        self.pf = pf
+        how = {
+            Interface.CLI: "--vf-token UUID",
+            Interface.API: "vf_token=UUID",
+            Interface.METADATA: "vf_token=UUID",
+        }[interface()]
+        super().__init__(
+            f"VF {address}: its PF {pf} is on vfio-pci, and the kernel opens the VF only with "
+            f"the VF token the PF's user set (VFIO_DEVICE_FEATURE_PCI_VF_TOKEN); give it: {how}"
+        )
 
 
 class Opener(enum.StrEnum):
@@ -79,6 +108,8 @@ class DevicePlan:
     coherent: bool | None
     #: What a user should know before using it (no isolation, no coherency).
     notes: tuple[str, ...] = ()
+    #: Opened with the plan's VF token: a VF whose PF is on vfio-pci, or such a PF.
+    vf_token: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +141,12 @@ class Plan:
     #: What is accepted that a default would refuse (a no-IOMMU group, no coherency).
     accepted: tuple[str, ...] = ()
     devfs: Path = field(default=Path("/dev"), compare=False)
+    #: The VF token (a shared secret of the PF's and the VFs' users): never printed.
+    vf_token: uuid.UUID | None = field(default=None, repr=False, compare=False)
+
+    def token_for(self, address: str) -> uuid.UUID | None:
+        """The VF token the device at ``address`` is opened with (None: none)."""
+        return self.vf_token if self.device(address).vf_token else None
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -188,6 +225,7 @@ class Plan:
                     "file": str(d.file),
                     "coherent": d.coherent,
                     "notes": list(d.notes),
+                    "vf_token": d.vf_token,
                 }
                 for d in self.devices
             ],
@@ -409,7 +447,11 @@ def _scratch_group(host: Host, group: GroupPlan) -> Iterator[Group]:
 
 
 def probe_group_coherency(
-    host: Host, path: VfioPath, group: GroupPlan, addresses: Sequence[str]
+    host: Host,
+    path: VfioPath,
+    group: GroupPlan,
+    addresses: Sequence[str],
+    tokens: Mapping[str, uuid.UUID | None] | None = None,
 ) -> bool:
     """Whether the IOMMU enforces coherency for group ``group`` on a group path.
 
@@ -431,7 +473,8 @@ def probe_group_coherency(
         opened.set_container(scratch.fileno())
         with contextlib.ExitStack() as stack:
             for addr in addresses:
-                stack.enter_context(opened.open_device(addr))
+                token = (tokens or {}).get(addr)
+                stack.enter_context(opened.open_device(addr, vf_token=token))
             return scratch.enforces_coherency()
 
 
@@ -446,6 +489,7 @@ def make_plan(
     allow_noiommu: bool = False,
     opener: Opener = Opener.SESSION,
     qemu_iommufd: bool = True,
+    vf_token: uuid.UUID | str | None = None,
     host: Host | None = None,
 ) -> Plan:
     """Decide everything about handing the devices at ``addresses`` to a VM; see the module.
@@ -458,9 +502,12 @@ def make_plan(
     :class:`~kvmvfio.errors.CoherencyRefused` under ``require``, and the
     kernel's refusals of the coherency question
     (:class:`~kvmvfio.errors.Busy` when someone else has a device open,
-    :class:`~kvmvfio.errors.NoInterruptRemapping`).
+    :class:`~kvmvfio.errors.NoInterruptRemapping`), and :class:`VfTokenNeeded`
+    for a VF whose PF is on vfio-pci without ``vf_token`` (or a token no
+    device takes).
     """
     host = host or Host()
+    token = _token(vf_token)
     requested = VfioPath(path)
     policy = Coherency(coherency)
     addrs = [str(PciAddress.coerce(a)) for a in addresses]
@@ -474,10 +521,20 @@ def make_plan(
     )
     group_plans = {n: _group_plan(host, g) for n, g in groups.items()}
     group_of = {str(m.address): n for n, g in groups.items() for m in g.members}
+    tokened = _token_users(host, devices, token)
     answers = _ask(
-        host, chosen, policy=policy, devices=devices, groups=group_plans, group_of=group_of
+        host,
+        chosen,
+        policy=policy,
+        devices=devices,
+        groups=group_plans,
+        group_of=group_of,
+        tokens={a: token for a in tokened},
     )
     notes: dict[str, list[str]] = {a: [] for a in addrs}
+    if chosen is VfioPath.CDEV:
+        for addr in tokened:
+            notes[addr].append(_CDEV_TOKEN.format(address=addr))
     accepted: list[str] = []
     for number, group in group_plans.items():
         if group.noiommu:
@@ -504,6 +561,7 @@ def make_plan(
                 file=cdev if chosen is VfioPath.CDEV and cdev else group_plans[number].node,
                 coherent=answers.get(addr),
                 notes=tuple(notes[addr]),
+                vf_token=addr in tokened,
             )
         )
     return Plan(
@@ -516,7 +574,46 @@ def make_plan(
         groups=tuple(group_plans.values()),
         accepted=tuple(accepted),
         devfs=host.devfs,
+        vf_token=token,
     )
+
+
+def _token(value: uuid.UUID | str | None) -> uuid.UUID | None:
+    if value is None or isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise UsageError(
+            f"a VF token is a UUID (8-4-4-4-12 hex digits), not {shown(str(value), 60)!r}"
+        ) from None
+
+
+def _token_users(host: Host, devices: Sequence[PciDevice], token: uuid.UUID | None) -> list[str]:
+    """The devices opened with the VF token; refuse a token missing or taken by none.
+
+    The kernel wants the token for a VF whose PF is on vfio-pci, and takes
+    one for such a PF (it sets the token when no VF is in use yet).
+    """
+    from kvmvfio.host import is_vfio_driver  # noqa: PLC0415
+
+    users: list[str] = []
+    for dev in devices:
+        addr = str(dev.address)
+        if dev.physfn is not None:
+            pf = host.device(str(dev.physfn))
+            if is_vfio_driver(pf.driver):
+                if token is None:
+                    raise VfTokenNeeded(addr, str(pf.address))
+                users.append(addr)
+        elif dev.is_physfn and is_vfio_driver(dev.driver) and token is not None:
+            users.append(addr)
+    if token is not None and not users:
+        raise UsageError(
+            "a VF token was given, but no device is a VF whose PF is on vfio-pci, nor such a "
+            "PF: open them without one"
+        )
+    return users
 
 
 def _ask(
@@ -527,6 +624,7 @@ def _ask(
     devices: Sequence[PciDevice],
     groups: Mapping[int, GroupPlan],
     group_of: Mapping[str, int],
+    tokens: Mapping[str, uuid.UUID | None],
 ) -> dict[str, bool]:
     """The kernel's coherency answer per device, on scratch files; none under ``ignore``."""
     if policy is Coherency.IGNORE:
@@ -539,7 +637,7 @@ def _ask(
     answers: dict[str, bool] = {}
     for number, group in groups.items():
         addrs = [str(d.address) for d in devices if group_of[str(d.address)] == number]
-        coherent = probe_group_coherency(host, path, group, addrs)
+        coherent = probe_group_coherency(host, path, group, addrs, tokens)
         answers.update(dict.fromkeys(addrs, coherent))
     return answers
 

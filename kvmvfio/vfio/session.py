@@ -41,6 +41,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Self
@@ -131,6 +132,7 @@ class VfioSession:
         kvm: KvmVfioDevice | None = None,
         coherency: Coherency | str = Coherency.WARN,
         allow_noiommu: bool = False,
+        vf_token: uuid.UUID | str | None = None,
         host: Host | None = None,
     ) -> None:
         if not addresses:
@@ -139,6 +141,7 @@ class VfioSession:
         self.requested = VfioPath(backend)
         self.coherency = Coherency(coherency)
         self.allow_noiommu = allow_noiommu
+        self.vf_token = vf_token
         self.kvm = kvm
         self.host = host or Host()
         self.state = Runstate.IDLE
@@ -268,6 +271,7 @@ class VfioSession:
                 path=self.requested,
                 coherency=self.coherency,
                 allow_noiommu=self.allow_noiommu,
+                vf_token=self.vf_token,
                 host=self.host,
             )
         plan = self.plan
@@ -314,7 +318,9 @@ class VfioSession:
         for number, group in self.groups.items():
             self._kvm_add(group.fileno(), f"IOMMU group {number} ({group.path})")
         for dev in plan.devices:
-            self.devices[dev.address] = self.groups[dev.group].open_device(dev.address)
+            self.devices[dev.address] = self.groups[dev.group].open_device(
+                dev.address, vf_token=plan.token_for(dev.address)
+            )
 
     def _open_cdev(self, plan: Plan) -> None:
         for dev in plan.devices:

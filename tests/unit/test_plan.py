@@ -296,3 +296,87 @@ def test_metadata_takes_the_same_vocabulary(caplog: pytest.LogCaptureFixture) ->
     assert "path=iommufd is now spelled path=cdev" in caplog.text
     with pytest.raises(MetadataError, match="no QEMU opens a group on iommufd"):
         parse_domain(_domain('path="group-iommufd"'))
+
+
+# -- VF tokens -------------------------------------------------------------------------------
+
+PF, VF0, VF1 = "0000:00:08.0", "0000:00:09.0", "0000:00:09.1"
+TOKEN = "2c0d4ab4-7a5d-4b84-9a4a-0b5cbbd1c9a1"
+
+
+@pytest.fixture
+def sriov_host(build_host: BuildHost) -> Host:
+    """A PF on vfio-pci (a userspace PF driver) with two VFs on vfio-pci, each in its group."""
+    pf = Dev(PF, driver="vfio-pci", group=8, vfs=2, vf_offset=8, vf_group=9, vf_driver="vfio-pci")
+    return build_host(Topology(devices=[pf]))
+
+
+def test_a_vf_of_a_vfio_pf_needs_the_token(sriov_host: Host, kernel: FakeVfio) -> None:
+    from kvmvfio.vfio.plan import VfTokenNeeded  # noqa: PLC0415
+
+    with pytest.raises(VfTokenNeeded, match=f"VF {VF0}: its PF {PF} is on vfio-pci"):
+        make_plan([VF0], path="group", host=sriov_host)
+    assert kernel.calls == []
+    plan = make_plan([VF0], path="group", vf_token=TOKEN, host=sriov_host)
+    assert plan.device(VF0).vf_token
+    assert str(plan.token_for(VF0)) == TOKEN
+    assert TOKEN not in repr(plan)
+    assert TOKEN not in json.dumps(plan.to_json())
+    with VfioSession.from_plan(plan, host=sriov_host):
+        pass
+    # The kernel reads the token from the device name at each open (the group
+    # path's coherency question opens no device; group-iommufd's does).
+    assert kernel.opened == [f"{VF0} vf_token={TOKEN}"]
+    kernel.opened.clear()
+    with VfioSession([VF0], backend="group-iommufd", vf_token=TOKEN, host=sriov_host):
+        pass
+    assert kernel.opened == [f"{VF0} vf_token={TOKEN}"] * 2
+
+
+def test_the_cdev_path_says_it_checks_no_token(sriov_host: Host, kernel: FakeVfio) -> None:
+    plan = make_plan([VF0, VF1], path="cdev", vf_token=TOKEN, host=sriov_host)
+    assert all("checks no VF token" in d.notes[0] for d in plan.devices)
+
+
+def test_a_malformed_token_is_refused(sriov_host: Host, kernel: FakeVfio) -> None:
+    with pytest.raises(UsageError, match="a VF token is a UUID"):
+        make_plan([VF0], vf_token="not-a-uuid", host=sriov_host)
+    assert kernel.calls == []
+
+
+def test_a_token_no_device_takes_is_refused(host: Host, kernel: FakeVfio) -> None:
+    with pytest.raises(UsageError, match="no device is a VF whose PF is on vfio-pci"):
+        make_plan([A], vf_token=TOKEN, host=host)
+    assert kernel.calls == []
+
+
+async def test_qemu_gets_the_token_on_the_group_path(
+    sriov_host: Host, kernel: FakeVfio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def ensure_memlock(qemu: object, *, raise_it: bool = True) -> int:
+        return 0
+
+    monkeypatch.setattr(handoff, "ensure_memlock", ensure_memlock)
+    monkeypatch.setattr(handoff, "grant", lambda node, uid: False)
+    peer = await FakeQmp(tmp_path / "qmp.sock").start()
+    peer.replies.update(
+        {
+            "qom-list-types": [],
+            "qom-list": lambda a: (
+                [{"name": "rp0", "type": "child<pcie-root-port>"}]
+                if a["path"] == "/machine/peripheral"
+                else []
+            ),
+            "device_add": {},
+        }
+    )
+    try:
+        async with Qemu(peer.path) as qemu:
+            (done,) = await handoff.attach(qemu, [VF0], vf_token=TOKEN, host=sriov_host)
+    finally:
+        await peer.stop()
+    assert done.path == "group"  # this QEMU has no iommufd
+    adds = [args for cmd, args in peer.received if cmd == "device_add"]
+    assert adds
+    assert adds[0]["vf-token"] == TOKEN
+    assert adds[0]["host"] == VF0

@@ -13,7 +13,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kvmvfio.cli.args import existing_dir
@@ -131,8 +131,20 @@ def no_group_json(why: NoGroup | None) -> JsonObject | None:
     }
 
 
-def device_json(dev: PciDevice, no_group: NoGroup | None = None) -> JsonObject:
-    """One PCI function as the ``--json`` schema has it (``no_group``: why it has none)."""
+def vf_index(dev: PciDevice, pf: PciDevice | None) -> int | None:
+    """The VF's index under its PF (``virtfnN``), or None (not a VF, PF unknown)."""
+    if pf is None or dev.physfn is None or dev.address not in pf.virtfns:
+        return None
+    return pf.virtfns.index(dev.address)
+
+
+def device_json(
+    dev: PciDevice, no_group: NoGroup | None = None, pf: PciDevice | None = None
+) -> JsonObject:
+    """One PCI function as the ``--json`` schema has it.
+
+    ``no_group``: why it has none; ``pf``: its PF, for a VF (its index, the PF's driver).
+    """
     return {
         "address": str(dev.address),
         "vendor": _hex(dev.vendor, 4),
@@ -148,6 +160,8 @@ def device_json(dev: PciDevice, no_group: NoGroup | None = None) -> JsonObject:
         "numa_node": dev.numa_node,
         "reset_methods": list(dev.reset_methods),
         "physfn": None if dev.physfn is None else str(dev.physfn),
+        "vf_index": vf_index(dev, pf),
+        "pf_driver": None if pf is None or dev.physfn is None else pf.driver,
         "virtfns": [str(a) for a in dev.virtfns],
         "sriov_totalvfs": dev.sriov_totalvfs,
         "sriov_numvfs": dev.sriov_numvfs,
@@ -207,18 +221,32 @@ def inventory_json(inv: Inventory, devfs: str | Path) -> JsonObject:
     return {
         "schema": SCHEMA,
         "host": support_json(inv.support, inv.iommu),
-        "devices": [device_json(d, inv.no_group(d)) for d in inv.devices],
+        "devices": [device_json(d, inv.no_group(d), _pf_of(inv, d)) for d in inv.devices],
         "groups": [group_json(g, devfs) for g in inv.groups],
     }
 
 
-def group_document(group: IommuGroup, devfs: str | Path) -> JsonObject:
-    """The whole ``group --json`` document."""
+def _pf_of(inv: Inventory, dev: PciDevice) -> PciDevice | None:
+    if dev.physfn is None:
+        return None
+    return next((d for d in inv.devices if d.address == dev.physfn), None)
+
+
+def group_document(
+    group: IommuGroup, devfs: str | Path, pfs: Mapping[str, PciDevice] | None = None
+) -> JsonObject:
+    """The whole ``group --json`` document (``pfs``: the PFs of VF members, by address)."""
+    pfs = pfs or {}
     return {
         "schema": SCHEMA,
         "group": group_json(group, devfs),
-        "devices": [device_json(d) for d in group.members],
+        "devices": [device_json(d, pf=pfs.get(str(d.physfn))) for d in group.members],
     }
+
+
+def pfs_of(host: Host, group: IommuGroup) -> dict[str, PciDevice]:
+    """The PFs of the group's VF members, by address (read from ``host``)."""
+    return {str(m.physfn): host.device(str(m.physfn)) for m in group.members if m.physfn}
 
 
 def _print_json(doc: JsonObject) -> None:
@@ -244,14 +272,22 @@ _NO_GROUP_NOTES = {
 }
 
 
-def _notes(dev: PciDevice, group: IommuGroup | None, why: NoGroup | None = None) -> str:
+def _notes(
+    dev: PciDevice,
+    group: IommuGroup | None,
+    why: NoGroup | None = None,
+    pf: PciDevice | None = None,
+) -> str:
     notes = []
     if why is not None and why.cause in _NO_GROUP_NOTES:
         notes.append(_NO_GROUP_NOTES[why.cause])
     if dev.sriov_totalvfs is not None:
         notes.append(f"PF {dev.sriov_numvfs}/{dev.sriov_totalvfs} VFs")
     if dev.physfn is not None:
-        notes.append(f"VF of {dev.physfn}")
+        index = vf_index(dev, pf)
+        which = "VF" if index is None else f"VF {index}"
+        driver = f" ({pf.driver or 'no driver'})" if pf is not None else ""
+        notes.append(f"{which} of {dev.physfn}{driver}")
     if dev.driver_override is not None:
         notes.append(f"override={dev.driver_override}")
     if dev.boot_vga:
@@ -282,7 +318,7 @@ def render_inventory(inv: Inventory) -> str:
                 "-" if dev.iommu_group is None else str(dev.iommu_group),
                 _viable(group),
                 dev.vfio_cdev or "-",
-                _notes(dev, group, inv.no_group(dev)),
+                _notes(dev, group, inv.no_group(dev), _pf_of(inv, dev)),
             )
         )
     text = _table(rows) if inv.devices else "No PCI functions found."
@@ -307,8 +343,11 @@ def render_iommu(inv: Inventory) -> str:
     return text
 
 
-def render_group(group: IommuGroup, devfs: str | Path) -> str:
-    """The human text of ``kvmvfio group``."""
+def render_group(
+    group: IommuGroup, devfs: str | Path, pfs: Mapping[str, PciDevice] | None = None
+) -> str:
+    """The human text of ``kvmvfio group`` (``pfs``: the PFs of VF members, by address)."""
+    pfs = pfs or {}
     state = "viable" if group.viable else "NOT viable"
     kind = "no-IOMMU group" if group.noiommu else "IOMMU group"
     head = f"{kind} {group.number} ({group.dev_node(devfs)}): {state}"
@@ -321,7 +360,8 @@ def render_group(group: IommuGroup, devfs: str | Path) -> str:
                 dev.ids,
                 dev.class_name,
                 dev.driver or "-",
-                f"blocks: {blocker.reason}" if blocker else "ok",
+                (f"blocks: {blocker.reason}" if blocker else "ok")
+                + (f" ({_notes(dev, None, pf=pfs.get(str(dev.physfn)))})" if dev.physfn else ""),
             )
         )
     foreign = {b.address: b for b in group.blockers}
@@ -375,7 +415,7 @@ def _group(args: argparse.Namespace) -> int:
     host = _host(args)
     group = resolve_group(host, args.target)
     if args.json:
-        _print_json(group_document(group, host.devfs))
+        _print_json(group_document(group, host.devfs, pfs_of(host, group)))
     else:
-        print(render_group(group, host.devfs))
+        print(render_group(group, host.devfs, pfs_of(host, group)))
     return 0 if group.viable else 1

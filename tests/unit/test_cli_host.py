@@ -87,7 +87,7 @@ def test_inventory_table(build_host: BuildHost, capsys: pytest.CaptureFixture[st
     )
     assert rows["0000:00:02.0"].endswith("override=vfio-pci, boot VGA")
     assert rows["0000:3b:00.0"].endswith("PF 2/8 VFs")
-    assert rows["0000:3b:02.0"].endswith("VF of 0000:3b:00.0")
+    assert rows["0000:3b:02.0"].endswith("VF 0 of 0000:3b:00.0 (i40e)")
     assert lines[-2:] == [
         "IOMMU: Intel VT-d (dmar0). 1 function(s) in no IOMMU group; `kvmvfio group ADDR` "
         "says why.",
@@ -173,7 +173,12 @@ def test_group_viable_by_number_exits_0(
     code, out, err = _run(["group", "5", *_roots(host)], capsys)
     assert (code, err) == (0, "")
     assert out.splitlines()[0] == f"IOMMU group 5 ({host.devfs}/vfio/5): viable"
-    assert re.search(r"^0000:3b:02\.0 +8086:10d3 +Ethernet controller +vfio-pci +ok$", out, re.M)
+    assert re.search(
+        r"^0000:3b:02\.0 +8086:10d3 +Ethernet controller +vfio-pci +"
+        r"ok \(VF 0 of 0000:3b:00\.0 \(i40e\)\)$",
+        out,
+        re.M,
+    )
 
 
 def test_group_not_viable_by_address_exits_1_with_reasons(

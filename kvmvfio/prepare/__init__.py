@@ -278,6 +278,7 @@ def _prepare_group(
             pid_start=process.start if process else None,
         )
     movers = [m for m in group.members if needs_moving(m)]
+    _refuse_pfs_with_vfs(host, movers, root=journal.folder.root, uid=journal.folder.uid)
     accepted: list[str] = []
     for m in movers:
         if m.driver is not None:
@@ -312,6 +313,21 @@ def _prepare_group(
         members=tuple(str(m.address) for m in group.members),
         accepted=tuple(accepted),
     )
+
+
+def _refuse_pfs_with_vfs(
+    host: Host, movers: Sequence[PciDevice], *, root: str | Path, uid: int | None
+) -> None:
+    """A PF with VFs stays on its driver: unbinding it turns SR-IOV off and removes them."""
+    from kvmvfio.prepare import sriov  # noqa: PLC0415 (it imports this package)
+
+    for m in movers:
+        if m.driver is None or not m.sriov_numvfs:
+            continue
+        uses = sriov.vf_uses(host, m, root=root, uid=uid)
+        if uses:
+            raise sriov.VfsInUse(str(m.address), uses)
+        raise sriov.PfHasVfs(str(m.address), m.driver, m.sriov_numvfs)
 
 
 def _vfio_holders(

@@ -91,6 +91,20 @@ class VfsInUse(KvmvfioError):
         )
 
 
+class PfHasVfs(KvmvfioError):
+    """A PF with VFs is not moved off its driver: that would remove its VFs."""
+
+    def __init__(self, pf: str, driver: str, count: int) -> None:
+        self.pf = pf
+        self.driver = driver
+        self.count = count
+        super().__init__(
+            f"PF {pf} ({driver}) has {count} VFs: unbinding {driver} turns SR-IOV off and "
+            f"removes them behind the journal's back. Remove them first (`kvmvfio sriov set "
+            f"{pf} 0 --owner OWNER`), or hand out the VFs instead of the PF"
+        )
+
+
 class PfClaimed(KvmvfioError):
     """Another owner set the PF's VF count, and is alive."""
 

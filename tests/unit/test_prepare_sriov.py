@@ -200,3 +200,17 @@ def test_the_cli_refuses_a_count_that_is_not_one(
     assert "a VF count is a whole number from 0 to 65535" in err
     assert "Traceback" not in err
     assert _attr(host, "sriov_numvfs") == "2"
+
+
+def test_a_pf_with_vfs_is_not_handed_out(host: Host, root: Path) -> None:
+    before = _digest(host.sysfs)
+    with pytest.raises(sriov.PfHasVfs, match=f"PF {PF} \\(igb\\) has 2 VFs: unbinding igb"):
+        prepare.prepare([PF], "vm1", host=host, root=root)
+    assert _digest(host.sysfs) == before
+    assert prepare.status(host=host, root=root) == []
+
+
+def test_a_pf_whose_vfs_are_in_use_is_not_handed_out(build_host: BuildHost, root: Path) -> None:
+    host = build_host(Topology(devices=[_pf(vf_driver="vfio-pci")]))
+    with pytest.raises(sriov.VfsInUse, match=f"VF {VF0} is on vfio-pci"):
+        prepare.prepare([PF], "vm1", host=host, root=root)

@@ -248,6 +248,8 @@ class ImageBuilder:
             raise
         finally:
             stop.set()
+            if proc.stdout is not None:
+                proc.stdout.close()
         if rc != 0:
             log = "\n  ".join(tail[-20:])
             raise LabError(f"building the {kind} image failed (exit {rc}); last lines:\n  {log}")

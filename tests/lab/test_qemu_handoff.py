@@ -52,9 +52,8 @@ def paused() -> Iterator[L2Qemu]:
 @pytest.fixture(scope="module")
 def running() -> Iterator[L2Qemu]:
     """An L2 QEMU with a booted guest that answers hotplug (one boot per module)."""
-    qemu = L2Qemu(ports=2, guest=True)
+    qemu = L2Qemu.booted(ports=2)
     try:
-        qemu.wait_guest(timeout=600)
         yield qemu
     finally:
         qemu.kill()

@@ -154,7 +154,12 @@ class L2Qemu:
             for path in (kernel, initrd):
                 os.chmod(path, 0o644)
             argv += ["-kernel", str(kernel), "-initrd", str(initrd)]
-            argv += ["-append", f"console=ttyS0 panic=-1 quiet {append}".strip()]
+            # lapic=notscdeadline: the guest's LAPIC timer in one-shot mode.
+            # L1's TSC runs at TCG's pace and is often marked unstable; KVM
+            # turns TSC-deadline timers into host time through it, and the
+            # lab's stalled boots (docs/lab.md) waited on such a timer.
+            args = f"console=ttyS0 panic=-1 quiet lapic=notscdeadline {append}"
+            argv += ["-append", args.strip()]
         else:
             argv.append("-S")
         argv += list(extra)

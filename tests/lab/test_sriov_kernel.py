@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
-import struct
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +28,6 @@ from pathlib import Path
 import pytest
 from vfiokit import cdev_of, driver, group_of
 
-from kvmvfio import uapi
 from kvmvfio.errors import KernelError
 from kvmvfio.lab.topology import Topology
 from kvmvfio.vfio.container import Container
@@ -39,14 +39,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.topology("sriov")]
 
 PCI = Path("/sys/bus/pci")
 ENABLE_SRIOV = Path("/sys/module/vfio_pci/parameters/enable_sriov")
-
-# linux/vfio.h: VFIO_DEVICE_FEATURE is _IO(VFIO_TYPE, VFIO_BASE + 17) on a
-# struct vfio_device_feature { __u32 argsz; __u32 flags; __u8 data[]; };
-# VFIO_DEVICE_FEATURE_PCI_VF_TOKEN's data is a 16-byte UUID, SET only.
-# kvmvfio.uapi does not declare it (yet): the bare ioctl, for this test only.
-_VFIO_DEVICE_FEATURE = (uapi.VFIO_TYPE << 8) | (uapi.VFIO_BASE + 17)
-_FEATURE_SET = 1 << 17
-_FEATURE_PCI_VF_TOKEN = 0
 
 
 def write(path: Path, text: str) -> None:
@@ -104,6 +96,7 @@ def pf(topology: Topology) -> Iterator[Pf]:
     booted = (driver(dev.addr), dev.read("sriov_drivers_autoprobe"), ENABLE_SRIOV.read_text())
     assert booted == ("nvme", "1", "N\n"), "the PF is not as booted: an earlier test left it"
     assert dev.vfs() == []
+    reset_methods = dev.read("reset_method")
     yield dev
     # The count first (vfio-pci refuses even 0 while enable_sriov is off),
     # then the PF's driver, then the knobs.
@@ -115,6 +108,7 @@ def pf(topology: Topology) -> Iterator[Pf]:
         dev.bind(None)
     dev.set_autoprobe(True)
     write(ENABLE_SRIOV, "N")
+    write(dev.dir / "reset_method", reset_methods)
     assert dev.vfs() == []
 
 
@@ -136,21 +130,24 @@ def group_path(addr: str) -> Iterator[Group]:
         yield group
 
 
-def open_errno(group: Group, name: str) -> int:
+def open_errno(group: Group, name: str, token: uuid.UUID | None = None) -> int:
+    """The errno of VFIO_GROUP_GET_DEVICE_FD's refusal of ``name`` (and ``token``)."""
     with pytest.raises(KernelError) as caught:
-        group.open_device(name).close()
+        group.open_device(name, vf_token=token).close()
     assert caught.value.errno is not None
     return caught.value.errno
 
 
-def set_vf_token(device: Device, token: uuid.UUID) -> None:
-    """VFIO_DEVICE_FEATURE_PCI_VF_TOKEN (SET) on an open PF."""
-    arg = bytearray(struct.pack("=II", 8 + 16, _FEATURE_SET | _FEATURE_PCI_VF_TOKEN) + token.bytes)
-    fcntl.ioctl(device.fileno(), _VFIO_DEVICE_FEATURE, arg, True)
-
-
 def vfio_pci_pf_with_vfs(pf: Pf, count: int) -> list[str]:
-    """PF on vfio-pci with ``enable_sriov`` on, ``count`` VFs (autoprobe off: no driver yet)."""
+    """PF on vfio-pci with ``enable_sriov`` on, ``count`` VFs (autoprobe off: no driver yet).
+
+    The PF's reset methods are turned off first: vfio-pci resets a device
+    when it is opened and closed, and QEMU 7.2's nvme drops its VFs on a
+    function reset (``nvme_ctrl_reset``: ``pcie_sriov_pf_disable_vfs``); L1
+    keeps them, and each VF opened afterwards waits 65 s for an FLR that
+    never completes (docs/sriov.md). Real PFs bring their VFs back.
+    """
+    write(pf.dir / "reset_method", "\n")
     pf.bind("vfio-pci")
     pf.set_autoprobe(False)
     write(ENABLE_SRIOV, "Y")
@@ -207,10 +204,76 @@ def test_a_vf_on_vfio_pci_opens_on_both_paths(pf: Pf) -> None:
         with group.open_device(vf) as device:
             assert device.info().is_pci
         # A token for a VF whose PF is not on vfio-pci is a mistake to the kernel.
-        assert open_errno(group, f"{vf} vf_token={uuid.uuid4()}") == errno.EINVAL
+        assert open_errno(group, vf, uuid.uuid4()) == errno.EINVAL
     cdev = os.path.basename(cdev_of(vf))
     with Iommufd() as iommufd, Device.open_cdev(vf, cdev) as device:
         device.bind_iommufd(iommufd.fileno())
+
+
+def kernel_log() -> list[str]:
+    return subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+def test_autoprobe_gives_the_vfs_to_nvme_which_gives_up(pf: Pf) -> None:
+    """QEMU's secondary controllers are offline until ``nvme virt-mgmt`` gives them resources.
+
+    nvme probes each VF (asynchronously), reads CSTS.CFS and gives up at
+    once: the VFs stay without a driver.
+    """
+    gave_up = "Device not ready; aborting initialisation, CSTS=0x2"
+    before = sum(gave_up in line for line in kernel_log())
+    pf.set_numvfs(2)  # autoprobe is on, as booted
+    deadline = time.monotonic() + 30
+    while sum(gave_up in line for line in kernel_log()) < before + 2:
+        assert time.monotonic() < deadline, "nvme did not try both VFs within 30 s"
+        time.sleep(0.2)
+    assert [driver(vf) for vf in pf.vfs()] == [None, None]
+
+
+_HOLDER = """
+import sys, time
+from kvmvfio.vfio.container import Container
+from kvmvfio.vfio.group import Group
+vf, number = sys.argv[1], int(sys.argv[2])
+with Container() as container, Group(number) as group:
+    group.set_container(container.fileno())
+    container.set_iommu()
+    with group.open_device(vf):
+        print("open", flush=True)
+        time.sleep(300)
+"""
+
+
+def test_the_count_waits_for_an_open_vf(pf: Pf) -> None:
+    """Writing 0 blocks while a VF is open, and ends once it is closed.
+
+    vfio-pci's remove waits for the device's users ("No device request
+    channel registered, blocked until released by user"). Reading
+    ``sriov_numvfs`` meanwhile would block too (the PF's device lock).
+    """
+    pf.set_autoprobe(False)
+    pf.set_numvfs(2)
+    vf = pf.vfs()[0]
+    bind_vf(vf)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, vf, str(group_of(vf))], stdout=subprocess.PIPE, text=True
+    )
+    writer = threading.Thread(target=pf.set_numvfs, args=(0,))
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "open\n"
+        writer.start()
+        writer.join(3)
+        assert writer.is_alive()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    closed = time.monotonic()
+    writer.join(30)
+    assert not writer.is_alive()
+    assert time.monotonic() - closed < 10
+    assert pf.vfs() == []
 
 
 # -- the PF on vfio-pci ------------------------------------------------------------------
@@ -236,15 +299,15 @@ def test_vf_token_on_the_group_path(pf: Pf) -> None:
     token = uuid.uuid4()
     with group_path(pf.addr) as pf_group, group_path(vf) as vf_group:
         with pf_group.open_device(pf.addr) as pf_device:
-            set_vf_token(pf_device, token)
+            pf_device.set_vf_token(token)
         assert open_errno(vf_group, vf) == errno.EACCES
-        assert open_errno(vf_group, f"{vf} vf_token={uuid.uuid4()}") == errno.EACCES
+        assert open_errno(vf_group, vf, uuid.uuid4()) == errno.EACCES
         assert open_errno(vf_group, f"{vf} vf_token=not-a-uuid") == errno.EINVAL
-        with vf_group.open_device(f"{vf} vf_token={token}"):
+        with vf_group.open_device(vf, vf_token=token):
             # A VF in use: the PF now wants the token too.
             assert open_errno(pf_group, pf.addr) == errno.EACCES
-            assert open_errno(pf_group, f"{pf.addr} vf_token={uuid.uuid4()}") == errno.EACCES
-            pf_group.open_device(f"{pf.addr} vf_token={token}").close()
+            assert open_errno(pf_group, pf.addr, uuid.uuid4()) == errno.EACCES
+            pf_group.open_device(pf.addr, vf_token=token).close()
         # No VF in use: the PF opens without one again.
         pf_group.open_device(pf.addr).close()
 

@@ -52,6 +52,7 @@ def pf(topology: Topology, tmp_path: Path) -> Iterator[str]:
     addr = topology.guest_address("sriov0")
     assert driver(addr) == "nvme"
     assert _attr(addr, "sriov_numvfs") == "0"
+    reset_methods = _attr(addr, "reset_method")
     yield addr
     recover(root=tmp_path)
     sriov.recover_vfs(root=tmp_path)
@@ -64,6 +65,7 @@ def pf(topology: Topology, tmp_path: Path) -> Iterator[str]:
         _write(Path("/sys/bus/pci/drivers_probe"), addr)
     _write(PCI / addr / "sriov_drivers_autoprobe", "1")
     _write(ENABLE_SRIOV, "N")
+    _write(PCI / addr / "reset_method", reset_methods)
 
 
 def _vfs(pf: str) -> list[str]:
@@ -173,6 +175,10 @@ async def test_a_vf_reaches_an_unprivileged_guest_by_fd(pf: str, tmp_path: Path)
 def test_a_vf_of_a_pf_on_vfio_pci_opens_only_with_its_token(pf: str, tmp_path: Path) -> None:
     token = uuid.uuid4()
     _write(ENABLE_SRIOV, "Y")
+    # QEMU 7.2's nvme drops its VFs on a function reset, which vfio-pci does
+    # at each open and close of the PF; each VF opened after it would wait
+    # 65 s for an FLR (docs/sriov.md). Real PFs bring their VFs back.
+    _write(PCI / pf / "reset_method", "\n")
     prepare([pf], "pfuser", root=tmp_path)  # a user-space PF driver's side
     assert driver(pf) == "vfio-pci"
     with VfioSession([pf], backend="group", vf_token=token) as session:

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "puts everything back."
         ),
     )
-    _common(p, addresses=True)
+    common_args(p, addresses=True)
     p.add_argument("--owner", required=True, help="who claims the groups (a VM name, a token)")
     p.add_argument("--owner-pid", type=int, help="the owner's process, to detect stale claims")
     p.add_argument(
@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_prepare)
 
     r = sub.add_parser("release", help="put prepared devices back on their original drivers")
-    _common(r, addresses=True)
+    common_args(r, addresses=True)
     r.add_argument("--owner", help="refuse if another owner holds a group")
     r.add_argument("--reset", action="store_true", help="reset each device before it leaves")
     r.set_defaults(handler=_release)
@@ -74,15 +74,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "are still restored (exit status 1 then)."
         ),
     )
-    _common(rc, addresses=False)
+    common_args(rc, addresses=False)
     rc.set_defaults(handler=_recover)
 
     st = sub.add_parser("status", help="the groups kvmvfio holds and their owners")
-    _common(st, addresses=False)
+    common_args(st, addresses=False)
     st.set_defaults(handler=_status)
 
 
-def _common(parser: argparse.ArgumentParser, *, addresses: bool) -> None:
+def common_args(parser: argparse.ArgumentParser, *, addresses: bool) -> None:
+    """The arguments of the commands that change the host: --json and the roots (hidden)."""
     if addresses:
         parser.add_argument("addresses", nargs="+", metavar="ADDR", help="PCI address")
     parser.add_argument("--json", action="store_true", help="print JSON (docs/cli-json.md)")
@@ -91,7 +92,8 @@ def _common(parser: argparse.ArgumentParser, *, addresses: bool) -> None:
     parser.add_argument("--dev-root", default="/dev", type=existing_dir, help=argparse.SUPPRESS)
 
 
-def _out(doc: dict[str, object]) -> None:
+def print_doc(doc: dict[str, object]) -> None:
+    """Print ``doc`` as the ``--json`` document of schema :data:`SCHEMA`."""
     json.dump({"schema": SCHEMA, **doc}, sys.stdout, indent=2)
     sys.stdout.write("\n")
 
@@ -111,7 +113,7 @@ def _prepare(args: argparse.Namespace) -> int:
         root=Path(args.root),
     )
     if args.json:
-        _out({"prepared": [asdict(p) for p in done]})
+        print_doc({"prepared": [asdict(p) for p in done]})
         return 0
     for p in done:
         moved = ", ".join(f"{e.address} ({e.driver or 'no driver'})" for e in p.moved) or "none"
@@ -133,7 +135,7 @@ def _release(args: argparse.Namespace) -> int:
     host = Host(args.sysfs_root, args.dev_root)
     done = release(_addrs(args), args.owner, reset=args.reset, host=host, root=Path(args.root))
     if args.json:
-        _out({"released": [asdict(r) for r in done]})
+        print_doc({"released": [asdict(r) for r in done]})
     else:
         _print_restored(done, "release")
     return 0
@@ -147,7 +149,7 @@ def _recover(args: argparse.Namespace) -> int:
     # VFs after groups: a VF given back from vfio-pci no longer keeps its count.
     vfs = recover_vfs(host=host, root=Path(args.root))
     if args.json:
-        _out(
+        print_doc(
             {
                 "recovered": [asdict(r) for r in done.restored],
                 "skipped": [_status_doc(g) for g in done.skipped],
@@ -181,7 +183,7 @@ def _status_doc(g: GroupStatus) -> dict[str, object]:
 def _status(args: argparse.Namespace) -> int:
     groups = status(host=Host(args.sysfs_root, args.dev_root), root=Path(args.root))
     if args.json:
-        _out({"groups": [_status_doc(g) for g in groups]})
+        print_doc({"groups": [_status_doc(g) for g in groups]})
         return 0
     if not groups:
         print("kvmvfio holds no IOMMU group")

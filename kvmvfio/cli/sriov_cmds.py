@@ -8,21 +8,16 @@ autoprobe before it changes them (``/run/kvmvfio/sriov``), so ``reset`` and
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvmvfio.cli.args import existing_dir, path_text
+from kvmvfio.cli.prepare_cmds import common_args, print_doc
 from kvmvfio.errors import UsageError, shown
 from kvmvfio.host import Host, PciAddress
-from kvmvfio.prepare.journal import DEFAULT_ROOT
 
 if TYPE_CHECKING:
     from kvmvfio.prepare.sriov import VfChange
-
-SCHEMA = 1
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,7 +36,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     show = cmds.add_parser("show", help="the PF's VFs: count, total, autoprobe, each VF's driver")
     show.add_argument("pf", metavar="PF", help="PCI address of the physical function")
-    _common(show)
+    common_args(show, addresses=False)
     show.set_defaults(handler=_show)
 
     st = cmds.add_parser(
@@ -57,26 +52,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="let the PF's VF driver take the new VFs (sriov_drivers_autoprobe=1)",
     )
-    _common(st)
+    common_args(st, addresses=False)
     st.set_defaults(handler=_set)
 
     rs = cmds.add_parser("reset", help="put back the VF count the PF had before OWNER's set")
     rs.add_argument("pf", metavar="PF", help="PCI address of the physical function")
     rs.add_argument("--owner", required=True, help="the owner that set it")
-    _common(rs)
+    common_args(rs, addresses=False)
     rs.set_defaults(handler=_reset)
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON (docs/cli-json.md)")
-    parser.add_argument("--root", default=str(DEFAULT_ROOT), type=path_text, help=argparse.SUPPRESS)
-    parser.add_argument("--sysfs-root", default="/sys", type=existing_dir, help=argparse.SUPPRESS)
-    parser.add_argument("--dev-root", default="/dev", type=existing_dir, help=argparse.SUPPRESS)
-
-
-def _out(doc: dict[str, object]) -> None:
-    json.dump({"schema": SCHEMA, **doc}, sys.stdout, indent=2)
-    sys.stdout.write("\n")
 
 
 def vf_count(text: str) -> int:
@@ -106,7 +89,7 @@ def _show(args: argparse.Namespace) -> int:
         )
     record = next((r for r in sriov.records(Path(args.root)) if r.pf == str(pf.address)), None)
     if args.json:
-        _out(
+        print_doc(
             {
                 "pf": str(pf.address),
                 "driver": pf.driver,
@@ -151,7 +134,7 @@ def _set(args: argparse.Namespace) -> int:
         root=Path(args.root),
     )
     if args.json:
-        _out({"set": _change_doc(done)})
+        print_doc({"set": _change_doc(done)})
         return 0
     vfs = ", ".join(done.vfs) or "none"
     print(f"PF {done.pf}: {done.after} VFs (had {done.before}) for {shown(args.owner)}; VFs: {vfs}")
@@ -165,7 +148,7 @@ def _reset(args: argparse.Namespace) -> int:
         str(PciAddress.parse(args.pf)), args.owner, host=_host(args), root=Path(args.root)
     )
     if args.json:
-        _out({"reset": None if done is None else _change_doc(done)})
+        print_doc({"reset": None if done is None else _change_doc(done)})
         return 0
     if done is None:
         print(f"PF {PciAddress.parse(args.pf)}: kvmvfio changed nothing there")

@@ -227,11 +227,7 @@ def prepare(
         raise UsageError(f"unknown --force {', '.join(sorted(unknown))}; one of {safety.CHECKS}")
     host = host or Host()
     watch = watch or OwnerWatch(proc=host.procfs)
-    process = None
-    if owner_pid is not None:
-        process = watch.identify(owner_pid)
-        if process is None:
-            raise UsageError(f"owner pid {owner_pid}: no such process runs")
+    process = watch.owner_process(owner_pid)
     sysfs = Sysfs(host.sysfs)
     journal = Journal(root, uid)
     addrs = [str(PciAddress.coerce(a)) for a in addresses]

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmvfio.errors import UsageError
 from kvmvfio.host.procs import ProcessId, is_running, read_pidfile, start_time
 
 #: Owners of claims kvmvfio's libvirt integration makes start with this.
@@ -76,6 +77,15 @@ class OwnerWatch:
         if start_time(process.pid, self.proc) is not None:
             return Liveness(False, f"pid {process.pid} now belongs to another process")
         return Liveness(False, f"process {process.pid} has exited")
+
+    def owner_process(self, pid: int | None) -> ProcessId | None:
+        """The owner's process for a new claim (None: none given); UsageError if none runs."""
+        if pid is None:
+            return None
+        process = self.identify(pid)
+        if process is None:
+            raise UsageError(f"owner pid {pid}: no such process runs")
+        return process
 
     def identify(self, pid: int) -> ProcessId | None:
         """``pid`` with its start time, for a new claim; None when no such process runs."""

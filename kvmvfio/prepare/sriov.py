@@ -308,11 +308,7 @@ def set_vfs(
     dev = physical_function(host, pf)
     count = _checked_count(count, dev)
     addr = str(dev.address)
-    process = None
-    if owner_pid is not None:
-        process = watch.identify(owner_pid)
-        if process is None:
-            raise UsageError(f"owner pid {owner_pid}: no such process runs")
+    process = watch.owner_process(owner_pid)
     sysfs = Sysfs(host.sysfs)
     vfj = VfJournal(root, uid)
     with vfj.locked(addr):

@@ -105,12 +105,7 @@ def coldplug(
     iommufd may not count per process (kvmvfio lacks ``CAP_SYS_RESOURCE``).
     """
     if isinstance(addresses, Plan):
-        plan = addresses
-        if plan.opener is not Opener.COLDPLUG:
-            raise UsageError(
-                f"this plan is for {plan.opener.value}, not a QEMU to start: make it with "
-                "plan_coldplug()"
-            )
+        plan = addresses.made_for(Opener.COLDPLUG, "plan_coldplug")
     else:
         plan = plan_coldplug(addresses, coherency=coherency, allow_noiommu=allow_noiommu, host=host)
     if buses is not None and len(buses) != len(plan.devices):

@@ -349,12 +349,7 @@ async def attach(
     :class:`~kvmvfio.errors.QemuGone`.
     """
     if isinstance(addresses, Plan):
-        plan = addresses
-        if plan.opener is not Opener.QEMU:
-            raise UsageError(
-                f"this plan is for {plan.opener.value}, not a running QEMU: make it with "
-                "plan_attach()"
-            )
+        plan = addresses.made_for(Opener.QEMU, "plan_attach")
     else:
         plan = await plan_attach(
             qemu,

@@ -144,6 +144,14 @@ class Plan:
     #: The VF token (a shared secret of the PF's and the VFs' users): never printed.
     vf_token: uuid.UUID | None = field(default=None, repr=False, compare=False)
 
+    def made_for(self, opener: Opener, maker: str) -> Plan:
+        """This plan, when it was made for ``opener``; UsageError naming ``maker`` otherwise."""
+        if self.opener is not opener:
+            raise UsageError(
+                f"this plan is for {self.opener.value}, not {opener.value}: make it with {maker}()"
+            )
+        return self
+
     def token_for(self, address: str) -> uuid.UUID | None:
         """The VF token the device at ``address`` is opened with (None: none)."""
         return self.vf_token if self.device(address).vf_token else None

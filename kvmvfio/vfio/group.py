@@ -84,23 +84,26 @@ class Group(FdObject):
         """
         text = address if vf_token is None else f"{address} vf_token={vf_token}"
         name = uapi.ffi.new("char[]", text.encode())
+        # The kernel's errnos, mapped where the call is made (uapi.ioctl):
+        # EACCES is the VF token's (missing or wrong), EINVAL too when one
+        # was given; EPERM on iommufd is the MSI isolation check of the
+        # device's bind (iommufd_device_bind), which happens here.
+        errors: dict[int, type[KernelError] | str] = {errno.EACCES: VfTokenRefused}
+        if vf_token is not None:
+            errors[errno.EINVAL] = VfTokenRefused
+        if not self.noiommu:
+            errors[errno.EPERM] = NoInterruptRemapping
         try:
             fd = uapi.ioctl(
-                self.fileno(), uapi.VFIO_GROUP_GET_DEVICE_FD, name, subject=self.subject
+                self.fileno(),
+                uapi.VFIO_GROUP_GET_DEVICE_FD,
+                name,
+                subject=f"device {address}",
+                errors=errors,
             )
         except KernelError as err:
-            if err.errno == errno.ENODEV:
+            if err.errno == errno.ENODEV:  # not an error of the device: of the name
                 raise NotADeviceOfGroup(address, self.number) from err
-            if err.errno == errno.EACCES or (err.errno == errno.EINVAL and vf_token is not None):
-                raise VfTokenRefused(
-                    err.errno, "VFIO_GROUP_GET_DEVICE_FD", self.path, f"device {address}"
-                ) from err
-            if err.errno == errno.EPERM and not self.noiommu:
-                # On iommufd the device is bound (iommufd_device_bind) here,
-                # and that is where MSI isolation is checked.
-                raise NoInterruptRemapping(
-                    err.errno, "VFIO_GROUP_GET_DEVICE_FD", self.path, f"device {address}"
-                ) from err
             raise
         return Device(OwnedFd(fd, f"{self.path}:{address}", f"device {address}"), address)
 

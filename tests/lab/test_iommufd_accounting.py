@@ -141,7 +141,8 @@ async def test_without_the_option_the_second_qemu_cannot_pin_its_ram(
             await handoff.ensure_memlock(qmp)
             await handoff._ensure_iommufd_object(qmp, host.devfs, accounting=None)
             try:
-                await handoff._attach_fd(qmp, host, host.device(addr), host.group_of(addr), "rp0")
+                plan = await handoff.plan_attach(qmp, [addr], path="cdev", host=host)
+                await handoff._attach_fd(qmp, plan, plan.device(addr), "rp0")
                 results.append(None)
             except QemuRefused as err:
                 results.append(err)

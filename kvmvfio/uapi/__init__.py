@@ -36,10 +36,11 @@ API:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -67,6 +68,7 @@ __all__ = [
     "kernel_error",
     "new",
     "set_backend",
+    "using_backend",
 ]
 
 
@@ -535,6 +537,16 @@ class _Seam:
     # One mutable slot, read at every call, so set_backend() reaches callers
     # that imported ioctl() before the backend was replaced.
     backend: Backend = _fcntl_backend
+
+
+@contextlib.contextmanager
+def using_backend(backend: Backend) -> Iterator[Backend]:
+    """:func:`set_backend` for the length of a ``with`` block (a test's fake kernel)."""
+    previous = set_backend(backend)
+    try:
+        yield backend
+    finally:
+        set_backend(previous)
 
 
 def set_backend(backend: Backend | None) -> Backend:

@@ -45,14 +45,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmvfio.errors import (
+    DeviceNotBoundToVfio,
     GroupNotViable,
     Interface,
     KernelUnsupported,
+    NoIommuGroup,
+    NoIommuRefused,
     UsageError,
     interface,
     shown,
 )
-from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice
+from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice, is_vfio_driver
 from kvmvfio.vfio.policy import Coherency, VfioPath, apply_coherency
 
 if TYPE_CHECKING:
@@ -373,10 +376,6 @@ def check_devices(
     :class:`~kvmvfio.errors.NoIommuRefused`, and the host model's errors
     (:class:`~kvmvfio.errors.DeviceNotFound`, ...). Changes nothing.
     """
-    # Imported here: the errors' module is light, the names are many.
-    from kvmvfio.errors import DeviceNotBoundToVfio, NoIommuGroup, NoIommuRefused  # noqa: PLC0415
-    from kvmvfio.host import is_vfio_driver  # noqa: PLC0415
-
     devices: list[PciDevice] = []
     groups: dict[int, IommuGroup] = {}
     unsafe: list[str] = []
@@ -603,8 +602,6 @@ def _token_users(host: Host, devices: Sequence[PciDevice], token: uuid.UUID | No
     The kernel wants the token for a VF whose PF is on vfio-pci, and takes
     one for such a PF (it sets the token when no VF is in use yet).
     """
-    from kvmvfio.host import is_vfio_driver  # noqa: PLC0415
-
     users: list[str] = []
     for dev in devices:
         addr = str(dev.address)

@@ -372,12 +372,8 @@ class FakeKvm:
 
 @pytest.fixture
 def fake() -> Iterator[FakeKvm]:
-    fake = FakeKvm()
-    previous = uapi.set_backend(fake)
-    try:
+    with uapi.using_backend(FakeKvm()) as fake:
         yield fake
-    finally:
-        uapi.set_backend(previous)
 
 
 @pytest.fixture

@@ -36,12 +36,8 @@ A, B, C = "0000:00:03.0", "0000:00:04.0", "0000:00:05.0"
 
 @pytest.fixture
 def kernel() -> Iterator[FakeVfio]:
-    fake = FakeVfio()
-    previous = uapi.set_backend(fake)
-    try:
+    with uapi.using_backend(FakeVfio()) as fake:
         yield fake
-    finally:
-        uapi.set_backend(previous)
 
 
 @pytest.fixture

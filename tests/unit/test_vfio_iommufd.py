@@ -87,12 +87,8 @@ class Kernel:
 
 @pytest.fixture
 def kernel() -> Iterator[Kernel]:
-    fake = Kernel()
-    previous = uapi.set_backend(fake)
-    try:
+    with uapi.using_backend(Kernel()) as fake:
         yield fake
-    finally:
-        uapi.set_backend(previous)
 
 
 @pytest.fixture

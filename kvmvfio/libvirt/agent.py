@@ -47,6 +47,7 @@ from kvmvfio.libvirt.metadata import (
     DomainRequest,
     Handoff,
     parse_domain,
+    resolve,
 )
 from kvmvfio.libvirt.metadata import owner_of as _owner_of
 from kvmvfio.libvirt.monitor import (
@@ -312,6 +313,8 @@ class Agent:
                 return
             xml = await call_libvirt(dom.XMLDesc, 0)
             request = parse_domain(xml)
+            if request is not None:
+                request = resolve(request, host=self._host(), root=self.root)
             wanted = {d.address: d for d in request.by_handoff(Handoff.AGENT)} if request else {}
             state = self.store.read(name)
             uuid = await call_libvirt(dom.UUIDString)

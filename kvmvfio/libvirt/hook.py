@@ -45,6 +45,7 @@ from kvmvfio.libvirt.metadata import (
     Handoff,
     MetadataError,
     parse_domain,
+    resolve,
 )
 from kvmvfio.prepare import (
     ClaimedBy,
@@ -147,6 +148,7 @@ def release_own(
     not prepare it. Resets the devices marked ``reset``.
     """
     host = host or Host()
+    request = resolve(request, held_only=True, host=host, root=root)
     reset = {d.address for d in request.devices if d.reset}
     done: list[Restored] = []
     seen: set[int] = set()
@@ -184,6 +186,7 @@ def prepare_domain(
     it was.
     """
     host = host or Host()
+    request = resolve(request, host=host, root=root)
     groups = _groups_of(host, request)
     refuse_unlisted(request, groups)
     addrs = [d.address for d in request.devices]
@@ -266,7 +269,14 @@ def main(
                     "domain %s: prepare begin: %s",
                     name,
                     ", ".join(
-                        f"{d.address} ({d.handoff.value}, {d.path.value})" for d in request.devices
+                        [
+                            f"{d.address} ({d.handoff.value}, {d.path.value})"
+                            for d in request.devices
+                        ]
+                        + [
+                            f"{p.count} VFs of {p.pf} ({p.template.handoff.value})"
+                            for p in request.pools
+                        ]
                     ),
                 )
                 prepare_domain(request, host=host, root=root)

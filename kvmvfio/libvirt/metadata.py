@@ -7,6 +7,7 @@ A domain asks by carrying one element in kvmvfio's XML namespace in its
       <kvmvfio:devices xmlns:kvmvfio="urn:kvmvfio:libvirt:1" coherency="require">
         <kvmvfio:device address="0000:03:00.0" handoff="agent"/>
         <kvmvfio:device address="0000:04:00.0" reset="yes"/>
+        <kvmvfio:vfs pf="0000:05:00.0" count="2" handoff="agent"/>
       </kvmvfio:devices>
     </metadata>
 
@@ -33,6 +34,14 @@ Attributes of ``<kvmvfio:device>`` (each may also stand on
               ``in-use``); on devices only, never a default, and logged
               when used. Unknown names are refused.
 
+``<kvmvfio:vfs pf="ADDR" count="N">`` asks for N virtual functions of the
+SR-IOV physical function at ADDR rather than naming them; it takes the
+attributes of a device but ``address``, and ``handoff`` must be ``agent``
+or ``none`` (a ``<hostdev>`` can only name a VF chosen beforehand).
+:func:`resolve` picks the VFs (:func:`kvmvfio.prepare.sriov.pick_vfs`): the
+ones the domain holds already, then free ones in VF order, so the hook's
+prepare, the agent and the hook's release name the same VFs.
+
 The XML comes from libvirt, but a domain definition is written by whoever
 may define domains, so it is parsed as hostile: no DTD, no entity
 declarations or external entities (refused, never expanded), bounded size
@@ -44,15 +53,19 @@ metadata, and the PCI ``<hostdev>`` elements.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from xml.parsers import expat
 
 from kvmvfio.errors import InvalidAddress, UsageError
+from kvmvfio.host import Host
 from kvmvfio.host.address import PciAddress
 from kvmvfio.prepare import safety
+from kvmvfio.prepare.journal import DEFAULT_ROOT
 from kvmvfio.prepare.owners import LIBVIRT_PREFIX, libvirt_owner
 from kvmvfio.vfio.policy import Coherency, VfioPath, old_spelling
 
@@ -74,6 +87,9 @@ _MAX_TEXT = 1024
 _SEP = "\x1f"  # expat's namespace separator: a character no XML name contains
 _DEVICES = f"{NAMESPACE}{_SEP}devices"
 _DEVICE = f"{NAMESPACE}{_SEP}device"
+_VFS = f"{NAMESPACE}{_SEP}vfs"
+#: More VFs asked for by one <kvmvfio:vfs> are refused (a PF has at most 65535).
+MAX_POOL = 0xFFFF
 
 
 class Handoff(enum.StrEnum):
@@ -113,6 +129,19 @@ class DeviceRequest:
 
 
 @dataclass(frozen=True)
+class VfPool:
+    """``count`` VFs of PF ``pf``, each handed over as ``template`` says (its address aside)."""
+
+    pf: str
+    count: int
+    template: DeviceRequest
+
+    def device(self, address: str) -> DeviceRequest:
+        """The request for one VF picked from the pool."""
+        return dataclasses.replace(self.template, address=address)
+
+
+@dataclass(frozen=True)
 class Hostdev:
     """A PCI ``<hostdev>`` of the domain: its source address and ``managed``."""
 
@@ -128,6 +157,7 @@ class DomainRequest:
     uuid: str | None
     devices: tuple[DeviceRequest, ...]
     hostdevs: tuple[Hostdev, ...] = field(default=())
+    pools: tuple[VfPool, ...] = field(default=())
 
     @property
     def owner(self) -> str:
@@ -150,6 +180,7 @@ owner_of = libvirt_owner
 
 _YES_NO = {"yes": True, "no": False}
 _DEVICE_ATTRS = ("address", "handoff", "path", "coherency", "reset", "accept")
+_POOL_ATTRS = ("pf", "count", "handoff", "path", "coherency", "reset", "accept")
 #: Attributes of <kvmvfio:devices>: defaults for its devices (never an address or an accept).
 _DEFAULT_ATTRS = ("handoff", "path", "coherency", "reset")
 
@@ -163,7 +194,9 @@ def _choice(enum_type: type[enum.StrEnum], attr: str, value: str, where: str) ->
 
 def _options(attrs: Mapping[str, str], where: str, base: dict[str, str]) -> dict[str, str]:
     """Check the attributes of a kvmvfio element and lay them over ``base``."""
-    allowed = _DEVICE_ATTRS if where == "<kvmvfio:device>" else _DEFAULT_ATTRS
+    allowed = {"<kvmvfio:device>": _DEVICE_ATTRS, "<kvmvfio:vfs>": _POOL_ATTRS}.get(
+        where, _DEFAULT_ATTRS
+    )
     out = dict(base)
     for name, value in attrs.items():
         if name not in allowed:
@@ -222,6 +255,32 @@ def _device(opts: dict[str, str]) -> DeviceRequest:
     )
 
 
+def _pool(opts: dict[str, str]) -> VfPool:
+    text, count_text = opts.pop("pf", None), opts.pop("count", None)
+    if text is None:
+        raise ValueError("<kvmvfio:vfs> has no pf attribute (the physical function's address)")
+    try:
+        pf = str(PciAddress.parse(text))
+    except InvalidAddress as err:
+        raise ValueError(f"<kvmvfio:vfs pf={text[:40]!r}>: {err.reason}") from None
+    if count_text is None:
+        raise ValueError(f"<kvmvfio:vfs pf='{pf}'> has no count attribute")
+    if not (count_text.isascii() and count_text.isdigit()) or not 1 <= int(count_text) <= MAX_POOL:
+        raise ValueError(
+            f"<kvmvfio:vfs pf='{pf}'> has count={count_text[:20]!r}; expected a whole number "
+            f"from 1 to {MAX_POOL}"
+        )
+    handoff = opts.get("handoff", Handoff.LIBVIRT)
+    if handoff == Handoff.LIBVIRT:
+        raise ValueError(
+            f"<kvmvfio:vfs pf='{pf}'> would be handed over by libvirt, but no <hostdev> can name "
+            "a VF that is picked when the domain starts: set handoff='agent' (by fd) or name "
+            "the VFs with <kvmvfio:device address=...>"
+        )
+    # The address is the PF's only while the template is checked; each VF gets its own.
+    return VfPool(pf, int(count_text), _device({**opts, "address": pf}))
+
+
 def _accepted(value: str, where: str) -> tuple[str, ...]:
     names = value.split()
     unknown = [n for n in names if safety.canonical(n) not in safety.CHECKS]
@@ -253,6 +312,7 @@ class _Reader:
         self.seen_devices = False
         self.defaults: dict[str, str] = {}
         self.devices: list[DeviceRequest] = []
+        self.pools: list[VfPool] = []
         self.hostdevs: list[Hostdev] = []
         self._hostdev: dict[str, str] | None = None
 
@@ -273,16 +333,19 @@ class _Reader:
             self.defaults = _options(attrs, "<kvmvfio:devices>", {})
             self.defaults.pop("address", None)
         elif parent == _DEVICES:
-            if tag != _DEVICE:
+            if tag not in (_DEVICE, _VFS):
                 raise ValueError(
                     f"<kvmvfio:devices> holds <{tag.replace(_SEP, ':')}>; "
-                    "only <kvmvfio:device> elements belong there"
+                    "only <kvmvfio:device> and <kvmvfio:vfs> elements belong there"
                 )
-            if len(self.devices) >= MAX_DEVICES:
+            if len(self.devices) + len(self.pools) >= MAX_DEVICES:
                 raise ValueError(f"more than {MAX_DEVICES} devices are listed")
-            self.devices.append(_device(_options(attrs, "<kvmvfio:device>", self.defaults)))
-        elif parent == _DEVICE:
-            raise ValueError("<kvmvfio:device> must be empty")
+            if tag == _DEVICE:
+                self.devices.append(_device(_options(attrs, "<kvmvfio:device>", self.defaults)))
+            else:
+                self.pools.append(_pool(_options(attrs, "<kvmvfio:vfs>", self.defaults)))
+        elif parent in (_DEVICE, _VFS):
+            raise ValueError(f"<kvmvfio:{parent.rpartition(_SEP)[2]}> must be empty")
         elif self.stack[:3] == ["domain", "devices", "hostdev"] and depth == 2:
             if attrs.get("mode", "subsystem") == "subsystem" and attrs.get("type") == "pci":
                 self._hostdev = {"managed": attrs.get("managed", "no")}
@@ -376,7 +439,9 @@ def parse_domain(xml: bytes | str, *, expected_name: str | None = None) -> Domai
             "its name has whitespace or control characters; kvmvfio names its claims "
             "after the domain and needs a name without them",
         )
-    request = DomainRequest(name, reader.uuid, tuple(reader.devices), tuple(reader.hostdevs))
+    request = DomainRequest(
+        name, reader.uuid, tuple(reader.devices), tuple(reader.hostdevs), tuple(reader.pools)
+    )
     validate(request)
     return request
 
@@ -391,6 +456,13 @@ def validate(request: DomainRequest) -> None:
     """
     seen: set[str] = set()
     hostdevs = {h.address: h for h in request.hostdevs}
+    pfs: set[str] = set()
+    for pool in request.pools:
+        if pool.pf in pfs:
+            raise MetadataError(
+                request.name, f"PF {pool.pf} has two <kvmvfio:vfs>: ask for all its VFs in one"
+            )
+        pfs.add(pool.pf)
     for dev in request.devices:
         if dev.address in seen:
             raise MetadataError(request.name, f"device {dev.address} is listed twice")
@@ -423,8 +495,27 @@ def validate(request: DomainRequest) -> None:
             )
 
 
-def to_xml(devices: Sequence[DeviceRequest], *, naked: bool = False) -> str:
-    """The ``<kvmvfio:devices>`` element for ``devices``.
+def _attributes(d: DeviceRequest) -> list[str]:
+    """The attributes of ``d`` that differ from their defaults, address aside."""
+    default = _device({"address": d.address, "handoff": d.handoff.value})
+    attrs = []
+    if d.handoff is not Handoff.LIBVIRT:
+        attrs.append(f'handoff="{d.handoff.value}"')
+    if d.path is not default.path:
+        attrs.append(f'path="{d.path.value}"')
+    if d.coherency is not default.coherency:
+        attrs.append(f'coherency="{d.coherency.value}"')
+    if d.reset:
+        attrs.append('reset="yes"')
+    if d.accept:
+        attrs.append(f'accept="{" ".join(d.accept)}"')
+    return attrs
+
+
+def to_xml(
+    devices: Sequence[DeviceRequest], *, pools: Sequence[VfPool] = (), naked: bool = False
+) -> str:
+    """The ``<kvmvfio:devices>`` element for ``devices`` and VF ``pools``.
 
     ``naked``: without prefix and namespace declaration, the form
     ``virDomainSetMetadata`` (``virsh metadata --set``) takes: libvirt binds
@@ -434,18 +525,49 @@ def to_xml(devices: Sequence[DeviceRequest], *, naked: bool = False) -> str:
     p = "" if naked else f"{PREFIX}:"
     lines = [f"<{p}devices>" if naked else f'<{p}devices xmlns:{PREFIX}="{NAMESPACE}">']
     for d in devices:
-        default = _device({"address": d.address, "handoff": d.handoff.value})
-        attrs = [f'address="{d.address}"']
-        if d.handoff is not Handoff.LIBVIRT:
-            attrs.append(f'handoff="{d.handoff.value}"')
-        if d.path is not default.path:
-            attrs.append(f'path="{d.path.value}"')
-        if d.coherency is not default.coherency:
-            attrs.append(f'coherency="{d.coherency.value}"')
-        if d.reset:
-            attrs.append('reset="yes"')
-        if d.accept:
-            attrs.append(f'accept="{" ".join(d.accept)}"')
+        attrs = [f'address="{d.address}"', *_attributes(d)]
         lines.append(f"  <{p}device {' '.join(attrs)}/>")
+    for pool in pools:
+        attrs = [f'pf="{pool.pf}"', f'count="{pool.count}"', *_attributes(pool.template)]
+        lines.append(f"  <{p}vfs {' '.join(attrs)}/>")
     lines.append(f"</{p}devices>")
     return "\n".join(lines)
+
+
+def resolve(
+    request: DomainRequest,
+    *,
+    held_only: bool = False,
+    host: Host | None = None,
+    root: str | Path = DEFAULT_ROOT,
+) -> DomainRequest:
+    """``request`` with each ``<kvmvfio:vfs>`` replaced by the VFs it names now.
+
+    The domain's own VFs (the journal holds them for its owner) come first,
+    then free ones (:func:`kvmvfio.prepare.sriov.pick_vfs`); a VF the domain
+    names by address is never picked for it. ``held_only``: only the VFs
+    the domain holds (to give them back; none is an answer, not an error).
+    Raises :class:`~kvmvfio.prepare.sriov.NotEnoughVfs` and what reading a
+    PF raises, each naming the PF.
+    """
+    if not request.pools:
+        return request
+    from kvmvfio.prepare import sriov  # noqa: PLC0415 (the prepare layer; not for parsing)
+
+    host = host or Host()
+    named = {d.address for d in request.devices}
+    devices = list(request.devices)
+    for pool in request.pools:
+        picked = sriov.pick_vfs(
+            pool.pf,
+            pool.count,
+            request.owner,
+            exclude=frozenset(named),
+            held_only=held_only,
+            host=host,
+            root=root,
+        )
+        named.update(picked)
+        devices += [pool.device(vf) for vf in picked]
+        log.info("domain %s: VFs %s of PF %s", request.name, ", ".join(picked) or "none", pool.pf)
+    return dataclasses.replace(request, devices=tuple(devices), pools=())

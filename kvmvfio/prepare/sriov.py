@@ -237,33 +237,120 @@ def autoprobe(sysfs: Sysfs, pf: str) -> bool:
     return text == "1"
 
 
+def _claims(root: str | Path, uid: int | None) -> dict[str, str]:
+    """Each address the journal holds, with its owner (an unreadable journal holds none)."""
+    claimed: dict[str, str] = {}
+    with contextlib.suppress(KvmvfioError):
+        for record in Journal(root, uid).records():
+            for entry in record.devices:
+                claimed[entry.address] = record.owner
+    return claimed
+
+
+def _uses_of(host: Host, addr: str, claimed: dict[str, str]) -> list[str]:
+    """What uses the VF at ``addr``: a journal claim, vfio-pci, an open VFIO file."""
+    dev = host.device(addr)
+    why = []
+    if addr in claimed:
+        why.append(f"is claimed by {shown(claimed[addr])!r}")
+    if is_vfio_driver(dev.driver):
+        why.append(f"is on {dev.driver}")
+    nodes = [str(n) for n in (dev.cdev_node(host.devfs),) if n is not None]
+    with contextlib.suppress(KvmvfioError):
+        nodes.append(str(host.group_of(addr).dev_node(host.devfs)))
+    held = holders(*nodes, proc=host.procfs)
+    if held:
+        why.append(f"is open in {', '.join(held)}")
+    return why
+
+
 def vf_uses(
     host: Host, pf: PciDevice, *, root: str | Path, uid: int | None
 ) -> list[tuple[str, str]]:
     """What uses each of the PF's VFs now: vfio-pci, a journal claim, an open VFIO file."""
-    claimed: dict[str, str] = {}
-    with contextlib.suppress(KvmvfioError):  # an unreadable journal claims nothing here
-        for record in Journal(root, uid).records():
-            for entry in record.devices:
-                claimed[entry.address] = record.owner
+    claimed = _claims(root, uid)
     uses: list[tuple[str, str]] = []
     for vf in pf.virtfns:
-        addr = str(vf)
-        dev = host.device(addr)
-        why = []
-        if addr in claimed:
-            why.append(f"is claimed by {shown(claimed[addr])!r}")
-        if is_vfio_driver(dev.driver):
-            why.append(f"is on {dev.driver}")
-        nodes = [str(n) for n in (dev.cdev_node(host.devfs),) if n is not None]
-        with contextlib.suppress(KvmvfioError):
-            nodes.append(str(host.group_of(addr).dev_node(host.devfs)))
-        held = holders(*nodes, proc=host.procfs)
-        if held:
-            why.append(f"is open in {', '.join(held)}")
+        why = _uses_of(host, str(vf), claimed)
         if why:
-            uses.append((addr, " and ".join(why)))
+            uses.append((str(vf), " and ".join(why)))
     return uses
+
+
+# -- choosing VFs to hand out ----------------------------------------------------------------
+
+
+class NotEnoughVfs(KvmvfioError):
+    """Fewer VFs of the PF are free than were asked for."""
+
+    def __init__(self, pf: str, count: int, free: int, taken: list[tuple[str, str]]) -> None:
+        self.pf = pf
+        self.count = count
+        self.free = free
+        self.taken = tuple(taken)
+        listed = "; ".join(f"VF {vf} {why}" for vf, why in taken[:8])
+        more = f" (and {len(taken) - 8} more)" if len(taken) > 8 else ""
+        has = f"{free} of its VFs are free" if free != 1 else "1 of its VFs is free"
+        super().__init__(
+            f"{count} VFs of PF {pf} were asked for and {has}"
+            + (f": {listed}{more}" if taken else ": it has no more VFs")
+            + ". Make more (`kvmvfio sriov set "
+            f"{pf} N --owner OWNER`) or release some"
+        )
+
+
+def pick_vfs(
+    pf: str | PciAddress,
+    count: int,
+    owner: str,
+    *,
+    exclude: tuple[str, ...] | frozenset[str] = (),
+    held_only: bool = False,
+    host: Host | None = None,
+    root: str | Path = DEFAULT_ROOT,
+    uid: int | None = None,
+) -> tuple[str, ...]:
+    """``count`` VFs of PF ``pf`` for ``owner``, in VF order: its own first, then free ones.
+
+    The VFs the journal already holds for ``owner`` come first, so the same
+    question asked again after they were prepared names the same VFs (the
+    hook's prepare, the agent's attach and the hook's release agree). Free
+    means: no journal claim, no driver, no VFIO file open (how ``kvmvfio
+    sriov set`` makes them). A VF on a host driver is never picked (the host
+    may be using it: name it to hand it out), nor one on vfio-pci that the
+    journal does not hold (someone else's), nor one in ``exclude`` (named
+    elsewhere in the request).
+    ``held_only``: only ``owner``'s, as many as there are up to ``count``
+    (for giving them back). Raises :class:`NotSriovCapable`,
+    :class:`UsageError` for a count below 1, :class:`NotEnoughVfs`.
+    """
+    host = host or Host()
+    dev = physical_function(host, pf)
+    if type(count) is not int or count < 1:
+        raise UsageError(
+            f"a count of VFs to hand out must be 1 or more, not {shown(repr(count), 40)}"
+        )
+    claimed = _claims(root, uid)
+    vfs = [str(v) for v in dev.virtfns if str(v) not in exclude]
+    mine = [v for v in vfs if claimed.get(v) == owner]
+    if held_only:
+        return tuple(mine[:count])
+    free: list[str] = []
+    taken: list[tuple[str, str]] = []
+    for vf in vfs:
+        if vf in mine:
+            continue
+        driver = host.device(vf).driver
+        why = _uses_of(host, vf, claimed)
+        if driver is not None and not is_vfio_driver(driver):
+            why.append(f"is on its host driver {driver} (name it to hand it out)")
+        if why:
+            taken.append((vf, " and ".join(why)))
+        else:
+            free.append(vf)
+    if len(mine) + len(free) < count:
+        raise NotEnoughVfs(str(dev.address), count, len(mine) + len(free), taken)
+    return tuple((mine + free)[:count])
 
 
 # -- changing the count --------------------------------------------------------------------

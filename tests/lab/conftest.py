@@ -8,15 +8,20 @@ booted topology are skipped too.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from libvirtkit import HOOKS, AgentProcess, destroy
 from vfiokit import fd_table
 
 from kvmvfio.kvm import KvmVfioDevice, KvmVm
 from kvmvfio.lab import topology as topo_mod
+from kvmvfio.lab.libvirtd import Libvirtd, virsh
 from kvmvfio.lab.topology import Topology
+from kvmvfio.libvirt import install
+from kvmvfio.prepare import recover, status
 
 SYSFS_PCI = Path("/sys/bus/pci")
 
@@ -138,3 +143,41 @@ def edu0(topology: Topology, vfio_bind: Callable[..., None]) -> str:
 def kvm() -> Iterator[KvmVfioDevice]:
     with KvmVm() as vm, vm.vfio_device() as device:
         yield device
+
+
+# -- libvirtd with kvmvfio's hook, and the agent (tests/lab/libvirtkit.py) ----------
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[Libvirtd]:
+    """libvirtd with kvmvfio's hook installed (before the start: libvirt looks for hooks then)."""
+    result = install.install(HOOKS, python=sys.executable)
+    assert result.path == HOOKS / "qemu.d" / "kvmvfio"
+    daemon = Libvirtd()
+    daemon.start()
+    yield daemon
+    for name in virsh("list", "--name", check=False).stdout.split():
+        destroy(name)
+    daemon.stop()
+    install.uninstall(HOOKS)
+    recover()
+
+
+@pytest.fixture
+def clean(libvirtd: Libvirtd) -> Iterator[None]:
+    """Each test starts and ends with no domain and nothing in the journal."""
+    assert status() == []
+    yield
+    for name in virsh("list", "--name", check=False).stdout.split():
+        destroy(name)
+    leftover = status()
+    recover()
+    assert leftover == [], f"the journal still held {leftover}"
+
+
+@pytest.fixture
+def agent(clean: None, tmp_path: Path) -> Iterator[AgentProcess]:
+    proc = AgentProcess(tmp_path / "agent.log")
+    proc.start()
+    yield proc
+    proc.kill()

@@ -9,101 +9,30 @@ QEMU's process holds) and libvirt's (whether the domain runs, its error).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from libvirtkit import HOOKS, AgentProcess, create, destroy, metadata, qemu_fds, wait_for
 from vfiokit import cdev_of, driver, group_of
 
-from kvmvfio.lab.libvirtd import Libvirtd, domain_xml, virsh, wait_guest
+from kvmvfio.lab.libvirtd import Libvirtd, virsh, wait_guest
 from kvmvfio.lab.topology import Topology
-from kvmvfio.libvirt import install
 from kvmvfio.libvirt.metadata import NAMESPACE, DevicePath, DeviceRequest, Handoff, to_xml
 from kvmvfio.libvirt.monitor import qemu_pid
-from kvmvfio.prepare import recover, status
+from kvmvfio.prepare import status
 from kvmvfio.qemu.handoff import qdev_id
 
 pytestmark = [pytest.mark.lab, pytest.mark.topology("default")]
 
 PCI = Path("/sys/bus/pci/devices")
-HOOKS = Path("/etc/libvirt/hooks")
 HOOK_LOG = Path("/var/log/kvmvfio/hook.log")
-
-
-def qemu_fds(pid: int) -> list[str]:
-    out = []
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            out.append(os.readlink(f"/proc/{pid}/fd/{name}"))
-    return out
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout:g} s: {what}")
-
-
-def metadata(*devices: str, **defaults: str) -> str:
-    """kvmvfio's metadata element; each device is ``ADDR`` or ``ADDR attr=value ...``."""
-    attrs = "".join(f' {k}="{v}"' for k, v in defaults.items())
-    lines = [f'<kvmvfio:devices xmlns:kvmvfio="{NAMESPACE}"{attrs}>']
-    for dev in devices:
-        addr, *opts = dev.split()
-        extra = "".join(f' {o.split("=")[0]}="{o.split("=")[1]}"' for o in opts)
-        lines.append(f'<kvmvfio:device address="{addr}"{extra}/>')
-    lines.append("</kvmvfio:devices>")
-    return "".join(lines)
-
-
-def create(
-    tmp_path: Path, name: str, *, paused: bool = True, **kw: object
-) -> subprocess.CompletedProcess[str]:
-    xml = tmp_path / f"{name}.xml"
-    xml.write_text(domain_xml(name, **kw))  # type: ignore[arg-type]
-    args = ["create", str(xml)] + (["--paused"] if paused else [])
-    return virsh(*args, check=False)
-
-
-def destroy(name: str) -> None:
-    virsh("destroy", name, check=False)
-
-
-@pytest.fixture(scope="module")
-def libvirtd() -> Iterator[Libvirtd]:
-    """libvirtd with kvmvfio's hook installed (before the start: libvirt looks for hooks then)."""
-    result = install.install(HOOKS, python=sys.executable)
-    assert result.path == HOOKS / "qemu.d" / "kvmvfio"
-    daemon = Libvirtd()
-    daemon.start()
-    yield daemon
-    for name in virsh("list", "--name", check=False).stdout.split():
-        destroy(name)
-    daemon.stop()
-    install.uninstall(HOOKS)
-    recover()
-
-
-@pytest.fixture
-def clean(libvirtd: Libvirtd) -> Iterator[None]:
-    """Each test starts and ends with no domain and nothing in the journal."""
-    assert status() == []
-    yield
-    for name in virsh("list", "--name", check=False).stdout.split():
-        destroy(name)
-    leftover = status()
-    recover()
-    assert leftover == [], f"the journal still held {leftover}"
 
 
 # -- the hook ----------------------------------------------------------------------------
@@ -304,36 +233,6 @@ def test_recover_leaves_a_running_domain_alone_and_restores_a_killed_one(
 
 
 # -- the agent and the API ----------------------------------------------------------------
-
-
-class AgentProcess:
-    """``kvmvfio agent`` as its own process, as systemd would run it."""
-
-    def __init__(self, log: Path) -> None:
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                ["kvmvfio", "-v", "agent", "--resync", "5"], stdout=out, stderr=out
-            )
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@pytest.fixture
-def agent(clean: None, tmp_path: Path) -> Iterator[AgentProcess]:
-    proc = AgentProcess(tmp_path / "agent.log")
-    proc.start()
-    yield proc
-    proc.kill()
 
 
 def set_live(name: str, *devices: DeviceRequest) -> None:

@@ -19,13 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from libvirtkit import AgentProcess, create, destroy, qemu_fds, wait_for
 from vfiokit import assert_released, cdev_of, driver
 
 from kvmvfio.errors import UsageError
 from kvmvfio.host import Host
 from kvmvfio.lab.l2 import L2Qemu
 from kvmvfio.lab.topology import Topology
-from kvmvfio.prepare import prepare, recover, release, sriov
+from kvmvfio.libvirt.metadata import NAMESPACE
+from kvmvfio.libvirt.monitor import qemu_pid
+from kvmvfio.prepare import prepare, recover, release, sriov, status
 from kvmvfio.qemu import Qemu, attach, qdev_id
 from kvmvfio.vfio import VfioSession
 
@@ -205,3 +208,38 @@ def test_a_vf_of_a_pf_on_vfio_pci_opens_only_with_its_token(pf: str, tmp_path: P
     assert right.returncode == 0, right.stderr
     assert json.loads(right.stdout)["plan"]["devices"][0]["vf_token"] is True
     assert str(token) not in right.stdout
+
+
+@pytest.mark.timeout(1200)
+def test_a_domain_asks_for_vfs_by_count_through_the_hook_and_agent(
+    pf: str, agent: AgentProcess, tmp_path: Path
+) -> None:
+    vfs = list(sriov.set_vfs(pf, 3, "lab", root=tmp_path).vfs)
+    pool = (
+        f'<kvmvfio:devices xmlns:kvmvfio="{NAMESPACE}">'
+        f'<kvmvfio:vfs pf="{pf}" count="2" handoff="agent"/></kvmvfio:devices>'
+    )
+    done = create(tmp_path, "pooled", paused=False, metadata=pool)
+    assert done.returncode == 0, done.stderr
+    pid = qemu_pid("pooled")
+    # The hook picked the first two free VFs and put them on vfio-pci for the
+    # domain; the agent (which asks the same question) handed them to QEMU by fd.
+    held = {(r.owner, e.address) for r in status() for e in r.devices}
+    assert held == {("libvirt:pooled", vfs[0]), ("libvirt:pooled", vfs[1])}
+    cdevs = [cdev_of(vf) for vf in vfs[:2]]
+    wait_for(lambda: all(c in qemu_fds(pid) for c in cdevs), 120, f"QEMU holding {cdevs}")
+    assert driver(vfs[2]) is None
+    # A second domain asking for two more finds one free: libvirt says why, nothing moves.
+    greedy = create(tmp_path, "greedy", metadata=pool)
+    assert greedy.returncode != 0
+    assert f"2 VFs of PF {pf} were asked for and 1 of its VFs is free" in greedy.stderr
+    assert f"VF {vfs[0]} is claimed by 'libvirt:pooled'" in greedy.stderr
+    assert driver(vfs[2]) is None
+    assert {(r.owner, e.address) for r in status() for e in r.devices} == held
+    # The domain stops: the hook gives back the two it holds, and only those.
+    destroy("pooled")
+    wait_for(lambda: status() == [], 60, "the journal empty")
+    assert [driver(vf) for vf in vfs] == [None, None, None]
+    assert "Traceback" not in agent.text()
+    sriov.reset_vfs(pf, "lab", root=tmp_path)
+    assert _vfs(pf) == []

@@ -125,7 +125,7 @@ def test_to_xml_round_trips() -> None:
          "a <hostdev> too"),
         ('<k:device address="00:03.0" handoff="agent"/><k:device address="0000:00:03.0" '
          'handoff="agent"/>', "", "listed twice"),
-        ('<k:other/>', "", "only <kvmvfio:device> elements belong there"),
+        ('<k:other/>', "", "only <kvmvfio:device> and <kvmvfio:vfs> elements belong there"),
         ('<k:device address="00:03.0" handoff="agent"><x/></k:device>', "", "must be empty"),
         ('<k:device address="00:03.0" handoff="agent" accept="boot_vga"/>', "",
          "'boot_vga' is not a finding kvmvfio knows; one of boot-vga, disk-in-use"),

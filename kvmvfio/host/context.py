@@ -260,13 +260,14 @@ class Host:
             raise SysfsError(path.rpartition("/")[0], f"a member named {name!r}")
         if not os.path.exists(path):
             return None
+        mdev = os.path.realpath(f"{path}/subsystem").endswith("/bus/mdev")
         try:
             target = os.readlink(f"{path}/driver")
         except OSError as err:
             if err.errno in _GONE:
-                return ForeignMember(name, None)
+                return ForeignMember(name, None, mdev)
             raise KernelError(err.errno or errno.EIO, "readlink", f"{path}/driver") from err
-        return ForeignMember(name, driver_from_link(target, f"{path}/driver"))
+        return ForeignMember(name, driver_from_link(target, f"{path}/driver"), mdev)
 
     def no_group(self, addr: str | PciAddress) -> NoGroup | None:
         """Why the function at ``addr`` is in no IOMMU group; None when it is in one.

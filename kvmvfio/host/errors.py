@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvmvfio.errors import KvmvfioError, NotFound, UsageError
+from kvmvfio.errors import KvmvfioError, NotFound, UsageError, shown
 
 if TYPE_CHECKING:
     from kvmvfio.host.iommu import NoGroup
@@ -60,6 +60,28 @@ class GroupNotFound(NotFound):
         self.root = root
         super().__init__(
             f"no IOMMU group {group} on this host (looked in {root}/kernel/iommu_groups)"
+        )
+
+
+class InvalidMdevUuid(UsageError, ValueError):
+    """A text that should name a mediated device is not a UUID."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        super().__init__(
+            f"{shown(text, 60)!r} is not a mediated device's UUID "
+            "(8-4-4-4-12 hexadecimal digits, like 83b8f4f2-509f-382f-3c1e-e6bfe0fa1001)"
+        )
+
+
+class MdevNotFound(NotFound):
+    """No mediated device with this UUID."""
+
+    def __init__(self, uuid: str, root: str = "/sys") -> None:
+        self.uuid = uuid
+        self.root = root
+        super().__init__(
+            f"no mediated device {uuid} on this host (looked in {root}/bus/mdev/devices)"
         )
 
 

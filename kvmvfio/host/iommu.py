@@ -70,10 +70,13 @@ NOIOMMU_NAME = "vfio-noiommu"
 
 @dataclass(frozen=True, slots=True)
 class ForeignMember:
-    """A member of an IOMMU group that is not a PCI function (a platform device)."""
+    """A member of an IOMMU group that is not a PCI function (a platform device, an mdev)."""
 
     name: str
     driver: str | None
+    #: A mediated device (on the mdev bus): the only member of an emulated-IOMMU group,
+    #: a VFIO device itself, never a blocker.
+    mdev: bool = False
 
 
 def blocker_of(device: PciDevice) -> Blocker | None:
@@ -92,7 +95,7 @@ def blocker_of(device: PciDevice) -> Blocker | None:
 
 
 def _foreign_blocker(member: ForeignMember) -> Blocker | None:
-    if member.driver is None or driver_managed_dma(member.driver):
+    if member.mdev or member.driver is None or driver_managed_dma(member.driver):
         return None
     return Blocker(
         member.name,

@@ -51,7 +51,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "bad arguments."
         ),
     )
-    check.add_argument("addresses", nargs="+", metavar="ADDR", help="PCI address, e.g. 03:00.0")
+    check.add_argument(
+        "addresses", nargs="+", metavar="ADDR", help="PCI address (03:00.0) or mdev UUID"
+    )
     check.add_argument(
         "--path",
         type=vfio_path,

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from kvmvfio.cli.args import PATHS, vfio_path
 from kvmvfio.errors import UsageError
-from kvmvfio.host import Host, PciAddress
+from kvmvfio.host import Host
+from kvmvfio.host.mdev import canonical_name
 from kvmvfio.qemu.deadline import parse_seconds
 from kvmvfio.vfio.policy import Coherency, VfioPath
 
@@ -115,7 +116,9 @@ def positive_seconds_arg(text: str) -> float:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("addresses", nargs="+", metavar="ADDR", help="PCI address, e.g. 03:00.0")
+    parser.add_argument(
+        "addresses", nargs="+", metavar="ADDR", help="PCI address (03:00.0) or mdev UUID"
+    )
     parser.add_argument("--qmp", metavar="SOCKET", help="QEMU's QMP UNIX socket")
     who = parser.add_mutually_exclusive_group()
     who.add_argument("--pid", type=int, help="QEMU's pid: the socket's peer must be this process")
@@ -139,7 +142,7 @@ async def _monitor(args: argparse.Namespace) -> AsyncIterator[Monitor]:
 
     Every argument is checked before QEMU (or libvirt) is contacted.
     """
-    args.addresses = [str(PciAddress.parse(a)) for a in args.addresses]
+    args.addresses = [canonical_name(a) for a in args.addresses]
     if args.domain is not None:
         if args.qmp or args.pid is not None or args.pidfile:
             raise UsageError(

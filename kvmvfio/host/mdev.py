@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmvfio.errors import KernelError, SysfsError, shown
+from kvmvfio.host.address import PciAddress
 from kvmvfio.host.errors import InvalidMdevUuid, MdevNotFound
 from kvmvfio.host.pci import _GONE, decode_text, driver_from_link, group_from_link, read_file
 
@@ -49,6 +50,18 @@ def parse_uuid(text: str) -> str:
     if not _UUID.fullmatch(lowered):
         raise InvalidMdevUuid(text)
     return lowered
+
+
+def canonical_name(text: str) -> str:
+    """A device's name as kvmvfio keeps it: an mdev's UUID in lower case, else a PCI address.
+
+    Raises :class:`~kvmvfio.errors.InvalidMdevUuid` for text with a dash (a
+    UUID gone wrong: PCI addresses have none), else
+    :class:`~kvmvfio.errors.InvalidAddress` for text that is neither.
+    """
+    if isinstance(text, str) and "-" in text:
+        return parse_uuid(text)
+    return str(PciAddress.coerce(text))
 
 
 def is_uuid(text: str) -> bool:
@@ -98,6 +111,33 @@ class Mdev:
     #: ``vfioN`` when the kernel has device cdevs and VFIO has the device.
     cdev: str | None
     path: str
+
+    # What a plan asks of a PCI function, answered for an mdev.
+
+    @property
+    def address(self) -> str:
+        """The name VFIO knows it by: its UUID (``VFIO_GROUP_GET_DEVICE_FD`` takes it)."""
+        return self.uuid
+
+    @property
+    def vfio_cdev(self) -> str | None:
+        """Its cdev's name, as :attr:`PciDevice.vfio_cdev <kvmvfio.host.PciDevice>` has it."""
+        return self.cdev
+
+    @property
+    def physfn(self) -> None:
+        """An mdev is no SR-IOV VF."""
+        return None
+
+    @property
+    def is_physfn(self) -> bool:
+        """An mdev is no SR-IOV PF."""
+        return False
+
+    @property
+    def sysfsdev(self) -> str:
+        """``/sys/bus/mdev/devices/UUID``: what QEMU's vfio-pci ``sysfsdev=`` names."""
+        return f"/sys/bus/mdev/devices/{self.uuid}"
 
     def cdev_node(self, devfs: str | Path = "/dev") -> Path | None:
         """``/dev/vfio/devices/vfioN``, or None without a cdev."""

@@ -123,6 +123,8 @@ def coldplug(
             )
             cold.fds.append(fd)
             opts = f"vfio-pci,id={qdev_id(dev.address)},iommufd={IOMMUFD_OBJECT},fd={fd.fileno()}"
+            if dev.sysfsdev is not None:
+                opts += f",sysfsdev={dev.sysfsdev}"  # an mdev: see handoff._attach_fd
             if buses is not None:
                 opts += f",bus={buses[i]}"
             cold.args += ["-device", opts]

@@ -66,6 +66,8 @@ from kvmvfio.errors import (
     UsageError,
 )
 from kvmvfio.host import Host, PciAddress, PciDevice
+from kvmvfio.host.mdev import canonical_name, is_uuid, parse_uuid
+from kvmvfio.host.mdev import mdev as mdev_of
 from kvmvfio.host.procs import holders
 from kvmvfio.qemu.deadline import seconds
 from kvmvfio.qemu.qmp import JsonObject, Monitor
@@ -103,7 +105,12 @@ class Attachment:
 
 
 def qdev_id(address: str | PciAddress) -> str:
-    """The QEMU device id kvmvfio gives ``address`` (``kvmvfio-0000-00-03-0``)."""
+    """The QEMU device id kvmvfio gives ``address`` (``kvmvfio-0000-00-03-0``).
+
+    An mdev's is ``kvmvfio-mdev-UUID``.
+    """
+    if isinstance(address, str) and "-" in address:
+        return f"kvmvfio-mdev-{parse_uuid(address)}"
     a = PciAddress.coerce(address)
     return f"kvmvfio-{a.domain:04x}-{a.bus:02x}-{a.slot:02x}-{a.function:x}"
 
@@ -262,6 +269,11 @@ async def _attach_fd(qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | None
         "iommufd": IOMMUFD_OBJECT,
         "fd": name,
     }
+    if dev.sysfsdev is not None:
+        # QEMU tells an mdev by its sysfs folder's bus, and attaches one to the IOAS
+        # itself (no hardware page table): by fd alone it would take it for a PCI
+        # function. The folder is world-readable; QEMU opens nothing there.
+        args["sysfsdev"] = dev.sysfsdev
     if bus is not None:
         args["bus"] = bus
     try:
@@ -277,7 +289,11 @@ async def _attach_legacy(qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | 
     if container.exists() and os.stat(container).st_mode & 0o006 != 0o006:
         grant(container, qemu.uid)  # it grants no device by itself; left in place
     granted = grant(node, qemu.uid)
-    args: JsonObject = {"driver": "vfio-pci", "id": qdev_id(dev.address), "host": dev.address}
+    args: JsonObject = {"driver": "vfio-pci", "id": qdev_id(dev.address)}
+    if dev.sysfsdev is not None:
+        args["sysfsdev"] = dev.sysfsdev  # an mdev: QEMU finds its group from there
+    else:
+        args["host"] = dev.address
     token = plan.token_for(dev.address)
     if token is not None:
         args["vf-token"] = str(token)  # QEMU opens the VF itself, with the token
@@ -452,7 +468,7 @@ async def detach(
     """
     timeout = seconds(timeout, "the detach timeout")
     host = host or Host()
-    addrs = [str(PciAddress.coerce(a)) for a in addresses]
+    addrs = [canonical_name(str(a)) for a in addresses]
     present = await kvmvfio_devices(qemu)
     missing = [a for a in addrs if qdev_id(a) not in present]
     if missing:
@@ -460,7 +476,7 @@ async def detach(
         # finish that one's cleanup before saying so.
         for addr in missing:
             with contextlib.suppress(KvmvfioError):
-                revoke(host.group_of(addr).dev_node(host.devfs), qemu.uid)
+                revoke(_group_node(host, addr), qemu.uid)
         if drop_iommufd:
             await _drop_unused_object(qemu)
         raise NotAttached(missing[0], qdev_id(missing[0]))
@@ -472,19 +488,30 @@ async def detach(
         await _until_closed(qemu, addr, nodes)
         gone.append(ident)
         if not present[ident]:  # legacy: QEMU opened the group node through our grant
-            revoke(host.group_of(addr).dev_node(host.devfs), qemu.uid)
+            revoke(_group_node(host, addr), qemu.uid)
         log.info("detached %s (%s) from QEMU pid %d", addr, ident, qemu.pid)
     if drop_iommufd:
         await _drop_unused_object(qemu)
     return gone
 
 
+def _group_node(host: Host, name: str) -> Path:
+    """The group node of a PCI function or an mdev (by UUID)."""
+    if is_uuid(name):
+        node = mdev_of(name, host.sysfs).group_node(host.devfs)
+        if node is None:
+            raise NotAttached(name, qdev_id(name))
+        return node
+    return host.group_of(name).dev_node(host.devfs)
+
+
 def _device_nodes(host: Host, addr: str) -> set[str]:
     """The VFIO files of ``addr`` QEMU may hold: its group node and its cdev."""
     nodes: set[str] = set()
     with contextlib.suppress(KvmvfioError):
-        nodes.add(str(host.group_of(addr).dev_node(host.devfs)))
-        cdev = host.device(addr).cdev_node(host.devfs)
+        nodes.add(str(_group_node(host, addr)))
+        target = mdev_of(addr, host.sysfs) if is_uuid(addr) else host.device(addr)
+        cdev = target.cdev_node(host.devfs)
         if cdev is not None:
             nodes.add(str(cdev))
     return nodes

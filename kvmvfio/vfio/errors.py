@@ -63,6 +63,18 @@ class NotADeviceOfGroup(KvmvfioError):
         super().__init__(f"{address} is not a device of IOMMU group {group}")
 
 
+class MdevNotReady(KvmvfioError):
+    """A mediated device that VFIO does not have: no driver, or no IOMMU group."""
+
+    def __init__(self, uuid: str, why: str) -> None:
+        self.uuid = uuid
+        self.why = why
+        super().__init__(
+            f"mediated device {uuid} {why}; remove it and create it again "
+            f"(`kvmvfio mdev remove {uuid}`), or see the kernel's log for its parent driver"
+        )
+
+
 class DeviceNotBoundToVfio(KvmvfioError):
     """A device a VFIO session needs is not on vfio-pci."""
 

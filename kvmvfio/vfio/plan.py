@@ -49,6 +49,7 @@ from kvmvfio.errors import (
     GroupNotViable,
     Interface,
     KernelUnsupported,
+    MdevNotReady,
     NoIommuGroup,
     NoIommuRefused,
     UsageError,
@@ -56,10 +57,15 @@ from kvmvfio.errors import (
     shown,
 )
 from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice, is_vfio_driver
+from kvmvfio.host.mdev import Mdev, canonical_name, is_uuid, read_mdev
+from kvmvfio.host.mdev import mdev as mdev_of
 from kvmvfio.vfio.policy import Coherency, VfioPath, apply_coherency
 
 if TYPE_CHECKING:
     from kvmvfio.vfio.group import Group
+
+#: What a plan opens: a PCI function on a VFIO driver, or a mediated device.
+Target = PciDevice | Mdev
 
 JsonObject = dict[str, object]
 _NOIOMMU = "IOMMU group {number} is a no-IOMMU group: no DMA isolation"
@@ -113,6 +119,13 @@ class DevicePlan:
     notes: tuple[str, ...] = ()
     #: Opened with the plan's VF token: a VF whose PF is on vfio-pci, or such a PF.
     vf_token: bool = False
+    #: A mediated device (``address`` is its UUID), not a PCI function.
+    mdev: bool = False
+
+    @property
+    def sysfsdev(self) -> str | None:
+        """An mdev's ``/sys/bus/mdev/devices/UUID`` (QEMU's ``sysfsdev=``); None for PCI."""
+        return f"/sys/bus/mdev/devices/{self.address}" if self.mdev else None
 
 
 @dataclass(frozen=True)
@@ -192,7 +205,7 @@ class Plan:
 
     def device(self, address: str | PciAddress) -> DevicePlan:
         """The plan for the device at ``address``; KeyError when it is not in the plan."""
-        canonical = str(PciAddress.coerce(address))
+        canonical = canonical_name(str(address))
         for dev in self.devices:
             if dev.address == canonical:
                 return dev
@@ -237,6 +250,7 @@ class Plan:
                     "coherent": d.coherent,
                     "notes": list(d.notes),
                     "vf_token": d.vf_token,
+                    "mdev": d.mdev,
                 }
                 for d in self.devices
             ],
@@ -271,7 +285,7 @@ class KernelPaths:
     cdevs: bool
 
     @classmethod
-    def of(cls, host: Host, devices: Sequence[PciDevice]) -> KernelPaths:
+    def of(cls, host: Host, devices: Sequence[Target]) -> KernelPaths:
         return cls(
             iommufd=os.path.exists(host.devfs / "iommu"),
             container=os.path.exists(host.devfs / "vfio" / "vfio"),
@@ -368,18 +382,29 @@ def _for_qemu(requested: VfioPath, kernel: KernelPaths, in_qemu: bool) -> tuple[
 
 def check_devices(
     host: Host, addresses: Sequence[str], *, allow_noiommu: bool = False
-) -> tuple[list[PciDevice], dict[int, IommuGroup], list[str]]:
+) -> tuple[list[Target], dict[int, IommuGroup], list[str]]:
     """Check from sysfs that each device can be opened; return devices, groups, warnings.
 
-    Raises :class:`~kvmvfio.errors.DeviceNotBoundToVfio`,
-    :class:`GroupNotViable` (naming the members in the way),
-    :class:`~kvmvfio.errors.NoIommuRefused`, and the host model's errors
-    (:class:`~kvmvfio.errors.DeviceNotFound`, ...). Changes nothing.
+    ``addresses`` are PCI addresses or mdev UUIDs, in kvmvfio's spelling
+    (:func:`~kvmvfio.host.mdev.canonical_name`). Raises
+    :class:`~kvmvfio.errors.DeviceNotBoundToVfio`,
+    :class:`~kvmvfio.errors.MdevNotReady`, :class:`GroupNotViable` (naming
+    the members in the way), :class:`~kvmvfio.errors.NoIommuRefused`, and
+    the host model's errors (:class:`~kvmvfio.errors.DeviceNotFound`,
+    :class:`~kvmvfio.errors.MdevNotFound`, ...). Changes nothing.
     """
-    devices: list[PciDevice] = []
+    devices: list[Target] = []
     groups: dict[int, IommuGroup] = {}
     unsafe: list[str] = []
     for addr in addresses:
+        if is_uuid(addr):
+            mdev, number = read_mdev_of(host, addr)
+            group = host.group(number)
+            if not group.viable:
+                raise GroupNotViable(str(group.number), group.blockers)
+            groups[group.number] = group
+            devices.append(mdev)
+            continue
         # The group's members are read anyway: take the device from them.
         try:
             group = host.group_of(addr)
@@ -405,12 +430,40 @@ def check_devices(
     return devices, groups, unsafe
 
 
+def read_mdev_of(host: Host, uuid: str) -> tuple[Mdev, int]:
+    """The mdev ``uuid`` and its IOMMU group, checked to be VFIO's: a driver, a group.
+
+    Raises :class:`~kvmvfio.errors.MdevNotFound` and
+    :class:`~kvmvfio.errors.MdevNotReady`.
+    """
+    found = mdev_of(uuid, host.sysfs)
+    if found.driver is None:
+        raise MdevNotReady(found.uuid, "has no driver (its parent's mdev driver did not take it)")
+    if found.group is None:
+        raise MdevNotReady(
+            found.uuid, f"has no IOMMU group: its driver {found.driver} gave it no VFIO device"
+        )
+    return found, found.group
+
+
+def group_members(host: Host, group: IommuGroup) -> dict[str, Target]:
+    """Every member of ``group`` that VFIO can name: its PCI functions and mdevs."""
+    out: dict[str, Target] = {str(m.address): m for m in group.members}
+    for f in group.foreign:
+        if f.mdev and is_uuid(f.name):
+            found = read_mdev(f.name, host.sysfs)
+            if found is not None:
+                out[found.uuid] = found
+    return out
+
+
 def _group_plan(host: Host, group: IommuGroup) -> GroupPlan:
-    cdevs = (m.cdev_node(host.devfs) for m in group.members)
+    members = group_members(host, group)
+    cdevs = (m.cdev_node(host.devfs) for m in members.values())
     return GroupPlan(
         number=group.number,
         node=group.dev_node(host.devfs),
-        members=tuple(str(m.address) for m in group.members),
+        members=tuple(members),
         noiommu=group.noiommu,
         cdevs=tuple(c for c in cdevs if c is not None),
     )
@@ -419,7 +472,7 @@ def _group_plan(host: Host, group: IommuGroup) -> GroupPlan:
 # -- the coherency question --------------------------------------------------------------
 
 
-def probe_cdev_coherency(host: Host, dev: PciDevice, related: Sequence[Path] = ()) -> bool:
+def probe_cdev_coherency(host: Host, dev: Target, related: Sequence[Path] = ()) -> bool:
     """Whether the IOMMU enforces DMA cache coherency for ``dev`` (on vfio-pci, with a cdev).
 
     Binds the device to a scratch iommufd and IOAS, asks, and lets go of
@@ -517,7 +570,7 @@ def make_plan(
     token = _token(vf_token)
     requested = VfioPath(path)
     policy = Coherency(coherency)
-    addrs = [str(PciAddress.coerce(a)) for a in addresses]
+    addrs = [canonical_name(str(a)) for a in addresses]
     if not addrs:
         raise UsageError("no device to plan for: name at least one")
     if len(set(addrs)) != len(addrs):
@@ -527,7 +580,7 @@ def make_plan(
         requested, KernelPaths.of(host, devices), opener, qemu_iommufd=qemu_iommufd
     )
     group_plans = {n: _group_plan(host, g) for n, g in groups.items()}
-    group_of = {str(m.address): n for n, g in groups.items() for m in g.members}
+    group_of = {name: n for n, g in group_plans.items() for name in g.members}
     tokened = _token_users(host, devices, token)
     answers = _ask(
         host,
@@ -569,6 +622,7 @@ def make_plan(
                 coherent=answers.get(addr),
                 notes=tuple(notes[addr]),
                 vf_token=addr in tokened,
+                mdev=isinstance(dev, Mdev),
             )
         )
     return Plan(
@@ -596,7 +650,7 @@ def _token(value: uuid.UUID | str | None) -> uuid.UUID | None:
         ) from None
 
 
-def _token_users(host: Host, devices: Sequence[PciDevice], token: uuid.UUID | None) -> list[str]:
+def _token_users(host: Host, devices: Sequence[Target], token: uuid.UUID | None) -> list[str]:
     """The devices opened with the VF token; refuse a token missing or taken by none.
 
     The kernel wants the token for a VF whose PF is on vfio-pci, and takes
@@ -626,7 +680,7 @@ def _ask(
     path: VfioPath,
     *,
     policy: Coherency,
-    devices: Sequence[PciDevice],
+    devices: Sequence[Target],
     groups: Mapping[int, GroupPlan],
     group_of: Mapping[str, int],
     tokens: Mapping[str, uuid.UUID | None],

@@ -48,6 +48,7 @@ from typing import Self
 
 from kvmvfio.errors import GroupNotViable, SessionStateError, UsageError
 from kvmvfio.host import Host, PciAddress, PciDevice
+from kvmvfio.host.mdev import canonical_name
 from kvmvfio.kvm import KvmVfioDevice
 from kvmvfio.vfio.container import Container
 from kvmvfio.vfio.device import Device, DeviceInfo, IrqInfo, RegionInfo
@@ -137,7 +138,7 @@ class VfioSession:
     ) -> None:
         if not addresses:
             raise UsageError("a VFIO session needs at least one device")
-        self.addresses = tuple(str(PciAddress.parse(str(a))) for a in addresses)
+        self.addresses = tuple(canonical_name(str(a)) for a in addresses)
         self.requested = VfioPath(backend)
         self.coherency = Coherency(coherency)
         self.allow_noiommu = allow_noiommu

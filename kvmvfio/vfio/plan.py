@@ -688,29 +688,38 @@ def _ask(
     """The kernel's coherency answer per device, on scratch files; none under ``ignore``."""
     if policy is Coherency.IGNORE:
         return {}
+    # An mdev has no IOMMU of its own: the kernel answers KVM "not enforced" for
+    # its file (vfio_file_enforced_coherent: device_iommu_capable() is false),
+    # whatever a scratch IOAS or container, which has no domain for it, says.
+    answers = {d.uuid: False for d in devices if isinstance(d, Mdev)}
+    pci = [d for d in devices if not isinstance(d, Mdev)]
     if path is VfioPath.CDEV:
-        return {
-            str(d.address): probe_cdev_coherency(host, d, [groups[group_of[str(d.address)]].node])
-            for d in devices
-        }
-    answers: dict[str, bool] = {}
+        for d in pci:
+            node = groups[group_of[str(d.address)]].node
+            answers[str(d.address)] = probe_cdev_coherency(host, d, [node])
+        return answers
     for number, group in groups.items():
-        addrs = [str(d.address) for d in devices if group_of[str(d.address)] == number]
-        coherent = probe_group_coherency(host, path, group, addrs, tokens)
-        answers.update(dict.fromkeys(addrs, coherent))
+        addrs = [str(d.address) for d in pci if group_of[str(d.address)] == number]
+        if addrs:
+            coherent = probe_group_coherency(host, path, group, addrs, tokens)
+            answers.update(dict.fromkeys(addrs, coherent))
     return answers
 
 
 def _subjects(
     path: VfioPath, addrs: Sequence[str], group_of: Mapping[str, int], answers: Mapping[str, bool]
 ) -> Iterator[tuple[str, list[str], bool]]:
-    """What each coherency answer is about: a device (cdev) or a group (the group paths)."""
+    """What each coherency answer is about: a device (cdev), a group (group paths), an mdev."""
     if not answers:
         return
+    for addr in addrs:
+        if is_uuid(addr):
+            yield f"mediated device {addr} (it has no IOMMU of its own)", [addr], answers[addr]
+    pci = [a for a in addrs if not is_uuid(a)]
     if path is VfioPath.CDEV:
-        for addr in addrs:
+        for addr in pci:
             yield f"device {addr}", [addr], answers[addr]
         return
-    for number in dict.fromkeys(group_of[a] for a in addrs):
-        members = [a for a in addrs if group_of[a] == number]
+    for number in dict.fromkeys(group_of[a] for a in pci):
+        members = [a for a in pci if group_of[a] == number]
         yield f"IOMMU group {number}", members, answers[members[0]]

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -248,49 +247,6 @@ def test_a_closed_vm_refuses_and_nothing_stays_open(
 
 
 # -- the order: KVM before the first device open -------------------------------------
-
-TRACING = Path("/sys/kernel/tracing")
-_KVM_ARG = re.compile(r"-(\d+)\s+\[.*kvmvfio_getkvm:.* kvm=0x([0-9a-f]+)")
-
-
-def tracefs_write(path: Path, text: str, *, truncate: bool = False) -> None:
-    # Plain write(2): Python's append mode seeks to the end, which tracefs
-    # files refuse (EINVAL).
-    fd = os.open(path, os.O_WRONLY | (os.O_TRUNC if truncate else 0))
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
-@pytest.fixture
-def kvm_probe() -> Iterator[Callable[[], list[int]]]:
-    """A kprobe on ``vfio_device_get_kvm_safe(device, kvm)``: the kvm a device takes at open.
-
-    Yields a function returning the kvm pointers this process's opens
-    passed (0 = the device was opened with no KVM to take).
-    """
-    if not (TRACING / "kprobe_events").exists():
-        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACING)], check=True)
-    events = TRACING / "kprobe_events"
-    tracefs_write(events, "p:kvmvfio_getkvm vfio_device_get_kvm_safe kvm=%si:x64\n")
-    enable = TRACING / "events" / "kprobes" / "kvmvfio_getkvm" / "enable"
-    try:
-        tracefs_write(TRACING / "trace", "", truncate=True)
-        tracefs_write(enable, "1")
-
-        def seen() -> list[int]:
-            me = str(os.getpid())
-            return [
-                int(m.group(2), 16)
-                for line in (TRACING / "trace").read_text().splitlines()
-                if (m := _KVM_ARG.search(line)) and m.group(1) == me
-            ]
-
-        yield seen
-    finally:
-        tracefs_write(enable, "0")
-        tracefs_write(events, "-:kvmvfio_getkvm\n")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

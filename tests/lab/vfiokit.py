@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+from pathlib import Path
 
 from kvmvfio import uapi
 from kvmvfio.lab.topology import Topology
@@ -83,3 +85,19 @@ def expected_coherent(topology: Topology) -> bool:
     # intel-iommu enforces snooping only with snoop-control=on;
     # virtio-iommu has no enforce_cache_coherency at all.
     return topology.viommu == "intel-iommu" and topology.snoop_control
+
+
+# -- tracefs (kprobes on what the kernel does) ------------------------------------------
+
+TRACING = Path("/sys/kernel/tracing")
+KVM_ARG = re.compile(r"-(\d+)\s+\[.*kvmvfio_getkvm:.* kvm=0x([0-9a-f]+)")
+
+
+def tracefs_write(path: Path, text: str, *, truncate: bool = False) -> None:
+    # Plain write(2): Python's append mode seeks to the end, which tracefs
+    # files refuse (EINVAL).
+    fd = os.open(path, os.O_WRONLY | (os.O_TRUNC if truncate else 0))
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)

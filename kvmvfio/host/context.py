@@ -244,7 +244,11 @@ class Host:
                 members.append(dev)
         members.sort(key=_DEVICE_KEY)
         foreign.sort(key=lambda f: f.name)
-        return IommuGroup(number, tuple(members), self._noiommu(base), tuple(foreign))
+        # The kernel names an mdev's emulated-IOMMU group "vfio-noiommu" too (one
+        # vfio_noiommu_group_alloc makes both kinds), yet its node is /dev/vfio/N and
+        # it needs no no-IOMMU mode: only the type differs, and sysfs shows no type.
+        noiommu = self._noiommu(base) and not any(f.mdev for f in foreign)
+        return IommuGroup(number, tuple(members), noiommu, tuple(foreign))
 
     @staticmethod
     def _noiommu(base: str) -> bool:

@@ -131,7 +131,8 @@ def domain_xml(
 ) -> str:
     """A q35 domain of type kvm booting L1's kernel; ``metadata`` goes in ``<metadata>``.
 
-    ``hostdevs`` are PCI addresses given as ``<hostdev managed='no'>``.
+    ``hostdevs`` are PCI addresses given as ``<hostdev managed='no'>``, and
+    mediated devices' UUIDs as libvirt's ``<hostdev type='mdev'>``.
     """
     kernel, initrd = guest_images()
     serial = serial_log(name)
@@ -140,6 +141,12 @@ def domain_xml(
     for i in range(ports):
         devs.append(f"<controller type='pci' index='{i + 1}' model='pcie-root-port'/>")
     for addr in hostdevs:
+        if "-" in addr:  # an mdev's UUID
+            devs.append(
+                "<hostdev mode='subsystem' type='mdev' model='vfio-pci'><source>"
+                f"<address uuid='{addr}'/></source></hostdev>"
+            )
+            continue
         dom, bus, rest = addr.split(":")
         slot, func = rest.split(".")
         devs.append(

@@ -39,6 +39,7 @@ from typing import Any
 
 from kvmvfio.errors import Interface, KvmvfioError, QemuGone, shown, speaking_to
 from kvmvfio.host import Host, PciAddress
+from kvmvfio.host.mdev import is_uuid
 from kvmvfio.libvirt.hook import refuse_unlisted
 from kvmvfio.libvirt.metadata import (
     NAMESPACE,
@@ -384,9 +385,11 @@ class Agent:
         dev: DeviceRequest,
     ) -> None:
         host = self._host()
-        group = host.group_of(addr)
-        refuse_unlisted(request, {group.number: group})
-        prepare([addr], _owner_of(state.name), accept={addr: dev.accept}, host=host, root=self.root)
+        if not is_uuid(addr):  # an mdev is on its VFIO driver from birth: nothing to move
+            group = host.group_of(addr)
+            refuse_unlisted(request, {group.number: group})
+            owner = _owner_of(state.name)
+            prepare([addr], owner, accept={addr: dev.accept}, host=host, root=self.root)
         state.devices[addr] = dev.reset
         self.store.write(state)  # before QEMU has it: a crash now still leads back
         (done,) = await attach(
@@ -405,9 +408,9 @@ class Agent:
         self, name: str, addrs: list[str], reset: bool, wanted: dict[str, DeviceRequest]
     ) -> None:
         host = self._host()
-        keep = {host.group_of(a).number for a in wanted}
+        keep = {host.group_of(a).number for a in wanted if not is_uuid(a)}
         for addr in addrs:
-            if host.group_of(addr).number in keep:
+            if is_uuid(addr) or host.group_of(addr).number in keep:
                 continue  # another device of the group is still the domain's
             resets = [addr] if reset else []
             for r in release([addr], _owner_of(name), reset=resets, host=host, root=self.root):

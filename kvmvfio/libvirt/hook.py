@@ -39,6 +39,7 @@ from typing import BinaryIO, TextIO
 
 from kvmvfio.errors import Blocker, GroupNotViable, Interface, KvmvfioError, speaking_to
 from kvmvfio.host import Host, IommuGroup
+from kvmvfio.host.mdev import is_uuid
 from kvmvfio.libvirt.metadata import (
     MAX_XML_BYTES,
     DomainRequest,
@@ -57,6 +58,7 @@ from kvmvfio.prepare import (
     release,
 )
 from kvmvfio.prepare.journal import DEFAULT_ROOT
+from kvmvfio.vfio.plan import read_mdev_of
 from kvmvfio.vfio.policy import Coherency
 
 # Named, not __name__: run as `python -m kvmvfio.libvirt.hook`, this module is __main__.
@@ -71,7 +73,8 @@ _STRICTNESS = {Coherency.IGNORE: 0, Coherency.WARN: 1, Coherency.REQUIRE: 2}
 
 
 def _groups_of(host: Host, request: DomainRequest) -> dict[int, IommuGroup]:
-    return groups_of(host, [d.address for d in request.devices])
+    """The IOMMU groups of the request's PCI functions (an mdev's group is its own)."""
+    return groups_of(host, [d.address for d in request.pci])
 
 
 def refuse_unlisted(request: DomainRequest, groups: dict[int, IommuGroup]) -> None:
@@ -111,6 +114,9 @@ def check_request(request: DomainRequest, host: Host, groups: dict[int, IommuGro
 
     by_group: dict[int, list[str]] = defaultdict(list)
     group_of = {str(m.address): n for n, g in groups.items() for m in g.members}
+    for dev in request.devices:
+        if is_uuid(dev.address):
+            group_of[dev.address] = read_mdev_of(host, dev.address)[1]
     for dev in request.devices:
         if dev.handoff is not Handoff.NONE:  # moved only: no QEMU opens it
             by_group[group_of[dev.address]].append(dev.address)
@@ -152,7 +158,7 @@ def release_own(
     reset = {d.address for d in request.devices if d.reset}
     done: list[Restored] = []
     seen: set[int] = set()
-    for dev in request.devices:
+    for dev in request.pci:  # an mdev has no driver to go back to
         try:
             number = host.group_of(dev.address).number
         except KvmvfioError as err:
@@ -189,9 +195,9 @@ def prepare_domain(
     request = resolve(request, host=host, root=root)
     groups = _groups_of(host, request)
     refuse_unlisted(request, groups)
-    addrs = [d.address for d in request.devices]
+    addrs = [d.address for d in request.pci]  # an mdev is on its VFIO driver from birth
     try:
-        accept = {d.address: d.accept for d in request.devices if d.accept}
+        accept = {d.address: d.accept for d in request.pci if d.accept}
         done = prepare(addrs, request.owner, accept=accept, host=host, root=root)
         for p in done:
             moved = ", ".join(f"{e.address} (from {e.driver or 'no driver'})" for e in p.moved)

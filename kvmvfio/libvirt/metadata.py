@@ -14,7 +14,8 @@ A domain asks by carrying one element in kvmvfio's XML namespace in its
 Attributes of ``<kvmvfio:device>`` (each may also stand on
 ``<kvmvfio:devices>`` as the default of its devices):
 
-``address``   the PCI function (required, on devices only)
+``address``   the PCI function, or a mediated device's UUID (required, on
+              devices only)
 ``handoff``   ``libvirt`` (default): the domain's own ``<hostdev
               managed='no'>`` uses the device, kvmvfio prepares and checks
               it; ``agent``: ``kvmvfio agent`` hands it to the running QEMU by
@@ -61,9 +62,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.parsers import expat
 
-from kvmvfio.errors import InvalidAddress, UsageError
+from kvmvfio.errors import InvalidAddress, InvalidMdevUuid, UsageError
 from kvmvfio.host import Host
 from kvmvfio.host.address import PciAddress
+from kvmvfio.host.mdev import canonical_name, is_uuid
 from kvmvfio.prepare import safety
 from kvmvfio.prepare.journal import DEFAULT_ROOT
 from kvmvfio.prepare.owners import LIBVIRT_PREFIX, libvirt_owner
@@ -164,6 +166,11 @@ class DomainRequest:
         """The owner kvmvfio's journal claims the domain's IOMMU groups for."""
         return owner_of(self.name)
 
+    @property
+    def pci(self) -> tuple[DeviceRequest, ...]:
+        """The PCI functions asked for (the devices kvmvfio moves between drivers)."""
+        return tuple(d for d in self.devices if not is_uuid(d.address))
+
     def by_handoff(self, handoff: Handoff) -> tuple[DeviceRequest, ...]:
         """The devices handed over by ``handoff``."""
         return tuple(d for d in self.devices if d.handoff is handoff)
@@ -179,6 +186,8 @@ owner_of = libvirt_owner
 
 
 _YES_NO = {"yes": True, "no": False}
+#: The ``<hostdev type=...>`` kvmvfio reads: PCI functions, and mediated devices by UUID.
+_HOSTDEVS = ("pci", "mdev")
 _DEVICE_ATTRS = ("address", "handoff", "path", "coherency", "reset", "accept")
 _POOL_ATTRS = ("pf", "count", "handoff", "path", "coherency", "reset", "accept")
 #: Attributes of <kvmvfio:devices>: defaults for its devices (never an address or an accept).
@@ -227,9 +236,13 @@ def _device(opts: dict[str, str]) -> DeviceRequest:
     if text is None:
         raise ValueError("<kvmvfio:device> has no address attribute")
     try:
-        address = str(PciAddress.parse(text))
+        address = canonical_name(text)
     except InvalidAddress as err:
         raise ValueError(f"<kvmvfio:device address={text[:40]!r}>: {err.reason}") from None
+    except InvalidMdevUuid:
+        raise ValueError(
+            f"<kvmvfio:device address={text[:40]!r}>: neither a PCI address nor an mdev's UUID"
+        ) from None
     handoff = Handoff(opts.get("handoff", Handoff.LIBVIRT))
     default_path = VfioPath.CDEV if handoff is Handoff.AGENT else VfioPath.GROUP
     path = VfioPath(opts.get("path", default_path))
@@ -347,8 +360,9 @@ class _Reader:
         elif parent in (_DEVICE, _VFS):
             raise ValueError(f"<kvmvfio:{parent.rpartition(_SEP)[2]}> must be empty")
         elif self.stack[:3] == ["domain", "devices", "hostdev"] and depth == 2:
-            if attrs.get("mode", "subsystem") == "subsystem" and attrs.get("type") == "pci":
-                self._hostdev = {"managed": attrs.get("managed", "no")}
+            if attrs.get("mode", "subsystem") == "subsystem" and attrs.get("type") in _HOSTDEVS:
+                # " kind": no attribute name has a space, so the source address cannot overwrite it.
+                self._hostdev = {"managed": attrs.get("managed", "no"), " kind": attrs["type"]}
         elif self._hostdev is not None and depth == 4 and self.stack[3:] == ["source", "address"]:
             self._hostdev.update(attrs)
 
@@ -364,8 +378,13 @@ class _Reader:
             self.text = None
         elif depth == 2 and tag == "hostdev" and self._hostdev is not None:
             h, self._hostdev = self._hostdev, None
+            if h[" kind"] == "mdev":
+                if "uuid" in h and is_uuid(h["uuid"]):
+                    # libvirt's own mdev hostdevs are never managed the PCI way.
+                    self.hostdevs.append(Hostdev(h["uuid"].lower(), False))
+                return
             if "bus" not in h:
-                return  # a hostdev by other means (e.g. a PCI <hostdev> of a mediated device)
+                return  # a hostdev by other means
             addr = PciAddress(
                 _hex(h.get("domain", "0"), "domain"),
                 _hex(h.get("bus"), "bus"),

@@ -21,16 +21,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from libvirtkit import AgentProcess, create, destroy, qemu_fds, wait_for
 from vfiokit import TRACING, fd_table, tracefs_write
 
 from kvmvfio.errors import CoherencyRefused
 from kvmvfio.kvm import KvmVfioDevice
 from kvmvfio.lab.l2 import L2Qemu
+from kvmvfio.libvirt.metadata import NAMESPACE
+from kvmvfio.libvirt.monitor import qemu_pid
+from kvmvfio.prepare import status
 from kvmvfio.qemu import Qemu, attach, detach, qdev_id
 from kvmvfio.vfio import VfioSession
 
 pytestmark = [pytest.mark.lab, pytest.mark.topology("default")]
 
+HOOK_LOG = Path("/var/log/kvmvfio/hook.log")
 MTTY2 = Path("/sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2")
 MDEVS = Path("/sys/bus/mdev/devices")
 #: mtty's PCI identity, as the L2 guest's uevents name it (vendor:device).
@@ -192,3 +197,37 @@ async def test_mdevs_reach_an_unprivileged_guest_by_fd_and_by_group(
             assert f"/dev/vfio/{_group(by_group)}" not in l2.fds()
     finally:
         l2.kill()
+
+
+@pytest.mark.timeout(1200)
+def test_libvirt_starts_a_domain_with_mdevs_through_the_hook_and_agent(
+    make_mtty: Callable[[], str], agent: AgentProcess, tmp_path: Path
+) -> None:
+    by_libvirt, by_agent = make_mtty(), make_mtty()
+    meta = (
+        f'<kvmvfio:devices xmlns:kvmvfio="{NAMESPACE}" coherency="warn">'
+        f'<kvmvfio:device address="{by_libvirt}"/>'
+        f'<kvmvfio:device address="{by_agent}" handoff="agent"/></kvmvfio:devices>'
+    )
+    done = create(tmp_path, "mdevs", paused=False, metadata=meta, hostdevs=[by_libvirt])
+    assert done.returncode == 0, done.stderr
+    pid = qemu_pid("mdevs")
+    # libvirt's QEMU opened the first mdev's group itself; the agent gave it the
+    # second's cdev by fd.
+    wait_for(lambda: _cdev(by_agent) in qemu_fds(pid), 120, "QEMU holding the agent's mdev")
+    assert f"/dev/vfio/{_group(by_libvirt)}" in qemu_fds(pid)
+    log = HOOK_LOG.read_text()
+    assert f"{by_libvirt} (libvirt, group)" in log
+    assert "Traceback" not in agent.text()
+    # A domain asking for an mdev that does not exist does not start, and says why.
+    missing = str(uuid.uuid4())
+    bad_meta = (
+        f'<kvmvfio:devices xmlns:kvmvfio="{NAMESPACE}">'
+        f'<kvmvfio:device address="{missing}" handoff="agent"/></kvmvfio:devices>'
+    )
+    bad = create(tmp_path, "nomdev", metadata=bad_meta)
+    assert bad.returncode != 0
+    assert "no mediated device" in bad.stderr
+    destroy("mdevs")
+    wait_for(lambda: not (Path("/proc") / str(pid)).exists(), 60, "QEMU gone")
+    assert status() == []  # nothing was moved for an mdev, nothing is left claimed

@@ -324,3 +324,30 @@ def test_the_hook_with_stdin_closed_says_so(
     assert hook.main(["vm1", "prepare", "begin", "-"], stdin, err, host=host, root=tmp_path) == 1
     assert "cannot read stdin: Bad file descriptor" in err.getvalue()
     assert status(root=tmp_path, host=host) == []
+
+
+MDEV = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+
+
+def mdev_hostdev(uuid: str) -> str:
+    return (
+        "<hostdev mode='subsystem' type='mdev' model='vfio-pci'><source>"
+        f"<address uuid='{uuid}'/></source><address type='pci' bus='0x01' slot='0x00'/></hostdev>"
+    )
+
+
+def test_a_mediated_device_is_named_by_its_uuid() -> None:
+    meta = (
+        f'<k:devices {NS}><k:device address="{MDEV.upper()}"/>'
+        f'<k:device address="{MDEV[:-1]}2" handoff="agent"/></k:devices>'
+    )
+    req = parse_domain(domain(meta, mdev_hostdev(MDEV.upper())))
+    assert req is not None
+    assert [d.address for d in req.devices] == [MDEV, MDEV[:-1] + "2"]
+    assert req.hostdevs == (Hostdev(MDEV, False),)
+    assert req.pci == ()
+    # The libvirt handoff of an mdev needs libvirt's own mdev <hostdev>.
+    with pytest.raises(MetadataError, match=f"device {MDEV} has handoff='libvirt' but"):
+        parse_domain(domain(f'<k:devices {NS}><k:device address="{MDEV}"/></k:devices>'))
+    with pytest.raises(MetadataError, match="neither a PCI address nor an mdev's UUID"):
+        parse_domain(domain(f'<k:devices {NS}><k:device address="{MDEV}x"/></k:devices>'))

@@ -275,6 +275,7 @@ def _prepare_group(
         )
     movers = [m for m in group.members if needs_moving(m)]
     _refuse_pfs_with_vfs(host, movers, root=journal.folder.root, uid=journal.folder.uid)
+    _refuse_vfs_of_claimed_pfs(host, group.members, owner, journal)
     accepted: list[str] = []
     for m in movers:
         if m.driver is not None:
@@ -324,6 +325,22 @@ def _refuse_pfs_with_vfs(
         if uses:
             raise sriov.VfsInUse(str(m.address), uses)
         raise sriov.PfHasVfs(str(m.address), m.driver, m.sriov_numvfs)
+
+
+def _refuse_vfs_of_claimed_pfs(
+    host: Host, members: Sequence[PciDevice], owner: str, journal: Journal
+) -> None:
+    """A VF whose PF another owner holds is that owner's to give (the VF token is its secret)."""
+    from kvmvfio.prepare import sriov  # noqa: PLC0415 (it imports this package)
+
+    vfs = [m for m in members if m.physfn is not None]
+    if not vfs:
+        return
+    claims = {e.address: r.owner for r in journal.records() for e in r.devices}
+    for vf in vfs:
+        holder = claims.get(str(vf.physfn))
+        if holder is not None and holder != owner:
+            raise sriov.PfInUse(str(vf.address), str(vf.physfn), holder)
 
 
 def _vfio_holders(

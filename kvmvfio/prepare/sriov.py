@@ -117,6 +117,20 @@ class PfClaimed(KvmvfioError):
         )
 
 
+class PfInUse(KvmvfioError):
+    """A VF is not handed out while another owner holds its PF."""
+
+    def __init__(self, vf: str, pf: str, owner: str) -> None:
+        self.vf = vf
+        self.pf = pf
+        self.owner = owner
+        super().__init__(
+            f"VF {vf} is not handed out: its PF {pf} is held by {shown(owner)!r}, whose "
+            "user-space driver controls the VFs (and their VF token). Hand the VF out under "
+            "that owner, or release the PF first"
+        )
+
+
 @dataclass(frozen=True)
 class VfRecord:
     """What kvmvfio changed on one PF, and what it had before."""

@@ -21,6 +21,7 @@ from kvmvfio.cli import run
 from kvmvfio.errors import JournalError, UsageError
 from kvmvfio.host import Host
 from kvmvfio.prepare import sriov
+from kvmvfio.prepare.journal import Entry, Journal, Record
 from kvmvfio.prepare.owners import OwnerWatch
 
 BuildHost = Callable[[Topology], Host]
@@ -214,3 +215,16 @@ def test_a_pf_whose_vfs_are_in_use_is_not_handed_out(build_host: BuildHost, root
     host = build_host(Topology(devices=[_pf(vf_driver="vfio-pci")]))
     with pytest.raises(sriov.VfsInUse, match=f"VF {VF0} is on vfio-pci"):
         prepare.prepare([PF], "vm1", host=host, root=root)
+
+
+def test_a_vf_of_a_pf_another_owner_holds_is_not_handed_out(host: Host, root: Path) -> None:
+    # What prepare leaves when "pfuser" took the PF (a user-space PF driver).
+    Journal(root).write(Record(4, "pfuser", 0, devices=[Entry(PF, "igb", None)]))
+    before = _digest(host.sysfs)
+    with pytest.raises(sriov.PfInUse) as refused:
+        prepare.prepare([VF0], "vm1", host=host, root=root)
+    assert str(refused.value).startswith(
+        f"VF {VF0} is not handed out: its PF {PF} is held by 'pfuser'"
+    )
+    assert _digest(host.sysfs) == before
+    assert [r.owner for r in prepare.status(host=host, root=root)] == ["pfuser"]

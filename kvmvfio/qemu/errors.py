@@ -108,6 +108,23 @@ class QemuReplyInvalid(QemuError):
         )
 
 
+class MixedVfioBackends(QemuError):
+    """QEMU's VFIO devices are on the other backend: adding this one would kill the VM."""
+
+    def __init__(self, pid: int, path: str, there: str, devices: Sequence[str]) -> None:
+        self.pid = pid
+        self.path = path
+        self.there = there
+        self.devices = tuple(devices)
+        names = ", ".join(shown(d, 80) for d in self.devices[:4])
+        super().__init__(
+            f"QEMU pid {pid} already has VFIO devices on the {there} path ({names}); adding one "
+            f"on the {path} path would mix the legacy container and iommufd in one VM, which "
+            f"QEMU 10.0 answers by aborting (the VM dies). Attach on the {there} path "
+            f"(--path {there}), or detach those first"
+        )
+
+
 class NoHotplugPort(QemuError):
     """The VM has no free PCIe port a device could be hot-plugged into."""
 

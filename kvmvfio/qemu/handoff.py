@@ -59,6 +59,7 @@ from kvmvfio.errors import (
     KernelUnsupported,
     KvmvfioError,
     MemlockTooLow,
+    MixedVfioBackends,
     NoHotplugPort,
     NotAttached,
     QemuError,
@@ -324,6 +325,9 @@ async def plan_attach(
     what that raises.
     """
     in_qemu = await qemu_has_iommufd(qemu)
+    backend = await vfio_backend(qemu)
+    if backend is not None and VfioPath(path) is VfioPath.AUTO:
+        path = backend  # one VM, one VFIO backend (see refuse_mixed_backends)
     return make_plan(
         addresses,
         path=path,
@@ -382,6 +386,7 @@ async def attach(
     log.info(
         "attaching %s to QEMU pid %d by %s (%s)", ", ".join(addrs), qemu.pid, plan.path, plan.why
     )
+    await refuse_mixed_backends(qemu, plan.path)
     if buses is None:
         free, taken = await free_ports(qemu)
         if len(free) < len(addrs):
@@ -436,6 +441,44 @@ async def _drop_object(qemu: Monitor) -> None:
 
 
 # -- detach ------------------------------------------------------------------------------
+
+
+async def vfio_devices(qemu: Monitor) -> dict[str, str]:
+    """Every vfio-pci device in QEMU, kvmvfio's or not: QOM path -> its iommufd link.
+
+    The link is "" for a device on the legacy container (group path).
+    """
+    found = {}
+    for container in _PERIPHERALS:
+        for item in await qemu.qom_list(container):
+            if item.child_type == "vfio-pci":
+                where = f"{container}/{item.name}"
+                found[where] = await qemu.qom_link(where, "iommufd")
+    return found
+
+
+async def vfio_backend(qemu: Monitor) -> VfioPath | None:
+    """The path QEMU's vfio-pci devices are on (``group`` or ``cdev``); None without any."""
+    links = set((await vfio_devices(qemu)).values())
+    if not links:
+        return None
+    return VfioPath.GROUP if links == {""} else VfioPath.CDEV
+
+
+async def refuse_mixed_backends(qemu: Monitor, path: VfioPath) -> None:
+    """Refuse to add a device on the other VFIO backend than QEMU's devices use.
+
+    QEMU 10.0 aborts when one VM's address space gets both: a legacy-container
+    device added after an iommufd one (or the other way round) fails QOM's
+    cast to ``vfio-iommu-legacy`` and the whole VM dies (seen in the lab with
+    QEMU 10.0.13). Raises :class:`MixedVfioBackends` naming the devices there.
+    """
+    present = await vfio_devices(qemu)
+    wanted_legacy = path is not VfioPath.CDEV
+    other = [where for where, link in present.items() if (link == "") != wanted_legacy]
+    if other:
+        there = VfioPath.GROUP if not wanted_legacy else VfioPath.CDEV
+        raise MixedVfioBackends(qemu.pid, path.value, there.value, other)
 
 
 async def kvmvfio_devices(qemu: Monitor) -> dict[str, str]:

@@ -24,7 +24,7 @@ import pytest
 from libvirtkit import AgentProcess, create, destroy, qemu_fds, wait_for
 from vfiokit import TRACING, fd_table, tracefs_write
 
-from kvmvfio.errors import CoherencyRefused
+from kvmvfio.errors import CoherencyRefused, MixedVfioBackends
 from kvmvfio.kvm import KvmVfioDevice
 from kvmvfio.lab.l2 import L2Qemu
 from kvmvfio.libvirt.metadata import NAMESPACE
@@ -176,7 +176,7 @@ def test_check_takes_a_uuid(make_mtty: Callable[[], str]) -> None:
     assert "no mediated device" in gone.stderr
 
 
-async def test_mdevs_reach_an_unprivileged_guest_by_fd_and_by_group(
+async def test_mdevs_reach_an_unprivileged_guest_one_backend_at_a_time(
     make_mtty: Callable[[], str],
 ) -> None:
     by_fd, by_group = make_mtty(), make_mtty()
@@ -185,16 +185,27 @@ async def test_mdevs_reach_an_unprivileged_guest_by_fd_and_by_group(
         since = l2.wait_pci_events(MTTY_ID, (0, 0), timeout=0)
         async with Qemu(l2.qmp, pid=l2.pid) as qemu:
             (fd,) = await attach(qemu, [by_fd], path="cdev")
-            (grp,) = await attach(qemu, [by_group], path="group")
-            assert (fd.path, grp.path) == ("cdev", "group")
+            assert fd.path == "cdev"
             assert _cdev(by_fd) in l2.fds()  # QEMU (nobody) holds the cdev, given by fd
-            assert f"/dev/vfio/{_group(by_group)}" in l2.fds()  # opened through a grant
             assert fd.qdev_id == qdev_id(by_fd) == f"kvmvfio-mdev-{by_fd}"
-            # The guest's kernel enumerated both mtty cards.
-            assert l2.wait_pci_events(MTTY_ID, (2, 0), since=since, timeout=120) == (2, 0)
+            # The guest's kernel enumerated the mtty card.
+            assert l2.wait_pci_events(MTTY_ID, (1, 0), since=since, timeout=120) == (1, 0)
+            # QEMU 10.0 aborts on a legacy-container device beside an iommufd one
+            # ("is not an instance of type vfio-iommu-legacy"): refused, the VM lives.
+            with pytest.raises(MixedVfioBackends, match="already has VFIO devices on the cdev"):
+                await attach(qemu, [by_group], path="group")
+            assert await qemu.execute("query-status") is not None
+            assert f"/dev/vfio/{_group(by_group)}" not in l2.fds()
+            # auto follows the backend QEMU uses.
+            (auto,) = await attach(qemu, [by_group])
+            assert auto.path == "cdev"
             await detach(qemu, [by_fd, by_group], timeout=120)
             assert _cdev(by_fd) not in l2.fds()
-            assert f"/dev/vfio/{_group(by_group)}" not in l2.fds()
+            # With no VFIO device left, the group path is free to take.
+            (grp,) = await attach(qemu, [by_group], path="group")
+            assert grp.path == "group"
+            assert f"/dev/vfio/{_group(by_group)}" in l2.fds()  # opened through a grant
+            await detach(qemu, [by_group], timeout=120)
     finally:
         l2.kill()
 
@@ -212,13 +223,25 @@ def test_libvirt_starts_a_domain_with_mdevs_through_the_hook_and_agent(
     done = create(tmp_path, "mdevs", paused=False, metadata=meta, hostdevs=[by_libvirt])
     assert done.returncode == 0, done.stderr
     pid = qemu_pid("mdevs")
-    # libvirt's QEMU opened the first mdev's group itself; the agent gave it the
-    # second's cdev by fd.
-    wait_for(lambda: _cdev(by_agent) in qemu_fds(pid), 120, "QEMU holding the agent's mdev")
+    # libvirt's QEMU opened the first mdev's group itself (the hook checked it);
+    # the agent would give the second by fd, on iommufd: beside a legacy device
+    # that would kill QEMU 10.0, so it refuses and says so, and the VM lives.
     assert f"/dev/vfio/{_group(by_libvirt)}" in qemu_fds(pid)
-    log = HOOK_LOG.read_text()
-    assert f"{by_libvirt} (libvirt, group)" in log
+    assert f"{by_libvirt} (libvirt, group)" in HOOK_LOG.read_text()
+    wait_for(lambda: "MixedVfioBackends" in agent.text() or "would mix" in agent.text(), 120,
+             "the agent's refusal")  # fmt: skip
+    assert _cdev(by_agent) not in qemu_fds(pid)
+    destroy("mdevs")
+    wait_for(lambda: not (Path("/proc") / str(pid)).exists(), 60, "QEMU gone")
+    # Alone, the agent's mdev goes by fd.
+    alone = meta.replace(f'<kvmvfio:device address="{by_libvirt}"/>', "")
+    done = create(tmp_path, "mdev1", paused=False, metadata=alone)
+    assert done.returncode == 0, done.stderr
+    pid = qemu_pid("mdev1")
+    wait_for(lambda: _cdev(by_agent) in qemu_fds(pid), 120, "QEMU holding the agent's mdev")
     assert "Traceback" not in agent.text()
+    destroy("mdev1")
+    wait_for(lambda: not (Path("/proc") / str(pid)).exists(), 60, "QEMU gone")
     # A domain asking for an mdev that does not exist does not start, and says why.
     missing = str(uuid.uuid4())
     bad_meta = (
@@ -228,6 +251,4 @@ def test_libvirt_starts_a_domain_with_mdevs_through_the_hook_and_agent(
     bad = create(tmp_path, "nomdev", metadata=bad_meta)
     assert bad.returncode != 0
     assert "no mediated device" in bad.stderr
-    destroy("mdevs")
-    wait_for(lambda: not (Path("/proc") / str(pid)).exists(), 60, "QEMU gone")
     assert status() == []  # nothing was moved for an mdev, nothing is left claimed

@@ -22,7 +22,13 @@ from fakevfio import FakeVfio
 
 from kvmvfio import uapi
 from kvmvfio.cli import run
-from kvmvfio.errors import CoherencyRefused, KernelUnsupported, NoIommuRefused, UsageError
+from kvmvfio.errors import (
+    CoherencyRefused,
+    KernelUnsupported,
+    MixedVfioBackends,
+    NoIommuRefused,
+    UsageError,
+)
 from kvmvfio.host import Host
 from kvmvfio.libvirt.metadata import MetadataError, parse_domain
 from kvmvfio.qemu import coldplug, handoff, plan_attach, plan_coldplug
@@ -227,6 +233,7 @@ async def test_attach_and_coldplug_plan_as_a_session_does(
         ]
     peer = await FakeQmp(tmp_path / "qmp.sock").start()
     peer.replies["qom-list-types"] = [{"name": "iommufd"}]
+    peer.replies["qom-list"] = []  # no VFIO device in QEMU yet
     try:
         async with Qemu(peer.path) as qemu:
             attach = await plan_attach(qemu, [A, C], host=host)
@@ -376,3 +383,37 @@ async def test_qemu_gets_the_token_on_the_group_path(
     assert adds
     assert adds[0]["vf-token"] == TOKEN
     assert adds[0]["host"] == VF0
+
+
+# -- one VM, one VFIO backend ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("link", "there"), [("", "group"), ("/objects/iommufd0", "cdev")])
+async def test_attach_keeps_to_the_backend_qemu_uses(
+    host: Host, kernel: FakeVfio, tmp_path: Path, link: str, there: str
+) -> None:
+    """QEMU 10.0 aborts on a VM with legacy and iommufd VFIO devices (the lab saw it)."""
+    peer = await FakeQmp(tmp_path / "qmp.sock").start()
+    peer.replies["qom-list-types"] = [{"name": "iommufd"}]
+    peer.replies["qom-list"] = lambda args: (
+        [{"name": "hostdev0", "type": "child<vfio-pci>"}]
+        if args["path"] == "/machine/peripheral"
+        else []
+    )
+    peer.replies["qom-get"] = link
+    other = "cdev" if there == "group" else "group"
+    try:
+        async with Qemu(peer.path) as qemu:
+            auto = await plan_attach(qemu, [A], host=host)
+            assert auto.path.value == there
+            with pytest.raises(MixedVfioBackends) as refused:
+                await handoff.attach(qemu, [A], path=other, host=host)
+    finally:
+        await peer.stop()
+    assert str(refused.value).startswith(
+        f"QEMU pid {refused.value.pid} already has VFIO devices on the {there} path "
+        f"(/machine/peripheral/hostdev0); adding one on the {other} path would mix"
+    )
+    # Refused before anything reached QEMU: no fd, no device_add, no object-add.
+    assert [c for c, _ in peer.received if c in ("getfd", "device_add", "object-add")] == []
+    assert peer.fds_received == 0

@@ -30,7 +30,7 @@ from kvmvfio.lab.l2 import L2Qemu
 from kvmvfio.libvirt.metadata import NAMESPACE
 from kvmvfio.libvirt.monitor import qemu_pid
 from kvmvfio.prepare import status
-from kvmvfio.qemu import Qemu, attach, detach, qdev_id
+from kvmvfio.qemu import Qemu, attach, coldplug, detach, qdev_id
 from kvmvfio.vfio import VfioSession
 
 pytestmark = [pytest.mark.lab, pytest.mark.topology("default")]
@@ -252,3 +252,20 @@ def test_libvirt_starts_a_domain_with_mdevs_through_the_hook_and_agent(
     assert bad.returncode != 0
     assert "no mediated device" in bad.stderr
     assert status() == []  # nothing was moved for an mdev, nothing is left claimed
+
+
+async def test_cold_plug_starts_qemu_with_an_mdev(make_mtty: Callable[[], str]) -> None:
+    uid = make_mtty()
+    with coldplug([uid], buses=["rp0"]) as plug:
+        assert f"sysfsdev=/sys/bus/mdev/devices/{uid}" in " ".join(plug.args)
+        qemu = L2Qemu(ports=1, extra=plug.args, pass_fds=plug.pass_fds)
+    try:
+        assert qemu.proc.poll() is None, qemu.stderr.read_text()
+        async with Qemu(qemu.qmp, pid=qemu.pid) as qmp:  # answers once devices are realized
+            peripherals = {i.name for i in await qmp.qom_list("/machine/peripheral")}
+        assert qdev_id(uid) in peripherals
+        held = qemu.fds()
+        assert _cdev(uid) in held
+        assert "anon_inode:kvm-vfio" in held
+    finally:
+        qemu.kill()

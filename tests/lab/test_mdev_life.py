@@ -195,6 +195,7 @@ def test_an_mdev_whose_group_is_open_is_not_removed(run_root: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()  # type: ignore[union-attr]
     gone = _kvmvfio("recover", "--json", *_args(run_root))  # its record: the mdev went by hand
     assert gone.returncode == 0, gone.stderr
     assert pmdev.MdevJournal(run_root).uuids() == []

@@ -26,11 +26,12 @@ The hierarchy (``[module]``: where a leaf lives, under ``kvmvfio.``)::
     KvmvfioError
      +-- UsageError                        (exit status 2)
      |    +-- InvalidAddress, InvalidGroup (also ValueError)     [host.errors]
-     |    +-- UnsafeSysfsName                                    [prepare.errors]
+     |    +-- UnsafeSysfsName, NotAnMdevParent, UnknownMdevType  [prepare.errors]
+     |    +-- InvalidMdevUuid (also ValueError)                  [host.errors]
      |    +-- HooksDirMissing                                    [libvirt.errors]
      |    +-- MetadataError                                      [libvirt.metadata]
      +-- NotFound
-     |    +-- DeviceNotFound, GroupNotFound                      [host.errors]
+     |    +-- DeviceNotFound, GroupNotFound, MdevNotFound        [host.errors]
      +-- KernelError                       (also OSError: errno, filename, op)
      |    +-- PermissionDenied                                   [errors]
      |    +-- Busy                                               [errors]
@@ -49,7 +50,8 @@ The hierarchy (``[module]``: where a leaf lives, under ``kvmvfio.``)::
      |    +-- QemuRefused, QemuGone, QemuNoAnswer, QemuReplyInvalid,
      |        QemuPeerMismatch, NoHotplugPort, DetachTimeout,
      |        NotAttached, MemlockTooLow                         [qemu.errors]
-     +-- ClaimedBy, UnsafeToUnbind, JournalError, UntrustedFile  [prepare.errors]
+     +-- ClaimedBy, UnsafeToUnbind, JournalError, UntrustedFile,
+     |   MdevExists, NoMdevInstances, MdevInUse, MdevClaimed     [prepare.errors]
      +-- LibvirtError, ForeignHook                               [libvirt.errors]
      +-- LabError                                                [lab.errors]
 
@@ -98,6 +100,12 @@ if TYPE_CHECKING:
     from kvmvfio.prepare.errors import (
         ClaimedBy,
         JournalError,
+        MdevClaimed,
+        MdevExists,
+        MdevInUse,
+        NoMdevInstances,
+        NotAnMdevParent,
+        UnknownMdevType,
         UnsafeSysfsName,
         UnsafeToUnbind,
         UntrustedFile,
@@ -181,6 +189,12 @@ _LEAVES = {
         "UnsafeSysfsName",
         "JournalError",
         "UntrustedFile",
+        "NotAnMdevParent",
+        "UnknownMdevType",
+        "MdevExists",
+        "NoMdevInstances",
+        "MdevInUse",
+        "MdevClaimed",
     ),
     "kvmvfio.libvirt.errors": ("LibvirtError", "HookFileError", "ForeignHook", "HooksDirMissing"),
     "kvmvfio.libvirt.metadata": ("MetadataError",),
@@ -243,6 +257,12 @@ __all__ = [  # noqa: RUF022
     "UnsafeSysfsName",
     "JournalError",
     "UntrustedFile",
+    "NotAnMdevParent",
+    "UnknownMdevType",
+    "MdevExists",
+    "NoMdevInstances",
+    "MdevInUse",
+    "MdevClaimed",
     "LibvirtError",
     "HookFileError",
     "ForeignHook",

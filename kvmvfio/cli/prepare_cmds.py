@@ -71,10 +71,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "Put back every group of the journal whose owner is gone (its process, its libvirt "
             "domain, and every process holding its VFIO files). Claims whose owner is alive are "
             "left alone and listed; a group that cannot be restored is reported and the others "
-            "are still restored (exit status 1 then)."
+            "are still restored (exit status 1 then). The same for the mdevs kvmvfio made "
+            "and the VF counts it set."
         ),
     )
     common_args(rc, addresses=False)
+    rc.add_argument(
+        "--mdevctl-root", default="/etc/mdevctl.d", type=path_text, help=argparse.SUPPRESS
+    )
     rc.set_defaults(handler=_recover)
 
     st = sub.add_parser("status", help="the groups kvmvfio holds and their owners")
@@ -142,10 +146,14 @@ def _release(args: argparse.Namespace) -> int:
 
 
 def _recover(args: argparse.Namespace) -> int:
-    from kvmvfio.prepare.sriov import recover_vfs  # noqa: PLC0415 (imported on use)
+    from kvmvfio.prepare.mdev import recover_mdevs  # noqa: PLC0415 (imported on use)
+    from kvmvfio.prepare.sriov import recover_vfs  # noqa: PLC0415
 
     host = Host(args.sysfs_root, args.dev_root)
     done = recover(host=host, root=Path(args.root))
+    # mdevs after groups (a released group no longer holds its mdev) and before VFs
+    # (an mdev's parent can be a VF: the VF count is put back once its mdevs are gone).
+    mdevs = recover_mdevs(host=host, root=Path(args.root), mdevctl_root=Path(args.mdevctl_root))
     # VFs after groups: a VF given back from vfio-pci no longer keeps its count.
     vfs = recover_vfs(host=host, root=Path(args.root))
     if args.json:
@@ -154,6 +162,11 @@ def _recover(args: argparse.Namespace) -> int:
                 "recovered": [asdict(r) for r in done.restored],
                 "skipped": [_status_doc(g) for g in done.skipped],
                 "failed": [{"group": n, "message": m} for n, m in done.failed],
+                "mdevs": {
+                    "removed": [asdict(c) for c in mdevs.removed],
+                    "skipped": [{"uuid": u, "why": w} for u, w in mdevs.skipped],
+                    "failed": [{"uuid": u, "message": m} for u, m in mdevs.failed],
+                },
                 "vfs": {
                     "restored": [asdict(c) for c in vfs.restored],
                     "skipped": [{"pf": p, "why": w} for p, w in vfs.skipped],
@@ -167,13 +180,22 @@ def _recover(args: argparse.Namespace) -> int:
             print(f"recover: left IOMMU group {g.group} to {shown(g.owner)}: {g.why}")
         for number, message in done.failed:
             print(f"recover: IOMMU group {number} not restored: {message}", file=sys.stderr)
+        for gone in mdevs.removed:
+            print(
+                f"recover: mdev {gone.uuid} removed ({gone.type_id} of {gone.parent}, "
+                f"for {shown(gone.owner)})"
+            )
+        for u, why in mdevs.skipped:
+            print(f"recover: left mdev {u}: {why}")
+        for u, message in mdevs.failed:
+            print(f"recover: mdev {u} not removed: {message}", file=sys.stderr)
         for c in vfs.restored:
             print(f"recover: PF {c.pf} back to {c.after} VFs (had {c.before})")
         for pf, why in vfs.skipped:
             print(f"recover: left the VFs of PF {pf}: {why}")
         for pf, message in vfs.failed:
             print(f"recover: PF {pf} not restored: {message}", file=sys.stderr)
-    return 1 if done.failed or vfs.failed else 0
+    return 1 if done.failed or vfs.failed or mdevs.failed else 0
 
 
 def _status_doc(g: GroupStatus) -> dict[str, object]:

@@ -1,11 +1,13 @@
-"""Errors of the prepare layer: claims on groups, the journal, the run folder, unbinding.
+"""Errors of the prepare layer: claims, the journal, the run folder, unbinding, mdevs.
 
-Raised by :mod:`kvmvfio.prepare` while it moves devices between drivers and
-records what it did; re-exported by :mod:`kvmvfio.errors`.
+Raised by :mod:`kvmvfio.prepare` while it moves devices between drivers,
+and by :mod:`kvmvfio.prepare.mdev` while it makes and removes mediated
+devices, and records what it did; re-exported by :mod:`kvmvfio.errors`.
 """
 
 from __future__ import annotations
 
+import errno as _errno
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,12 @@ if TYPE_CHECKING:
 __all__ = [
     "ClaimedBy",
     "JournalError",
+    "MdevClaimed",
+    "MdevExists",
+    "MdevInUse",
+    "NoMdevInstances",
+    "NotAnMdevParent",
+    "UnknownMdevType",
     "UnsafeSysfsName",
     "UnsafeToUnbind",
     "UntrustedFile",
@@ -116,4 +124,92 @@ class UntrustedFile(KvmvfioError):
         super().__init__(
             f"{path} {found}; kvmvfio keeps {expected} there, so it did not use it and left it "
             f"as it is. {advice}, then run the command again"
+        )
+
+
+# -- mediated devices ----------------------------------------------------------------------
+
+
+class NotAnMdevParent(UsageError):
+    """The device named as a parent has no mdev types (no driver registered it with mdev)."""
+
+    def __init__(self, parent: str, why: str, known: tuple[str, ...]) -> None:
+        self.parent = parent
+        self.why = why
+        self.known = known
+        listed = ", ".join(known) if known else "none on this host"
+        super().__init__(
+            f"{shown(repr(parent), 80)} {why}: it cannot have mediated devices "
+            f"(parents: {listed}; `kvmvfio mdev types` lists them with their types)"
+        )
+
+
+class UnknownMdevType(UsageError):
+    """The parent offers no mdev type of this name."""
+
+    def __init__(self, parent: str, type_id: str, known: tuple[str, ...]) -> None:
+        self.parent = parent
+        self.type_id = type_id
+        self.known = known
+        super().__init__(
+            f"{parent} has no mdev type {shown(repr(type_id), 80)} "
+            f"(its types: {', '.join(known) or 'none'}; `kvmvfio mdev types {parent}`)"
+        )
+
+
+class MdevExists(KvmvfioError):
+    """The UUID is already taken: by a mediated device, or by an mdevctl definition."""
+
+    def __init__(self, uuid: str, where: str) -> None:
+        self.uuid = uuid
+        self.where = where
+        super().__init__(
+            f"the UUID {uuid} is already used ({where}); nothing was created. Give another "
+            "--uuid, or none and kvmvfio picks a new one"
+        )
+
+
+class NoMdevInstances(KvmvfioError):
+    """The type has no instance left to create (``available_instances`` is 0).
+
+    ``errno`` is the kernel's answer when it was the kernel that refused
+    (the mdev core says EUSERS, a driver counting its own resources may say
+    another, mtty ENOSPC); None when kvmvfio saw the 0 and did not ask.
+    """
+
+    def __init__(self, parent: str, type_id: str, errno: int | None = None) -> None:
+        self.parent = parent
+        self.type_id = type_id
+        self.errno = errno
+        said = "" if errno is None else f" (the kernel said {_errno.errorcode.get(errno, errno)})"
+        super().__init__(
+            f"{parent} has no {type_id} instance left to create{said}; nothing was created. "
+            f"Remove one of its mdevs, or pick a type with available instances "
+            f"(`kvmvfio mdev types {parent}`)"
+        )
+
+
+class MdevInUse(KvmvfioError):
+    """The mdev is in use (its VFIO files are open, or a journal record claims its group)."""
+
+    def __init__(self, uuid: str, uses: tuple[str, ...]) -> None:
+        self.uuid = uuid
+        self.uses = uses
+        super().__init__(
+            f"mediated device {uuid} is in use: it {' and '.join(uses)}; it was left as it is "
+            "(removing it now would block until the last user closes it). Stop the VM that "
+            "has it, or release its group, first"
+        )
+
+
+class MdevClaimed(KvmvfioError):
+    """Another owner created the mdev, and is alive."""
+
+    def __init__(self, uuid: str, owner: str, why: str) -> None:
+        self.uuid = uuid
+        self.owner = owner
+        self.why = why
+        super().__init__(
+            f"mediated device {uuid} was created for {shown(owner)!r} ({why}); it was left as "
+            f"it is. `kvmvfio mdev remove {uuid} --owner {shown(owner)}` removes it"
         )

@@ -105,6 +105,7 @@ OPEN_AND_CLOSE = {
     "kvmvfio/host/procs.py",
     "kvmvfio/libvirt/install.py",
     "kvmvfio/prepare/driver.py",
+    "kvmvfio/prepare/mdev.py",
     "kvmvfio/prepare/rundir.py",
     "kvmvfio/qemu/qmp.py",
     "kvmvfio/uapi/__main__.py",

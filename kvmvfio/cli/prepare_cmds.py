@@ -204,9 +204,16 @@ def _status_doc(g: GroupStatus) -> dict[str, object]:
 
 def _status(args: argparse.Namespace) -> int:
     groups = status(host=Host(args.sysfs_root, args.dev_root), root=Path(args.root))
+    # A record kvmvfio cannot act on is a problem to see, not a state: exit 1.
+    code = 1 if any(g.invalid for g in groups) else 0
+    if code:
+        print(
+            "kvmvfio: a journal record is invalid and is not acted on; see its line",
+            file=sys.stderr,
+        )
     if args.json:
         print_doc({"groups": [_status_doc(g) for g in groups]})
-        return 0
+        return code
     if not groups:
         print("kvmvfio holds no IOMMU group")
     for g in groups:
@@ -218,4 +225,4 @@ def _status(args: argparse.Namespace) -> int:
         print(
             f"IOMMU group {g.group}: claimed by {shown(g.owner)}; {state}: {g.why}; moved: {moved}"
         )
-    return 0
+    return code

@@ -317,8 +317,9 @@ def test_the_cli_says_which_record_it_did_not_act_on(
     journal = Journal(root)
     journal.write(Record(3, "vm1", GONE_PID, devices=[Entry("0000:00:04.0", None, None)]))
     args = ["--root", str(root), "--sysfs-root", str(host.sysfs), "--dev-root", str(host.devfs)]
-    assert run(["status", *args]) == 0
-    out = capsys.readouterr().out
+    assert run(["status", *args]) == 1  # listed, and a problem: not a state to exit 0 on
+    out, err = capsys.readouterr()
+    assert err == "kvmvfio: a journal record is invalid and is not acted on; see its line\n"
     assert out == (
         f"IOMMU group 3: not acted on: the kvmvfio journal {journal.path(3)} is unusable "
         "(devices[0] 0000:00:04.0 is in IOMMU group 4 on this host, not 3); kvmvfio acted on "
@@ -326,7 +327,7 @@ def test_the_cli_says_which_record_it_did_not_act_on(
     )
     assert run(["recover", *args]) == 1
     assert "recover: IOMMU group 3 not restored: the kvmvfio journal" in capsys.readouterr().err
-    assert run(["status", "--json", *args]) == 0
+    assert run(["status", "--json", *args]) == 1
     (doc,) = json.loads(capsys.readouterr().out)["groups"]
     assert doc["group"] == 3
     assert doc["invalid"].startswith("the kvmvfio journal")

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from kvmvfio.errors import Interface, KvmvfioError, QemuGone, shown, speaking_to
-from kvmvfio.host import Host, PciAddress
-from kvmvfio.host.mdev import is_uuid
+from kvmvfio.host import Host
+from kvmvfio.host.mdev import canonical_name, is_uuid
 from kvmvfio.libvirt.hook import refuse_unlisted
 from kvmvfio.libvirt.metadata import (
     NAMESPACE,
@@ -159,10 +159,13 @@ def _parse_state(name: str, raw: bytes) -> DomainState:
         raise ValueError("'uuid' is not a UUID")
     devices = doc["devices"]
     if not isinstance(devices, dict) or len(devices) > 4096:
-        raise ValueError("'devices' is not an object of PCI addresses")
+        raise ValueError("'devices' is not an object of PCI addresses and mdev UUIDs")
     for addr, reset in devices.items():
-        if str(PciAddress.parse(addr)) != addr:  # InvalidAddress is a ValueError too
-            raise ValueError(f"{shown(repr(addr), 80)} is not a PCI address as the agent writes it")
+        # InvalidAddress and InvalidMdevUuid are ValueErrors too.
+        if not isinstance(addr, str) or canonical_name(addr) != addr:
+            raise ValueError(
+                f"{shown(repr(addr), 80)} is not a PCI address or mdev UUID as the agent writes it"
+            )
         if type(reset) is not bool:
             raise ValueError(f"the reset wish of {addr} is not true or false")
     return DomainState(name, uuid, dict(devices))

@@ -413,6 +413,13 @@ def test_the_agents_records_are_opened_without_trust(
     assert "has mode 0644" in caplog.text
     store.write(DomainState("vm1", "u-1", {}))  # the next write replaces it
     assert store.read("vm1") == DomainState("vm1", "u-1", {})
+    # An mdev is kept by its UUID, as the agent writes it (lower case).
+    mdev = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+    store.write(DomainState("vm1", "u-1", {mdev: False}))
+    assert store.read("vm1") == DomainState("vm1", "u-1", {mdev: False})
+    store.write(DomainState("vm1", "u-1", {mdev.upper(): False}))
+    assert store.read("vm1") is None
+    assert "is not a PCI address or mdev UUID as the agent writes it" in caplog.text
     os.unlink(path)
     os.mkfifo(path, 0o600)
     assert store.read("vm1") is None  # no hang

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -239,7 +240,10 @@ def test_libvirt_starts_a_domain_with_mdevs_through_the_hook_and_agent(
     assert done.returncode == 0, done.stderr
     pid = qemu_pid("mdev1")
     wait_for(lambda: _cdev(by_agent) in qemu_fds(pid), 120, "QEMU holding the agent's mdev")
+    time.sleep(6)  # more than one resync: the agent reads back its record of the mdev
     assert "Traceback" not in agent.text()
+    assert "unusable" not in agent.text()
+    assert agent.text().count(f"attached {by_agent} by fd") == 1
     destroy("mdev1")
     wait_for(lambda: not (Path("/proc") / str(pid)).exists(), 60, "QEMU gone")
     # A domain asking for an mdev that does not exist does not start, and says why.

@@ -33,6 +33,20 @@ Block devices (``Dev.disks``, ``Topology.stacked``, ``Topology.nvme_subsystems``
     sys/class/block/<name>, sys/block/<disk>, sys/class/nvme-subsystem/<name>: links
     dev/<name>                                        (a plain file, like every node here)
 
+Mediated devices (``Topology.mdev_parents``, ``Topology.mdevs``)::
+
+    sys/devices/virtual/<name>/<name>/                a virtual parent (mtty, mdpy), or a
+        mdev_supported_types/<type>/                  PCI function's folder (``Parent.function``)
+            name description device_api available_instances create devices/<uuid> -> mdev
+        <uuid>/                                       an mdev: uevent remove
+            subsystem -> sys/bus/mdev  mdev_type -> ../mdev_supported_types/<type>
+            driver -> sys/bus/mdev/drivers/<d>  iommu_group -> kernel/iommu_groups/<N>
+            vfio-dev/vfio<k>/dev                      (with a group: VFIO has it)
+    sys/class/mdev_bus/<name> -> the parent
+    sys/bus/mdev/devices/<uuid> -> the mdev
+    sys/kernel/iommu_groups/<N>/devices/<uuid> -> the mdev  (its own, emulated group,
+    sys/kernel/iommu_groups/<N>/name                           named "vfio-noiommu" by VFIO)
+
 :func:`build_proc` writes the /proc files the safety checks read
 (``self/mountinfo``, ``swaps``, ``net/route``).
 
@@ -227,6 +241,47 @@ class Iommu:
         return cls(function, function, virtio=True)
 
 
+@dataclass
+class ParentType:
+    """One type a mediated-device parent offers (``mdev_supported_types/<id>``)."""
+
+    #: The folder's name: the parent driver's name, a dash, the type's (``mtty-2``).
+    id: str
+    #: ``name``: the kernel writes the type's pretty name, else its own name.
+    name: str | None = None
+    #: ``description``: absent when the parent driver has none (mtty has none).
+    description: str | None = None
+    device_api: str = "vfio-pci"
+    available: int = 1
+    #: Raw file contents that replace (or, with None, remove) what is written.
+    files: Mapping[str, bytes | None] = field(default_factory=dict)
+
+
+@dataclass
+class Parent:
+    """A device that can have mdevs: a virtual one (``sys/devices/virtual/<name>/<name>``,
+    like the kernel's samples), or the PCI function ``function`` (a GPU)."""
+
+    name: str
+    types: Sequence[ParentType] = ()
+    function: str | None = None
+
+
+@dataclass
+class Mediated:
+    """A mediated device: ``uuid`` under its parent (by name), of type ``type``.
+
+    With a ``group``, its driver has registered it with VFIO: it is that
+    group's only member and has ``vfio-dev/vfio<k>``.
+    """
+
+    uuid: str
+    parent: str
+    type: str
+    driver: str | None = None
+    group: int | None = None
+
+
 DEFAULT_NODES = frozenset({"vfio", "iommu", "kvm"})
 
 
@@ -257,6 +312,9 @@ class Topology:
     filler: bool = True
     stacked: Sequence[Stacked] = ()
     nvme_subsystems: Sequence[NvmeSubsystem] = ()
+    #: Mediated devices: their parents (``sys/class/mdev_bus``) and the mdevs.
+    mdev_parents: Sequence[Parent] = ()
+    mdevs: Sequence[Mediated] = ()
 
     def all_devices(self) -> Iterator[tuple[Dev, PciAddress | None]]:
         """Every function, VFs included, with the address of its PF if it is a VF."""
@@ -335,6 +393,7 @@ class _Builder:
             self._iommu(unit)
         self._firmware_and_proc()
         self._block_devices()
+        self._mediated()
         return self.sys, self.dev
 
     def _iommu(self, unit: Iommu) -> None:
@@ -529,6 +588,65 @@ class _Builder:
         _link(self.sys / "class" / "vfio-dev" / name, node)
         self.cdevs += 1
 
+    def _mediated(self) -> None:
+        if not self.topo.mdev_parents and not self.topo.mdevs:
+            return
+        for d in ("bus/mdev/devices", "bus/mdev/drivers", "class/mdev_bus"):
+            (self.sys / d).mkdir(parents=True, exist_ok=True)
+        parents = {p.name: self._mdev_parent(p) for p in self.topo.mdev_parents}
+        for m in self.topo.mdevs:
+            self._mdev(m, parents[m.parent])
+
+    def _mdev_parent(self, parent: Parent) -> Path:
+        if parent.function is not None:
+            path = self.paths[PciAddress.parse(parent.function)]
+        else:
+            path = self.sys / "devices" / "virtual" / parent.name / parent.name
+            path.mkdir(parents=True)
+            _write(path / "uevent", b"")
+        for t in parent.types:
+            folder = path / "mdev_supported_types" / t.id
+            (folder / "devices").mkdir(parents=True)
+            files: dict[str, bytes | None] = {
+                "name": (t.name or t.id).encode() + b"\n",
+                "device_api": t.device_api.encode() + b"\n",
+                "available_instances": b"%d\n" % t.available,
+                "create": b"",
+            }
+            if t.description is not None:
+                files["description"] = t.description.encode() + b"\n"
+            files.update(t.files)
+            for name, data in files.items():
+                if data is not None:
+                    _write(folder / name, data)
+        _link(self.sys / "class" / "mdev_bus" / parent.name, path)
+        return path
+
+    def _mdev(self, m: Mediated, parent: Path) -> None:
+        path = parent / m.uuid
+        path.mkdir()
+        _write(path / "uevent", f"MDEV_TYPE={m.type}\n".encode())
+        _write(path / "remove", b"")
+        (path / "power").mkdir()
+        _link(path / "subsystem", self.sys / "bus" / "mdev")
+        type_dir = parent / "mdev_supported_types" / m.type
+        _link(path / "mdev_type", type_dir)
+        _link(type_dir / "devices" / m.uuid, path)
+        _link(self.sys / "bus" / "mdev" / "devices" / m.uuid, path)
+        if m.driver is not None:
+            drv = self.sys / "bus" / "mdev" / "drivers" / m.driver
+            drv.mkdir(parents=True, exist_ok=True)
+            _link(path / "driver", drv)
+            _link(drv / m.uuid, path)
+        if m.group is not None:
+            group = self._group_dir(m.group)
+            # vfio_noiommu_group_alloc names emulated-IOMMU groups so too (6.12).
+            _write(group / "name", b"vfio-noiommu\n")
+            _link(path / "iommu_group", group)
+            _link(group / "devices" / m.uuid, path)
+            _write(self.dev / "vfio" / str(m.group), b"")
+            self._vfio_device(path)
+
     def _foreign(self, f: Foreign) -> None:
         path = self.sys / "devices" / "platform" / f.name
         path.mkdir(parents=True)
@@ -589,6 +707,11 @@ def build_proc(
 def device_dir(sysfs: Path, addr: str) -> Path:
     """The real directory of function ``addr`` (through its bus symlink)."""
     return (sysfs / "bus" / "pci" / "devices" / addr).resolve()
+
+
+def mdev_dir(sysfs: Path, uuid: str) -> Path:
+    """The real directory of the mdev ``uuid`` (through its bus symlink)."""
+    return (sysfs / "bus" / "mdev" / "devices" / uuid).resolve()
 
 
 def write_attr(sysfs: Path, addr: str, name: str, data: bytes) -> None:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from kvmvfio import __version__
-from kvmvfio.errors import Interface, KvmvfioError, speaking_to
+from kvmvfio.errors import Interface, KvmvfioError, shown, speaking_to
 
 #: What a command's handler returns: the process exit status.
 Handler = Callable[[argparse.Namespace], int]
@@ -24,7 +24,8 @@ Handler = Callable[[argparse.Namespace], int]
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
-        self.exit(2, f"kvmvfio: error: {message}\n")
+        # argparse quotes the user's words (an unknown argument) raw: escape them.
+        self.exit(2, f"kvmvfio: error: {shown(message, 4096)}\n")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -24,12 +24,16 @@ from kvmvfio.host import (
     HostSupport,
     Inventory,
     IommuGroup,
+    Mdev,
+    MdevParent,
+    MdevType,
     NoGroup,
     NoGroupCause,
     PciAddress,
     PciDevice,
     blocker_of,
 )
+from kvmvfio.host.mdev import is_uuid, read_mdev
 
 #: Version of the ``--json`` schema; bumped only when a field changes
 #: meaning or goes away (adding fields does not bump it).
@@ -48,8 +52,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=(
             "List every PCI function with its IDs, class, driver, IOMMU group, whether "
             "that group is viable for VFIO, and its VFIO device cdev (for a function in "
-            "no group, why); then say which IOMMUs the kernel uses and which VFIO, "
-            "iommufd and KVM files the host has. Reads only."
+            "no group, why); then the mediated-device parents with their types and the "
+            "mdevs, when the host has any; then say which IOMMUs the kernel uses and which "
+            "VFIO, iommufd and KVM files the host has. Reads only."
         ),
     )
     _common(inv)
@@ -60,8 +65,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="show an IOMMU group's members and whether VFIO can use it",
         description=(
             "Show the IOMMU group numbered N, or the group of the PCI function at ADDR: "
-            "its members, their drivers, and whether the group is viable (every member "
-            "on vfio-pci or a variant, pci-stub, pcieport, or no driver), naming each "
+            "its members (an mdev's group has the mdev alone), their drivers, and whether "
+            "the group is viable (every member on vfio-pci or a variant, pci-stub, "
+            "pcieport, or no driver; an mdev), naming each "
             "member in the way and why. For a function in no IOMMU group, say why "
             "(no IOMMU in use, the function is the IOMMU, not probed until a driver "
             "binds, not covered). Exit status: 0 viable, 1 not viable, not found or in "
@@ -177,10 +183,13 @@ def group_json(group: IommuGroup, devfs: str | Path) -> JsonObject:
     return {
         "number": group.number,
         "noiommu": group.noiommu,
+        "emulated": group.emulated,
         "viable": not blockers,
         "dev_node": str(group.dev_node(devfs)),
         "members": [str(m.address) for m in group.members],
-        "other_members": [{"name": f.name, "driver": f.driver} for f in group.foreign],
+        "other_members": [
+            {"name": f.name, "driver": f.driver, "mdev": f.mdev} for f in group.foreign
+        ],
         "blockers": [
             {"address": b.address, "driver": b.driver, "reason": b.reason} for b in blockers
         ],
@@ -216,6 +225,43 @@ def support_json(support: HostSupport, iommu: HostIommu | None = None) -> JsonOb
     return doc
 
 
+def mdev_type_json(t: MdevType) -> JsonObject:
+    """One type a parent offers, as the ``--json`` schema has it."""
+    return {
+        "type": t.id,
+        "name": t.name,
+        "description": t.description,
+        "device_api": t.device_api,
+        "available_instances": t.available,
+        "mdevs": list(t.devices),
+    }
+
+
+def mdev_parent_json(parent: MdevParent) -> JsonObject:
+    """One mediated-device parent with its types, as the ``--json`` schema has it."""
+    return {
+        "name": parent.name,
+        "path": parent.path,
+        "driver": parent.driver,
+        "types": [mdev_type_json(t) for t in parent.types],
+    }
+
+
+def mdev_json(m: Mdev, devfs: str | Path) -> JsonObject:
+    """One mediated device, as the ``--json`` schema has it."""
+    node = m.group_node(devfs)
+    return {
+        "uuid": m.uuid,
+        "type": m.type_id,
+        "parent": m.parent,
+        "driver": m.driver,
+        "iommu_group": m.group,
+        "dev_node": None if node is None else str(node),
+        "vfio_cdev": m.cdev,
+        "path": m.path,
+    }
+
+
 def inventory_json(inv: Inventory, devfs: str | Path) -> JsonObject:
     """The whole ``inventory --json`` document."""
     return {
@@ -223,6 +269,8 @@ def inventory_json(inv: Inventory, devfs: str | Path) -> JsonObject:
         "host": support_json(inv.support, inv.iommu),
         "devices": [device_json(d, inv.no_group(d), _pf_of(inv, d)) for d in inv.devices],
         "groups": [group_json(g, devfs) for g in inv.groups],
+        "mdev_parents": [mdev_parent_json(p) for p in inv.mdev_parents],
+        "mdevs": [mdev_json(m, devfs) for m in inv.mdevs],
     }
 
 
@@ -233,20 +281,37 @@ def _pf_of(inv: Inventory, dev: PciDevice) -> PciDevice | None:
 
 
 def group_document(
-    group: IommuGroup, devfs: str | Path, pfs: Mapping[str, PciDevice] | None = None
+    group: IommuGroup,
+    devfs: str | Path,
+    pfs: Mapping[str, PciDevice] | None = None,
+    mdevs: Sequence[Mdev] = (),
 ) -> JsonObject:
-    """The whole ``group --json`` document (``pfs``: the PFs of VF members, by address)."""
+    """The whole ``group --json`` document (``pfs``: the PFs of VF members, by address;
+    ``mdevs``: the members that are mediated devices)."""
     pfs = pfs or {}
     return {
         "schema": SCHEMA,
         "group": group_json(group, devfs),
         "devices": [device_json(d, pf=pfs.get(str(d.physfn))) for d in group.members],
+        "mdevs": [mdev_json(m, devfs) for m in mdevs],
     }
 
 
 def pfs_of(host: Host, group: IommuGroup) -> dict[str, PciDevice]:
     """The PFs of the group's VF members, by address (read from ``host``)."""
     return {str(m.physfn): host.device(str(m.physfn)) for m in group.members if m.physfn}
+
+
+def mdevs_of(host: Host, group: IommuGroup) -> list[Mdev]:
+    """The group's members that are mediated devices (read from ``host``); those that
+    vanished meanwhile are left out."""
+    out = []
+    for f in group.foreign:
+        if f.mdev and is_uuid(f.name):
+            found = read_mdev(f.name, host.sysfs)
+            if found is not None:
+                out.append(found)
+    return out
 
 
 def _print_json(doc: JsonObject) -> None:
@@ -322,7 +387,57 @@ def render_inventory(inv: Inventory) -> str:
             )
         )
     text = _table(rows) if inv.devices else "No PCI functions found."
+    mediated = render_mdevs(inv)
+    if mediated:
+        text += f"\n\n{mediated}"
     return f"{text}\n\n{render_iommu(inv)}\n{inv.support.explain(inv.iommu)}"
+
+
+def _one_line(text: str | None) -> str:
+    return "-" if not text else "; ".join(text.splitlines())
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def render_mdevs(inv: Inventory) -> str:
+    """The mediated-device parents with their types, then the mdevs; empty without any."""
+    parts = []
+    if inv.mdev_parents:
+        rows = [("MDEV PARENT", "TYPE", "NAME", "API", "AVAILABLE", "DESCRIPTION")]
+        for parent in inv.mdev_parents:
+            for t in parent.types:
+                rows.append(
+                    (
+                        parent.name,
+                        t.id,
+                        t.name or "-",
+                        t.device_api or "-",
+                        _count(t.available),
+                        _one_line(t.description),
+                    )
+                )
+            if not parent.types:
+                rows.append((parent.name, "-", "-", "-", "-", "no types"))
+        parts.append(_table(rows))
+    if inv.mdevs:
+        groups = inv.groups_by_number()
+        table = [("MDEV", "TYPE", "PARENT", "DRIVER", "GROUP", "VIABLE", "CDEV")]
+        for m in inv.mdevs:
+            table.append(
+                (
+                    m.uuid,
+                    m.type_id or "-",
+                    m.parent,
+                    m.driver or "-",
+                    _count(m.group),
+                    _viable(None if m.group is None else groups.get(m.group)),
+                    m.cdev or "-",
+                )
+            )
+        parts.append(_table(table))
+    return "\n\n".join(parts)
 
 
 def render_iommu(inv: Inventory) -> str:
@@ -344,12 +459,21 @@ def render_iommu(inv: Inventory) -> str:
 
 
 def render_group(
-    group: IommuGroup, devfs: str | Path, pfs: Mapping[str, PciDevice] | None = None
+    group: IommuGroup,
+    devfs: str | Path,
+    pfs: Mapping[str, PciDevice] | None = None,
+    mdevs: Sequence[Mdev] = (),
 ) -> str:
-    """The human text of ``kvmvfio group`` (``pfs``: the PFs of VF members, by address)."""
+    """The human text of ``kvmvfio group`` (``pfs``: the PFs of VF members, by address;
+    ``mdevs``: the members that are mediated devices)."""
     pfs = pfs or {}
+    mediated = {m.uuid: m for m in mdevs}
     state = "viable" if group.viable else "NOT viable"
-    kind = "no-IOMMU group" if group.noiommu else "IOMMU group"
+    kind = "IOMMU group"
+    if group.noiommu:
+        kind = "no-IOMMU group"
+    elif group.emulated:
+        kind = "emulated IOMMU group"
     head = f"{kind} {group.number} ({group.dev_node(devfs)}): {state}"
     rows = [("MEMBER", "IDS", "CLASS", "DRIVER", "STATUS")]
     for dev in group.members:
@@ -367,9 +491,14 @@ def render_group(
     foreign = {b.address: b for b in group.blockers}
     for f in group.foreign:
         b = foreign.get(f.name)
-        rows.append(
-            (f.name, "-", "non-PCI device", f.driver or "-", f"blocks: {b.reason}" if b else "ok")
-        )
+        status = f"blocks: {b.reason}" if b else "ok"
+        kind = "non-PCI device"
+        if f.mdev:
+            m = mediated.get(f.name)
+            kind = "mdev" if m is None or m.type_id is None else f"mdev {m.type_id}"
+            if m is not None:
+                status += f" (on {m.parent}{f', cdev {m.cdev}' if m.cdev else ''})"
+        rows.append((f.name, "-", kind, f.driver or "-", status))
     lines = [head, _table(rows)]
     if group.noiommu:
         lines.append(
@@ -414,8 +543,9 @@ def resolve_group(host: Host, target: str) -> IommuGroup:
 def _group(args: argparse.Namespace) -> int:
     host = _host(args)
     group = resolve_group(host, args.target)
+    pfs, mdevs = pfs_of(host, group), mdevs_of(host, group)
     if args.json:
-        _print_json(group_document(group, host.devfs, pfs_of(host, group)))
+        _print_json(group_document(group, host.devfs, pfs, mdevs))
     else:
-        print(render_group(group, host.devfs, pfs_of(host, group)))
+        print(render_group(group, host.devfs, pfs, mdevs))
     return 0 if group.viable else 1

@@ -12,7 +12,9 @@ snapshots:
 - :class:`HostSupport`: which VFIO / iommufd / KVM files exist;
 - :class:`HostIommu`: the IOMMUs the kernel uses (:class:`IommuUnit`, of an
   :class:`IommuKind`), and :class:`NoGroup`: why a function is in no group
-  (a :class:`NoGroupCause`).
+  (a :class:`NoGroupCause`);
+- :class:`MdevParent` (its types: :class:`MdevType`) and :class:`Mdev`: mediated
+  devices (:mod:`kvmvfio.host.mdev`).
 """
 
 from kvmvfio.host.address import PciAddress
@@ -27,6 +29,7 @@ from kvmvfio.host.iommu import (
     NoGroupCause,
     blocker_of,
 )
+from kvmvfio.host.mdev import Mdev, MdevParent, MdevType
 from kvmvfio.host.pci import (
     PciDevice,
     class_name,
@@ -45,6 +48,9 @@ __all__ = [
     "IommuGroup",
     "IommuKind",
     "IommuUnit",
+    "Mdev",
+    "MdevParent",
+    "MdevType",
     "NoGroup",
     "NoGroupCause",
     "PciAddress",

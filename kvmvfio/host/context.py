@@ -27,6 +27,7 @@ from kvmvfio.errors import (
 )
 from kvmvfio.host.address import PciAddress
 from kvmvfio.host.iommu import NOIOMMU_NAME, ForeignMember, HostIommu, IommuGroup, NoGroup
+from kvmvfio.host.mdev import Mdev, MdevParent, mdev, mdev_parents, mdevs
 from kvmvfio.host.pci import (
     PciDevice,
     decode_text,
@@ -77,12 +78,15 @@ def parse_group_number(value: int | str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Inventory:
-    """Every PCI function and IOMMU group of the host, what it supports, its IOMMUs."""
+    """Every PCI function and IOMMU group of the host, what it supports, its IOMMUs,
+    and its mediated devices with their parents."""
 
     devices: tuple[PciDevice, ...]
     groups: tuple[IommuGroup, ...]
     support: HostSupport
     iommu: HostIommu
+    mdev_parents: tuple[MdevParent, ...] = ()
+    mdevs: tuple[Mdev, ...] = ()
 
     def groups_by_number(self) -> dict[int, IommuGroup]:
         """The groups keyed by number."""
@@ -247,8 +251,10 @@ class Host:
         # The kernel names an mdev's emulated-IOMMU group "vfio-noiommu" too (one
         # vfio_noiommu_group_alloc makes both kinds), yet its node is /dev/vfio/N and
         # it needs no no-IOMMU mode: only the type differs, and sysfs shows no type.
-        noiommu = self._noiommu(base) and not any(f.mdev for f in foreign)
-        return IommuGroup(number, tuple(members), noiommu, tuple(foreign))
+        named = self._noiommu(base)
+        emulated = named and any(f.mdev for f in foreign)
+        noiommu = named and not emulated
+        return IommuGroup(number, tuple(members), noiommu, tuple(foreign), emulated=emulated)
 
     @staticmethod
     def _noiommu(base: str) -> bool:
@@ -280,6 +286,32 @@ class Host:
         """
         return self.iommu().no_group(self.device(addr))
 
+    # -- mediated devices -------------------------------------------------
+
+    def mdev_parents(self) -> list[MdevParent]:
+        """Every device that can have mdevs, with its types, sorted by name (see
+        :mod:`kvmvfio.host.mdev`); empty without the mdev core.
+
+        Raise :class:`~kvmvfio.errors.SysfsError` for what the kernel never writes there.
+        """
+        return mdev_parents(self.sysfs)
+
+    def mdevs(self) -> list[Mdev]:
+        """Every mediated device, sorted by parent then UUID; skip any that vanish meanwhile.
+
+        Raise :class:`~kvmvfio.errors.SysfsError` for an entry of
+        ``/sys/bus/mdev/devices`` that is not a UUID.
+        """
+        return mdevs(self.sysfs)
+
+    def mdev(self, uuid: str) -> Mdev:
+        """Read the mediated device ``uuid``.
+
+        Raise :class:`~kvmvfio.errors.InvalidMdevUuid` for text that is not a
+        UUID, :class:`~kvmvfio.errors.MdevNotFound` when there is no such mdev.
+        """
+        return mdev(uuid, self.sysfs)
+
     # -- support ----------------------------------------------------------
 
     def support(self) -> HostSupport:
@@ -291,7 +323,14 @@ class Host:
         return HostIommu.probe(self.sysfs, self.procfs)
 
     def inventory(self) -> Inventory:
-        """Read devices, groups, support and IOMMUs in one pass over sysfs."""
+        """Read devices, groups, support, IOMMUs and mdevs in one pass over sysfs."""
         devices = self.devices()
         groups = self._all_groups({d.address: d for d in devices})
-        return Inventory(tuple(devices), tuple(groups), self.support(), self.iommu())
+        return Inventory(
+            tuple(devices),
+            tuple(groups),
+            self.support(),
+            self.iommu(),
+            tuple(self.mdev_parents()),
+            tuple(self.mdevs()),
+        )

@@ -4,8 +4,13 @@ The IOMMU translates DMA per *group*: the smallest set of devices it can
 tell apart (functions behind a PCIe-to-PCI bridge, or without ACS between
 them, share one). Linux lists each group in ``/sys/kernel/iommu_groups/N``:
 ``devices/`` holds a symlink per member, and ``name`` exists only when the
-group was named, which VFIO does for the fake groups of no-IOMMU mode
-(``vfio-noiommu``, ``drivers/vfio/group.c``).
+group was named, which VFIO does for the groups it makes itself
+(``vfio-noiommu``, ``vfio_noiommu_group_alloc`` in ``drivers/vfio/group.c``):
+the fake groups of no-IOMMU mode, and also the emulated-IOMMU group each
+mediated device gets, which the name does not tell apart. Their /dev nodes
+do: ``/dev/vfio/noiommu-N`` for the first, ``/dev/vfio/N`` for the second
+(``vfio_create_group``); kvmvfio tells them apart by the members, since an
+emulated group's only member is the mdev (seen on the lab's 6.12 kernel).
 
 VFIO gives userspace a whole group or nothing, because every member can DMA
 wherever the group's IOMMU domain allows. Since Linux 5.19 the kernel
@@ -111,8 +116,11 @@ class IommuGroup:
     number: int
     members: tuple[PciDevice, ...]
     noiommu: bool = False
-    #: Members that are not PCI functions (rare on x86; platform devices on Arm).
+    #: Members that are not PCI functions (rare on x86; platform devices on Arm; mdevs).
     foreign: tuple[ForeignMember, ...] = ()
+    #: The emulated-IOMMU group of a mediated device: VFIO made it, the mdev is its only
+    #: member, and its parent's driver (not an IOMMU) decides what the mdev may reach.
+    emulated: bool = False
 
     @property
     def blockers(self) -> tuple[Blocker, ...]:

@@ -76,6 +76,7 @@ class MdevType:
     parent: str
     id: str
     name: str | None
+    #: The parent driver's words, None when it has none (mtty); may hold several lines.
     description: str | None
     device_api: str | None
     available: int | None
@@ -166,6 +167,8 @@ def _readlink(path: str) -> str | None:
     except OSError as err:
         if err.errno in _GONE:
             return None
+        if err.errno == errno.EINVAL:  # the kernel makes these links, never files
+            raise SysfsError(path, "is not a symbolic link") from None
         raise KernelError(err.errno or errno.EIO, "readlink", path) from err
 
 
@@ -176,6 +179,17 @@ def _text(path: str) -> str | None:
     if len(raw) > _MAX_ATTR:
         raise SysfsError(path, f"holds {len(raw)} bytes, more than a sysfs attribute")
     return decode_text(raw, path).strip()
+
+
+def _lines(path: str) -> str | None:
+    """A text of several lines: i915's GVT describes a type in five (``low_gm_size: 64MB``...)."""
+    raw = read_file(path)
+    if raw is None:
+        return None
+    if len(raw) > _MAX_ATTR:
+        raise SysfsError(path, f"holds {len(raw)} bytes, more than a sysfs attribute")
+    lines = raw.rstrip(b"\n").split(b"\n")
+    return "\n".join(decode_text(line, path).strip() for line in lines).strip()
 
 
 def _count(path: str) -> int | None:
@@ -195,7 +209,7 @@ def _read_type(parent: str, folder: str, type_id: str) -> MdevType | None:
         parent=parent,
         id=type_id,
         name=_text(f"{folder}/name"),
-        description=_text(f"{folder}/description"),
+        description=_lines(f"{folder}/description"),
         device_api=_text(f"{folder}/device_api"),
         available=_count(f"{folder}/available_instances"),
         devices=tuple(devices),

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fakesysfs import Dev, Foreign, Iommu, Topology
+from fakesysfs import Dev, Foreign, Iommu, Mediated, Parent, ParentType, Topology
 
 from kvmvfio.cli import run
 from kvmvfio.host import Host
@@ -103,7 +103,8 @@ def test_inventory_json_follows_the_documented_schema(
     assert code == 0
     doc = json.loads(out)
     assert doc["schema"] == 1
-    assert set(doc) == {"schema", "host", "devices", "groups"}
+    assert set(doc) == {"schema", "host", "devices", "groups", "mdev_parents", "mdevs"}
+    assert (doc["mdev_parents"], doc["mdevs"]) == ([], [])
     documented = _documented_fields()
     assert set(doc["host"]) == documented["Host object"]
     for dev in doc["devices"]:
@@ -122,7 +123,7 @@ def test_inventory_json_follows_the_documented_schema(
     assert (pf["vendor"], pf["class"], pf["driver"]) == ("0x8086", "0x020000", "i40e")
     group3 = doc["groups"][2]
     assert group3["members"] == ["0000:00:03.0"]
-    assert group3["other_members"] == [{"name": "soc:dma@0", "driver": None}]
+    assert group3["other_members"] == [{"name": "soc:dma@0", "driver": None, "mdev": False}]
     assert group3["dev_node"] == str(host.devfs / "vfio" / "3")
     assert doc["host"]["missing"] == []
     assert doc["host"]["iommu_units"] == [{"name": "dmar0", "kind": "intel-vt-d", "function": None}]
@@ -464,3 +465,136 @@ def test_python_m_kvmvfio_group_bad_address_exits_2_without_traceback() -> None:
         "kvmvfio: '../x' is not a PCI address (contains a path separator or NUL); "
         "expected [DDDD:]BB:SS.F\n"
     )
+
+
+# -- mediated devices ----------------------------------------------------------------
+
+MDEV = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+MEDIATED = Topology(
+    devices=[Dev("0000:00:03.0", driver="vfio-pci", group=3)],
+    mdev_parents=[
+        Parent(
+            "mtty",
+            [
+                ParentType("mtty-1", "Single port serial", available=22),
+                ParentType("mtty-2", "Dual port serial", available=11),
+            ],
+        ),
+        Parent(
+            "mdpy",
+            [ParentType("mdpy-vga", "mdpy-vga", "virtual display,\n640x480", available=4)],
+        ),
+    ],
+    mdevs=[Mediated(MDEV, "mtty", "mtty-2", driver="mtty", group=20)],
+)
+
+
+def test_inventory_shows_mdev_parents_their_types_and_mdevs(
+    build_host: BuildHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = build_host(MEDIATED)
+    code, out, err = _run(["inventory", *_roots(host)], capsys)
+    assert (code, err) == (0, "")
+    blocks = out.split("\n\n")
+    assert blocks[1].splitlines() == [
+        "MDEV PARENT  TYPE      NAME                API       AVAILABLE  DESCRIPTION",
+        "mdpy         mdpy-vga  mdpy-vga            vfio-pci  4          virtual display,; 640x480",
+        "mtty         mtty-1    Single port serial  vfio-pci  22         -",
+        "mtty         mtty-2    Dual port serial    vfio-pci  11         -",
+    ]
+    assert blocks[2].splitlines() == [
+        "MDEV                                  TYPE    PARENT  DRIVER  GROUP  VIABLE  CDEV",
+        f"{MDEV}  mtty-2  mtty    mtty    20     yes     vfio1",
+    ]
+    assert blocks[3].startswith("IOMMU: Intel VT-d (dmar0).")
+
+
+def test_a_host_without_mdevs_prints_nothing_new(
+    build_host: BuildHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = build_host(TOPOLOGY)
+    _, out, _ = _run(["inventory", *_roots(host)], capsys)
+    assert "MDEV" not in out
+    assert len(out.split("\n\n")) == 2  # the table, then the IOMMU and support lines
+
+
+def test_inventory_json_lists_mdev_parents_and_mdevs(
+    build_host: BuildHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = build_host(MEDIATED)
+    code, out, _ = _run(["inventory", "--json", *_roots(host)], capsys)
+    assert code == 0
+    doc = json.loads(out)
+    documented = _documented_fields()
+    assert [p["name"] for p in doc["mdev_parents"]] == ["mdpy", "mtty"]
+    for parent in doc["mdev_parents"]:
+        assert set(parent) == documented["Mdev parent object"]
+        for t in parent["types"]:
+            assert set(t) == documented["Mdev type object"]
+    mtty = doc["mdev_parents"][1]
+    assert (mtty["path"], mtty["driver"]) == (
+        str(host.sysfs / "devices" / "virtual" / "mtty" / "mtty"),
+        None,
+    )
+    assert mtty["types"][1] == {
+        "type": "mtty-2",
+        "name": "Dual port serial",
+        "description": None,
+        "device_api": "vfio-pci",
+        "available_instances": 11,
+        "mdevs": [MDEV],
+    }
+    assert doc["mdev_parents"][0]["types"][0]["description"] == "virtual display,\n640x480"
+    (m,) = doc["mdevs"]
+    assert set(m) == documented["Mdev object"]
+    assert m == {
+        "uuid": MDEV,
+        "type": "mtty-2",
+        "parent": "mtty",
+        "driver": "mtty",
+        "iommu_group": 20,
+        "dev_node": str(host.devfs / "vfio" / "20"),
+        "vfio_cdev": "vfio1",
+        "path": str(host.sysfs / "devices" / "virtual" / "mtty" / "mtty" / MDEV),
+    }
+    group = doc["groups"][-1]
+    assert set(group) == documented["Group object"]
+    assert (group["number"], group["viable"], group["noiommu"], group["emulated"]) == (
+        20,
+        True,
+        False,
+        True,
+    )
+    assert group["other_members"] == [{"name": MDEV, "driver": "mtty", "mdev": True}]
+
+
+def test_group_of_an_mdev(build_host: BuildHost, capsys: pytest.CaptureFixture[str]) -> None:
+    host = build_host(MEDIATED)
+    code, out, err = _run(["group", "20", *_roots(host)], capsys)
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        f"emulated IOMMU group 20 ({host.devfs}/vfio/20): viable",
+        "MEMBER                                IDS  CLASS        DRIVER  STATUS",
+        f"{MDEV}  -    mdev mtty-2  mtty    ok (on mtty, cdev vfio1)",
+    ]
+    code, out, _ = _run(["group", "20", "--json", *_roots(host)], capsys)
+    assert code == 0
+    doc = json.loads(out)
+    assert set(doc) == {"schema", "group", "devices", "mdevs"}
+    assert (doc["devices"], doc["group"]["blockers"]) == ([], [])
+    assert [m["uuid"] for m in doc["mdevs"]] == [MDEV]
+    _, out, _ = _run(["group", "3", "--json", *_roots(host)], capsys)
+    assert json.loads(out)["mdevs"] == []
+
+
+def test_a_broken_mdev_tree_is_one_line(
+    build_host: BuildHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = build_host(MEDIATED)
+    count = host.sysfs / "devices/virtual/mtty/mtty/mdev_supported_types/mtty-1"
+    (count / "available_instances").write_bytes(b"\x1b[2J lots\n")
+    code, out, err = _run(["inventory", "--json", *_roots(host)], capsys)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"kvmvfio: unexpected contents in {count}/available_instances")
+    assert "\x1b" not in err
+    assert err.count("\n") == 1

@@ -177,7 +177,7 @@ _LEAVES = {
         "QemuNoAnswer",
         "QemuReplyInvalid",
         "NoHotplugPort",
-    "MixedVfioBackends",
+        "MixedVfioBackends",
         "MixedVfioBackends",
         "DetachTimeout",
         "NotAttached",

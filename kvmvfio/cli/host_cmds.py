@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kvmvfio.cli.args import existing_dir
-from kvmvfio.errors import InvalidGroup
+from kvmvfio.errors import InvalidGroup, MdevNotReady
 from kvmvfio.host import (
     Host,
     HostIommu,
@@ -34,6 +34,7 @@ from kvmvfio.host import (
     blocker_of,
 )
 from kvmvfio.host.mdev import is_uuid, read_mdev
+from kvmvfio.host.mdev import mdev as mdev_of
 
 #: Version of the ``--json`` schema; bumped only when a field changes
 #: meaning or goes away (adding fields does not bump it).
@@ -76,8 +77,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     grp.add_argument(
         "target",
-        metavar="ADDR|N",
-        help="a PCI address ([DDDD:]BB:SS.F, e.g. 0000:01:00.0) or an IOMMU group number",
+        metavar="ADDR|UUID|N",
+        help="a PCI address ([DDDD:]BB:SS.F, e.g. 0000:01:00.0), an mdev's UUID, or an "
+        "IOMMU group number",
     )
     _common(grp)
     grp.set_defaults(handler=_group)
@@ -526,7 +528,7 @@ def _inventory(args: argparse.Namespace) -> int:
 
 
 def resolve_group(host: Host, target: str) -> IommuGroup:
-    """The group ``target`` names: a group number, or a PCI address whose group it is.
+    """The group ``target`` names: a group number, or a PCI address or mdev UUID whose it is.
 
     Raise :class:`~kvmvfio.errors.InvalidAddress` /
     :class:`~kvmvfio.errors.InvalidGroup` for malformed text,
@@ -537,6 +539,11 @@ def resolve_group(host: Host, target: str) -> IommuGroup:
         return host.group(target)
     if ":" in target or "." in target:
         return host.group_of(PciAddress.parse(target))
+    if "-" in target:  # an mdev's UUID (or one gone wrong: InvalidMdevUuid says so)
+        found = mdev_of(target, host.sysfs)
+        if found.group is None:
+            raise MdevNotReady(found.uuid, f"has no IOMMU group (driver {found.driver or 'none'})")
+        return host.group(found.group)
     raise InvalidGroup(target)
 
 

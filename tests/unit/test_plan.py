@@ -17,14 +17,17 @@ from pathlib import Path
 
 import pytest
 from fakeqmp import FakeQmp
-from fakesysfs import Dev, Topology
+from fakesysfs import Dev, Mediated, Parent, ParentType, Topology
 from fakevfio import FakeVfio
 
 from kvmvfio import uapi
 from kvmvfio.cli import run
 from kvmvfio.errors import (
     CoherencyRefused,
+    InvalidMdevUuid,
     KernelUnsupported,
+    MdevNotFound,
+    MdevNotReady,
     MixedVfioBackends,
     NoIommuRefused,
     UsageError,
@@ -417,3 +420,81 @@ async def test_attach_keeps_to_the_backend_qemu_uses(
     # Refused before anything reached QEMU: no fd, no device_add, no object-add.
     assert [c for c, _ in peer.received if c in ("getfd", "device_add", "object-add")] == []
     assert peer.fds_received == 0
+
+
+# -- mediated devices ------------------------------------------------------------------------
+
+MDEV, LOST = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001", "5c3f0d2e-1111-4a4a-9b9b-000000000001"
+
+
+@pytest.fixture
+def mdev_host(build_host: BuildHost) -> Host:
+    """An edu on vfio-pci, an mtty parent with one mdev in group 20 and one without a group."""
+    return build_host(
+        Topology(
+            devices=[Dev(A, driver="vfio-pci", group=1, **EDU)],
+            mdev_parents=[Parent("mtty", types=[ParentType("mtty-2", "Dual port serial")])],
+            mdevs=[
+                Mediated(MDEV, "mtty", "mtty-2", driver="mtty", group=20),
+                Mediated(LOST, "mtty", "mtty-2", driver="mtty"),
+            ],
+        )
+    )
+
+
+@pytest.mark.parametrize("path", ["cdev", "group", "group-iommufd"])
+def test_a_plan_covers_an_mdev_by_its_uuid(mdev_host: Host, path: str) -> None:
+    plan = make_plan([MDEV.upper(), A], path=path, coherency="ignore", host=mdev_host)
+    mdev, edu = plan.devices
+    assert (mdev.address, mdev.group, mdev.mdev, edu.mdev) == (MDEV, 20, True, False)
+    assert mdev.sysfsdev == f"/sys/bus/mdev/devices/{MDEV}"
+    assert plan.device(MDEV.upper()) is mdev
+    group = plan.group(20)
+    assert group.members == (MDEV,)
+    assert not group.noiommu  # the kernel names it vfio-noiommu; it is an emulated group
+    assert group.node == mdev_host.devfs / "vfio" / "20"
+    if path == "cdev":
+        assert mdev.file == mdev_host.devfs / "vfio" / "devices" / str(mdev.cdev)
+    else:
+        assert mdev.file == group.node
+    assert plan.to_json()["devices"][0]["mdev"] is True  # type: ignore[index]
+
+
+def test_an_mdevs_coherency_is_the_kernels_rule_not_a_probe(
+    mdev_host: Host, kernel: FakeVfio
+) -> None:
+    plan = make_plan([MDEV], path="cdev", host=mdev_host)
+    assert plan.coherent is False
+    assert plan.notes == (
+        f"mediated device {MDEV} (it has no IOMMU of its own): the IOMMU does not enforce "
+        "DMA cache coherency",
+    )
+    assert kernel.calls == []  # nothing opened to ask
+    with pytest.raises(CoherencyRefused, match=f"mediated device {MDEV}"):
+        make_plan([MDEV], path="group", coherency="require", host=mdev_host)
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "words"),
+    [
+        (LOST, MdevNotReady, f"mediated device {LOST} has no IOMMU group"),
+        ("5c3f0d2e-1111-4a4a-9b9b-00000000000f", MdevNotFound, "no mediated device 5c3f0d2e"),
+        ("5c3f0d2e-1111-4a4a-9b9b", InvalidMdevUuid, "is not a mediated device's UUID"),
+    ],
+)
+def test_an_mdev_that_cannot_be_opened_is_named(
+    mdev_host: Host, name: str, error: type[Exception], words: str
+) -> None:
+    with pytest.raises(error, match=words):
+        make_plan([name], host=mdev_host)
+
+
+def test_group_takes_an_mdevs_uuid(mdev_host: Host, capsys: pytest.CaptureFixture[str]) -> None:
+    roots = ["--sysfs-root", str(mdev_host.sysfs), "--dev-root", str(mdev_host.devfs)]
+    assert run(["group", MDEV.upper(), "--json", *roots]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["group"]["number"] == 20
+    assert run(["group", LOST, *roots]) == 1
+    assert f"mediated device {LOST} has no IOMMU group" in capsys.readouterr().err
+    assert run(["group", "5c3f0d2e-zz", *roots]) == 2
+    assert "is not a mediated device's UUID" in capsys.readouterr().err

@@ -80,32 +80,40 @@ def gpu_rom() -> bytes:
 
 def test_a_legacy_and_an_efi_image() -> None:
     rom = parse_rom(gpu_rom() + b"\xff" * 1024, vendor=VGA[0], device=VGA[1])
-    assert rom.valid and rom.problem is None
+    assert rom.valid
+    assert rom.problem is None
     assert rom.size == 3 * 1024 + 1024
     legacy, efi = rom.images
     assert (legacy.offset, legacy.length, legacy.code_type_name) == (0, 1024, "x86")
-    assert legacy.checksum_ok is True and not legacy.last
+    assert legacy.checksum_ok is True
+    assert not legacy.last
     assert (efi.offset, efi.length, efi.code_type_name, efi.efi_machine_name) == (
         1024,
         2048,
         "efi",
         "x64",
     )
-    assert efi.last and efi.efi_subsystem == 11 and efi.efi_compressed is False
-    assert rom.legacy_bios and rom.uefi == ("x64",)
+    assert efi.last
+    assert efi.efi_subsystem == 11
+    assert efi.efi_compressed is False
+    assert rom.legacy_bios
+    assert rom.uefi == ("x64",)
     assert rom.summary() == "ROM 4 KiB: x86, efi x64"
 
 
 def test_what_the_firmware_finds_in_a_uefi_only_rom() -> None:
     rom = parse_rom(image(code=CodeType.EFI, machine=0xAA64))
-    assert rom.valid and not rom.legacy_bios and rom.uefi == ("aarch64",)
+    assert rom.valid
+    assert not rom.legacy_bios
+    assert rom.uefi == ("aarch64",)
 
 
 def test_the_pci_3_device_list_counts_as_a_match() -> None:
     data = image(device=0x1111, device_list=(0x2222, 0x3333))
     assert parse_rom(data, vendor=VGA[0], device=0x3333).valid
     rom = parse_rom(data, vendor=VGA[0], device=0x4444)
-    assert not rom.valid and "is for 1234:1111, not 1234:4444" in (rom.problem or "")
+    assert not rom.valid
+    assert "is for 1234:1111, not 1234:4444" in (rom.problem or "")
 
 
 @pytest.mark.parametrize(
@@ -148,7 +156,8 @@ def test_a_bad_legacy_checksum_is_reported_not_refused() -> None:
     data = bytearray(image())
     data[100] ^= 0xFF
     rom = parse_rom(bytes(data))
-    assert rom.valid and rom.images[0].checksum_ok is False
+    assert rom.valid
+    assert rom.images[0].checksum_ok is False
 
 
 def test_unknown_code_types_and_machines_are_named_by_number() -> None:
@@ -178,7 +187,8 @@ def test_mutated_roms_give_an_answer(data: st.DataObject) -> None:
     # A chain never claims bytes it does not have, and images do not overlap.
     end = 0
     for img in rom.images:
-        assert img.offset == end and img.length > 0
+        assert img.offset == end
+        assert img.length > 0
         end = img.offset + img.length
         assert end <= rom.size
 
@@ -230,14 +240,16 @@ def test_read_enables_then_disables(sysfs: Path, monkeypatch: pytest.MonkeyPatch
     kernel = KernelRom(gpu_rom())
     _kernel(monkeypatch, kernel)
     assert read_sysfs_rom(sysfs, "0000:00:04.0") == gpu_rom()
-    assert kernel.writes == ["1", "0\n"] and not kernel.enabled
+    assert kernel.writes == ["1", "0\n"]
+    assert not kernel.enabled
 
 
 def test_read_leaves_an_enabled_switch_on(sysfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kernel = KernelRom(gpu_rom(), enabled=True)
     _kernel(monkeypatch, kernel)
     assert read_sysfs_rom(sysfs, "0000:00:04.0") == gpu_rom()
-    assert kernel.writes == [] and kernel.enabled
+    assert kernel.writes == []
+    assert kernel.enabled
 
 
 def test_a_failed_read_still_disables(sysfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -246,7 +258,8 @@ def test_a_failed_read_still_disables(sysfs: Path, monkeypatch: pytest.MonkeyPat
     with pytest.raises(RomUnreadable, match="Input/output error") as info:
         read_sysfs_rom(sysfs, "0000:00:04.0")
     assert isinstance(info.value.__cause__, OSError)
-    assert kernel.writes == ["1", "0\n"] and not kernel.enabled
+    assert kernel.writes == ["1", "0\n"]
+    assert not kernel.enabled
 
 
 def test_a_failed_disable_is_said(sysfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:

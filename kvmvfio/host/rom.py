@@ -410,20 +410,19 @@ def check_romfile(path: str | Path, device: PciDevice) -> OptionRom:
     """Check that the file at ``path`` is an option ROM for ``device``; return what it holds.
 
     Every image must name ``device``'s vendor and device id (or list the
-    id, PCI 3.0). Raises :class:`InvalidRom` naming the fault (a symbolic
-    link, not a regular file, larger than 16 MiB, no ROM, an image for
+    id, PCI 3.0). A symbolic link is followed, as QEMU follows it (Debian's
+    /usr/share/qemu/*.rom are links). Raises :class:`InvalidRom` naming the
+    fault (not a regular file, larger than 16 MiB, no ROM, an image for
     another device), :class:`PermissionDenied` or :class:`KernelError` when
     the file cannot be opened.
     """
     address = str(device.address)
     name = os.fspath(path)
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as err:
         if err.errno == errno.EACCES:
             raise PermissionDenied(err.errno, "open", name, subject=f"ROM file {name}") from err
-        if err.errno == errno.ELOOP:
-            raise InvalidRom(name, address, "it is a symbolic link; give the file itself") from err
         raise KernelError(err.errno or errno.EIO, "open", name, subject=f"ROM file {name}") from err
     try:
         st = os.fstat(fd)

@@ -324,9 +324,26 @@ def test_a_romfile_that_is_not_a_rom_for_it(tmp_path: Path, content: bytes, reas
 def test_a_romfile_that_is_no_file(tmp_path: Path) -> None:
     with pytest.raises(InvalidRom, match="not a regular file"):
         check_romfile(tmp_path, DISPLAY)
-    (tmp_path / "link.rom").symlink_to(tmp_path / "x")
-    with pytest.raises(InvalidRom, match="symbolic link"):
-        check_romfile(tmp_path / "link.rom", DISPLAY)
+    (tmp_path / "vbios.rom").write_bytes(gpu_rom())
+    (tmp_path / "link.rom").symlink_to(tmp_path / "vbios.rom")
+    assert check_romfile(tmp_path / "link.rom", DISPLAY).valid  # followed, as QEMU does
     with pytest.raises(KernelError) as info:
         check_romfile(tmp_path / "missing.rom", DISPLAY)
     assert info.value.errno == errno.ENOENT
+
+
+#: iPXE's ROM for QEMU's e1000e as Debian ships it (ipxe-qemu): a real ROM with both image kinds.
+IPXE_E1000E = Path("/usr/lib/ipxe/qemu/efi-e1000e.rom")
+
+
+@pytest.mark.skipif(not IPXE_E1000E.exists(), reason=f"no {IPXE_E1000E} (Debian's ipxe-qemu)")
+def test_ipxes_rom_for_e1000e() -> None:
+    rom = parse_rom(IPXE_E1000E.read_bytes(), vendor=0x8086, device=0x10D3)
+    assert rom.valid, rom.problem
+    assert [i.describe() for i in rom.images] == ["x86", "efi x64"]
+    assert rom.legacy_bios
+    assert rom.uefi == ("x64",)
+    nic = PciDevice(PciAddress.parse("0000:00:05.0"), 0x8086, 0x10D3, 0x020000)
+    assert check_romfile(IPXE_E1000E, nic) == rom
+    with pytest.raises(InvalidRom, match="image 0 is for 8086:10d3, not 1234:1111"):
+        check_romfile(IPXE_E1000E, DISPLAY)

@@ -17,10 +17,12 @@ from fakesysfs import Dev, Topology
 from test_host_rom import gpu_rom, image
 
 from kvmvfio.cli import run
-from kvmvfio.errors import Interface, speaking_to
+from kvmvfio.errors import Interface, UsageError, speaking_to
 from kvmvfio.host import Host
+from kvmvfio.host.rom import InvalidRom
 from kvmvfio.prepare import UnlistedMembers, prepare
 from kvmvfio.prepare.safety import UnsafeToUnbind
+from kvmvfio.qemu import coldplug
 from kvmvfio.vfio.errors import GroupNotViable
 
 BuildHost = Callable[[Topology], Host]
@@ -175,3 +177,42 @@ def test_a_rom_in_use_by_a_vm_is_not_read(
     assert rom["reason"] == "in use through vfio-pci (not read under a running VM)"
     assert run(["inventory", *_roots(host)]) == 0
     assert "ROM not read" in capsys.readouterr().out
+
+
+# -- a ROM file for QEMU ----------------------------------------------------------
+
+ON_VFIO = Topology(
+    devices=[
+        Dev(DISPLAY, vendor=0x1234, device=0x1111, cls=0x030000, driver="vfio-pci", group=2),
+        Dev(AUDIO, vendor=0x8086, device=0x2668, cls=0x040300, driver="vfio-pci", group=2),
+    ]
+)  # fmt: skip
+
+
+def test_coldplug_passes_a_checked_romfile(build_host: BuildHost, tmp_path: Path) -> None:
+    host = build_host(ON_VFIO)
+    folder = tmp_path / "roms,1"
+    folder.mkdir()
+    (folder / "vbios.rom").write_bytes(gpu_rom())
+    (tmp_path / "link.rom").symlink_to(folder / "vbios.rom")
+    with coldplug(
+        [DISPLAY, AUDIO], coherency="ignore", host=host, romfiles={"00:04.0": tmp_path / "link.rom"}
+    ) as plug:
+        display, audio = plug.args[3], plug.args[5]
+    # The file itself, by absolute path, its comma doubled as QEMU's options want.
+    assert display.endswith(f",romfile={tmp_path}/roms,,1/vbios.rom")
+    assert "romfile" not in audio
+
+
+def test_coldplug_refuses_a_romfile_before_opening_anything(
+    build_host: BuildHost, tmp_path: Path
+) -> None:
+    host = build_host(ON_VFIO)
+    before = set(os.listdir("/proc/self/fd"))
+    wrong = tmp_path / "nvidia.rom"
+    wrong.write_bytes(image(vendor=0x10DE, device=0x2204))
+    with pytest.raises(InvalidRom, match="image 0 is for 10de:2204, not 1234:1111"):
+        coldplug([DISPLAY, AUDIO], coherency="ignore", host=host, romfiles={DISPLAY: wrong})
+    with pytest.raises(UsageError, match="not one of the devices"):
+        coldplug([DISPLAY], coherency="ignore", host=host, romfiles={AUDIO: wrong})
+    assert set(os.listdir("/proc/self/fd")) == before

@@ -12,16 +12,20 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from kvmvfio.host import Host
 from kvmvfio.host.rom import InvalidRom, check_romfile, parse_rom, read_sysfs_rom
+from kvmvfio.lab.l2 import L2Qemu
 from kvmvfio.lab.topology import Topology
+from kvmvfio.qemu import Qemu, coldplug, qdev_id
 
 pytestmark = [pytest.mark.lab, pytest.mark.topology("gpu"), pytest.mark.timeout(900)]
 
@@ -137,3 +141,36 @@ def test_gpu_romfile_check(gpu: tuple[str, str], tmp_path: Path) -> None:
     assert str(info.value) == (
         f"{own} is not an option ROM for {audio}: image 0 is for 1234:1111, not 8086:2668"
     )
+
+
+async def test_gpu_coldplug_with_a_checked_romfile(
+    gpu: tuple[str, str], vfio_bind: Callable[..., None]
+) -> None:
+    display, audio = gpu
+    # L2's QEMU runs as nobody: the ROM file must be readable to it.
+    folder = Path(tempfile.mkdtemp(prefix="kvmvfio-rom-"))
+    try:
+        folder.chmod(0o755)
+        rom = folder / "vgabios.rom"
+        rom.write_bytes(read_sysfs_rom("/sys", display))
+        rom.chmod(0o644)
+        vfio_bind(display, audio)
+        with coldplug([display, audio], buses=["rp0", "rp1"], romfiles={display: rom}) as plug:
+            assert f",romfile={rom}" in plug.args[3]
+            qemu = L2Qemu(
+                ports=2,
+                extra=plug.args,
+                pass_fds=plug.pass_fds,
+                preexec_fn=plug.memlock_preexec(256 << 20),
+            )
+        try:
+            assert qemu.proc.poll() is None, qemu.stderr.read_text()
+            async with Qemu(qemu.qmp, pid=qemu.pid) as qmp:
+                path = f"/machine/peripheral/{qdev_id(display)}"
+                got = await qmp.execute("qom-get", {"path": path, "property": "romfile"})
+            assert got == str(rom)
+            print(f"gpu: L2 QEMU took {display} with romfile={got}")
+        finally:
+            qemu.kill()
+    finally:
+        shutil.rmtree(folder)

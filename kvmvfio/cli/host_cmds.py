@@ -35,6 +35,7 @@ from kvmvfio.host import (
 )
 from kvmvfio.host.mdev import is_uuid, read_mdev
 from kvmvfio.host.mdev import mdev as mdev_of
+from kvmvfio.host.rom import RomReport, report_rom
 
 #: Version of the ``--json`` schema; bumped only when a field changes
 #: meaning or goes away (adding fields does not bump it).
@@ -147,11 +148,15 @@ def vf_index(dev: PciDevice, pf: PciDevice | None) -> int | None:
 
 
 def device_json(
-    dev: PciDevice, no_group: NoGroup | None = None, pf: PciDevice | None = None
+    dev: PciDevice,
+    no_group: NoGroup | None = None,
+    pf: PciDevice | None = None,
+    rom: RomReport | None = None,
 ) -> JsonObject:
     """One PCI function as the ``--json`` schema has it.
 
-    ``no_group``: why it has none; ``pf``: its PF, for a VF (its index, the PF's driver).
+    ``no_group``: why it has none; ``pf``: its PF, for a VF (its index, the
+    PF's driver); ``rom``: its option ROM (None: it has no ROM BAR).
     """
     return {
         "address": str(dev.address),
@@ -176,7 +181,59 @@ def device_json(
         "vfio_cdev": dev.vfio_cdev,
         "boot_vga": dev.boot_vga,
         "no_group": no_group_json(no_group),
+        "rom": rom_json(rom),
     }
+
+
+def rom_json(report: RomReport | None) -> JsonObject | None:
+    """A function's option ROM as the ``--json`` schema has it (None: no ROM BAR)."""
+    if report is None:
+        return None
+    rom = report.rom
+    if rom is None:
+        return {
+            "read": False,
+            "reason": report.unread,
+            "size": None,
+            "valid": None,
+            "problem": None,
+            "legacy_bios": None,
+            "uefi": [],
+            "images": [],
+        }
+    return {
+        "read": True,
+        "reason": None,
+        "size": rom.size,
+        "valid": rom.valid,
+        "problem": rom.problem,
+        "legacy_bios": rom.legacy_bios,
+        "uefi": list(rom.uefi),
+        "images": [
+            {
+                "offset": i.offset,
+                "length": i.length,
+                "vendor": _hex(i.vendor, 4),
+                "device": _hex(i.device, 4),
+                "code_type": i.code_type_name,
+                "efi_machine": i.efi_machine_name,
+                "efi_subsystem": i.efi_subsystem,
+                "checksum_ok": i.checksum_ok,
+                "last": i.last,
+            }
+            for i in rom.images
+        ],
+    }
+
+
+#: Option ROMs by function address (read with :func:`roms_of`).
+Roms = Mapping[str, RomReport]
+
+
+def roms_of(sysfs: str | Path, devices: Sequence[PciDevice]) -> dict[str, RomReport]:
+    """Read the option ROMs of ``devices`` for the reports (functions without one left out)."""
+    found = {str(d.address): report_rom(sysfs, d) for d in devices}
+    return {addr: r for addr, r in found.items() if r is not None}
 
 
 def group_json(group: IommuGroup, devfs: str | Path) -> JsonObject:
@@ -264,12 +321,16 @@ def mdev_json(m: Mdev, devfs: str | Path) -> JsonObject:
     }
 
 
-def inventory_json(inv: Inventory, devfs: str | Path) -> JsonObject:
-    """The whole ``inventory --json`` document."""
+def inventory_json(inv: Inventory, devfs: str | Path, roms: Roms | None = None) -> JsonObject:
+    """The whole ``inventory --json`` document (``roms``: option ROMs by address)."""
+    roms = roms or {}
     return {
         "schema": SCHEMA,
         "host": support_json(inv.support, inv.iommu),
-        "devices": [device_json(d, inv.no_group(d), _pf_of(inv, d)) for d in inv.devices],
+        "devices": [
+            device_json(d, inv.no_group(d), _pf_of(inv, d), roms.get(str(d.address)))
+            for d in inv.devices
+        ],
         "groups": [group_json(g, devfs) for g in inv.groups],
         "mdev_parents": [mdev_parent_json(p) for p in inv.mdev_parents],
         "mdevs": [mdev_json(m, devfs) for m in inv.mdevs],
@@ -287,14 +348,18 @@ def group_document(
     devfs: str | Path,
     pfs: Mapping[str, PciDevice] | None = None,
     mdevs: Sequence[Mdev] = (),
+    roms: Roms | None = None,
 ) -> JsonObject:
-    """The whole ``group --json`` document (``pfs``: the PFs of VF members, by address;
-    ``mdevs``: the members that are mediated devices)."""
-    pfs = pfs or {}
+    """The whole ``group --json`` document (``pfs``: the PFs of VF members, ``roms``: option
+    ROMs, by address; ``mdevs``: the members that are mediated devices)."""
+    pfs, roms = pfs or {}, roms or {}
     return {
         "schema": SCHEMA,
         "group": group_json(group, devfs),
-        "devices": [device_json(d, pf=pfs.get(str(d.physfn))) for d in group.members],
+        "devices": [
+            device_json(d, pf=pfs.get(str(d.physfn)), rom=roms.get(str(d.address)))
+            for d in group.members
+        ],
         "mdevs": [mdev_json(m, devfs) for m in mdevs],
     }
 
@@ -344,6 +409,7 @@ def _notes(
     group: IommuGroup | None,
     why: NoGroup | None = None,
     pf: PciDevice | None = None,
+    rom: RomReport | None = None,
 ) -> str:
     notes = []
     if why is not None and why.cause in _NO_GROUP_NOTES:
@@ -361,7 +427,24 @@ def _notes(
         notes.append("boot VGA")
     if group is not None and group.noiommu:
         notes.append("no-IOMMU")
+    if rom is not None:
+        notes.append(_rom_note(rom))
     return ", ".join(notes)
+
+
+def _rom_note(report: RomReport) -> str:
+    """The compact words of the inventory's NOTES: ``ROM 39 KiB x86``, ``ROM invalid``."""
+    rom = report.rom
+    if rom is None:
+        return "ROM not read"
+    if not rom.valid:
+        return "ROM invalid"
+    kinds = "+".join(i.describe().replace(" ", "-") for i in rom.images)
+    return (
+        f"ROM {rom.summary().split(' ')[1]} KiB {kinds}"
+        if rom.size % 1024 == 0
+        else (f"ROM {rom.size} bytes {kinds}")
+    )
 
 
 def _viable(group: IommuGroup | None) -> str:
@@ -370,8 +453,9 @@ def _viable(group: IommuGroup | None) -> str:
     return "yes" if group.viable else "no"
 
 
-def render_inventory(inv: Inventory) -> str:
+def render_inventory(inv: Inventory, roms: Roms | None = None) -> str:
     """The human table of ``kvmvfio inventory``, then the host support sentence."""
+    roms = roms or {}
     groups = inv.groups_by_number()
     rows = [("ADDRESS", "IDS", "CLASS", "DRIVER", "GROUP", "VIABLE", "CDEV", "NOTES")]
     for dev in inv.devices:
@@ -385,7 +469,7 @@ def render_inventory(inv: Inventory) -> str:
                 "-" if dev.iommu_group is None else str(dev.iommu_group),
                 _viable(group),
                 dev.vfio_cdev or "-",
-                _notes(dev, group, inv.no_group(dev), _pf_of(inv, dev)),
+                _notes(dev, group, inv.no_group(dev), _pf_of(inv, dev), roms.get(str(dev.address))),
             )
         )
     text = _table(rows) if inv.devices else "No PCI functions found."
@@ -465,10 +549,11 @@ def render_group(
     devfs: str | Path,
     pfs: Mapping[str, PciDevice] | None = None,
     mdevs: Sequence[Mdev] = (),
+    roms: Roms | None = None,
 ) -> str:
-    """The human text of ``kvmvfio group`` (``pfs``: the PFs of VF members, by address;
-    ``mdevs``: the members that are mediated devices)."""
-    pfs = pfs or {}
+    """The human text of ``kvmvfio group`` (``pfs``: the PFs of VF members, ``roms``: option
+    ROMs, by address; ``mdevs``: the members that are mediated devices)."""
+    pfs, roms = pfs or {}, roms or {}
     mediated = {m.uuid: m for m in mdevs}
     state = "viable" if group.viable else "NOT viable"
     kind = "IOMMU group"
@@ -502,6 +587,7 @@ def render_group(
                 status += f" (on {m.parent}{f', cdev {m.cdev}' if m.cdev else ''})"
         rows.append((f.name, "-", kind, f.driver or "-", status))
     lines = [head, _table(rows)]
+    lines += [f"{addr}: {_rom_line(r)}" for addr, r in roms.items()]
     if group.noiommu:
         lines.append(
             "No IOMMU isolates this group: a device in it can DMA anywhere in host memory."
@@ -514,16 +600,28 @@ def render_group(
     return "\n".join(lines)
 
 
+def _rom_line(report: RomReport) -> str:
+    """A member's option ROM, and what a VM's firmware will find in it."""
+    rom = report.rom
+    if rom is None or not rom.valid:
+        return report.summary()
+    found = (["a legacy BIOS runs its x86 image"] if rom.legacy_bios else []) + [
+        f"UEFI ({m}) loads its EFI driver" for m in rom.uefi
+    ]
+    return f"{rom.summary()}; {', '.join(found) or 'no firmware runs it'}"
+
+
 # -- handlers ---------------------------------------------------------------
 
 
 def _inventory(args: argparse.Namespace) -> int:
     host = _host(args)
     inv = host.inventory()
+    roms = roms_of(host.sysfs, inv.devices)
     if args.json:
-        _print_json(inventory_json(inv, host.devfs))
+        _print_json(inventory_json(inv, host.devfs, roms))
     else:
-        print(render_inventory(inv))
+        print(render_inventory(inv, roms))
     return 0
 
 
@@ -539,7 +637,8 @@ def resolve_group(host: Host, target: str) -> IommuGroup:
         return host.group(target)
     if ":" in target or "." in target:
         return host.group_of(PciAddress.parse(target))
-    if "-" in target:  # an mdev's UUID (or one gone wrong: InvalidMdevUuid says so)
+    if is_uuid(target) or (len(target) > 12 and "-" in target):  # an mdev's UUID, or one
+        # gone wrong (InvalidMdevUuid says so); "-1" is a bad group number
         found = mdev_of(target, host.sysfs)
         if found.group is None:
             raise MdevNotReady(found.uuid, f"has no IOMMU group (driver {found.driver or 'none'})")
@@ -551,8 +650,9 @@ def _group(args: argparse.Namespace) -> int:
     host = _host(args)
     group = resolve_group(host, args.target)
     pfs, mdevs = pfs_of(host, group), mdevs_of(host, group)
+    roms = roms_of(host.sysfs, group.members)
     if args.json:
-        _print_json(group_document(group, host.devfs, pfs, mdevs))
+        _print_json(group_document(group, host.devfs, pfs, mdevs, roms))
     else:
-        print(render_group(group, host.devfs, pfs, mdevs))
+        print(render_group(group, host.devfs, pfs, mdevs, roms))
     return 0 if group.viable else 1

@@ -392,7 +392,15 @@ class Agent:
             group = host.group_of(addr)
             refuse_unlisted(request, {group.number: group})
             owner = _owner_of(state.name)
-            prepare([addr], owner, accept={addr: dev.accept}, host=host, root=self.root)
+            listed = [d.address for d in request.pci]  # checked above, for the domain
+            prepare(
+                [addr],
+                owner,
+                accept={addr: dev.accept},
+                host=host,
+                root=self.root,
+                listed=listed,
+            )
         state.devices[addr] = dev.reset
         self.store.write(state)  # before QEMU has it: a crash now still leads back
         (done,) = await attach(

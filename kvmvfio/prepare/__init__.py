@@ -37,6 +37,7 @@ from kvmvfio.prepare.journal import (
     check_on_host,
     owner_problem,
 )
+from kvmvfio.prepare.members import UnlistedMembers, refuse_unlisted
 from kvmvfio.prepare.owners import Liveness, OwnerWatch
 from kvmvfio.prepare.rundir import RunFolder
 
@@ -52,6 +53,7 @@ __all__ = [
     "Prepared",
     "Recovery",
     "Restored",
+    "UnlistedMembers",
     "UntrustedFile",
     "groups_of",
     "needs_moving",
@@ -203,6 +205,7 @@ def prepare(
     root: str | Path = DEFAULT_ROOT,
     watch: OwnerWatch | None = None,
     uid: int | None = None,
+    listed: Collection[str] = (),
 ) -> list[Prepared]:
     """Move the devices and the rest of their groups to vfio-pci, for ``owner``.
 
@@ -231,8 +234,12 @@ def prepare(
     sysfs = Sysfs(host.sysfs)
     journal = Journal(root, uid)
     addrs = [str(PciAddress.coerce(a)) for a in addresses]
+    groups = groups_of(host, addrs)
+    named = {*addrs, *(str(PciAddress.coerce(a)) for a in listed)}
+    for group in groups.values():
+        refuse_unlisted(group, named)
     done = []
-    for number, group in groups_of(host, addrs).items():
+    for number, group in groups.items():
         with _group_lock(root, number, uid):
             done.append(
                 _prepare_group(

@@ -16,13 +16,15 @@ the arguments that name them by number, to be inherited with
 
 from __future__ import annotations
 
+import os
 import resource
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kvmvfio._closing import Closing
 from kvmvfio.errors import UsageError
 from kvmvfio.host import Host, PciAddress
+from kvmvfio.host.rom import check_romfile
 from kvmvfio.qemu.handoff import IOMMUFD_OBJECT, MEMLOCK_MARGIN, qdev_id
 from kvmvfio.vfio.files import OwnedFd, open_node
 from kvmvfio.vfio.iommufd import open_for_vmm
@@ -94,15 +96,24 @@ def coldplug(
     buses: Sequence[str] | None = None,
     allow_noiommu: bool = False,
     host: Host | None = None,
+    romfiles: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> ColdPlug:
     """Plan (unless given a plan) and return ``-object iommufd``/``-device vfio-pci`` args with fds.
+
+    ``romfiles`` gives a device (by address) an option ROM file instead of
+    its own: each is checked with :func:`~kvmvfio.host.rom.check_romfile`
+    before anything is opened and passed as QEMU's ``romfile=``, by its
+    resolved absolute path (QEMU would otherwise also look for a relative
+    name in its data folders).
 
     Raises what :func:`~kvmvfio.vfio.plan.make_plan` raises (the devices'
     checks, :class:`~kvmvfio.errors.CoherencyRefused` under ``require``,
     :class:`~kvmvfio.errors.KernelUnsupported` without ``/dev/iommu`` or
     device cdevs: start QEMU with ``host=`` and access to the group node
     instead), and :class:`~kvmvfio.vfio.iommufd.RlimitModeRefused` when the
-    iommufd may not count per process (kvmvfio lacks ``CAP_SYS_RESOURCE``).
+    iommufd may not count per process (kvmvfio lacks ``CAP_SYS_RESOURCE``),
+    and :class:`~kvmvfio.host.rom.InvalidRom` for a ROM file that is not one
+    for its device.
     """
     if isinstance(addresses, Plan):
         plan = addresses.made_for(Opener.COLDPLUG, "plan_coldplug")
@@ -110,6 +121,7 @@ def coldplug(
         plan = plan_coldplug(addresses, coherency=coherency, allow_noiommu=allow_noiommu, host=host)
     if buses is not None and len(buses) != len(plan.devices):
         raise UsageError(f"{len(plan.devices)} devices but {len(buses)} buses")
+    roms = _checked_romfiles(plan, romfiles or {}, host or Host())
     cold = ColdPlug(unsafe=list(plan.notes), plan=plan)
     try:
         iommufd = open_for_vmm(plan.devfs, "the QEMU to start with these arguments")
@@ -125,6 +137,8 @@ def coldplug(
             opts = f"vfio-pci,id={qdev_id(dev.address)},iommufd={IOMMUFD_OBJECT},fd={fd.fileno()}"
             if dev.sysfsdev is not None:
                 opts += f",sysfsdev={dev.sysfsdev}"  # an mdev: see handoff._attach_fd
+            if dev.address in roms:
+                opts += f",romfile={roms[dev.address].replace(',', ',,')}"
             if buses is not None:
                 opts += f",bus={buses[i]}"
             cold.args += ["-device", opts]
@@ -132,3 +146,18 @@ def coldplug(
         cold.close()
         raise
     return cold
+
+
+def _checked_romfiles(
+    plan: Plan, romfiles: Mapping[str, str | os.PathLike[str]], host: Host
+) -> dict[str, str]:
+    """Each ROM file checked against its device, by the device's address; absolute paths."""
+    planned = {dev.address for dev in plan.devices}
+    out: dict[str, str] = {}
+    for addr, path in romfiles.items():
+        address = str(PciAddress.coerce(addr))
+        if address not in planned:
+            raise UsageError(f"a ROM file for {address}, which is not one of the devices")
+        check_romfile(os.fspath(path), host.device(address))
+        out[address] = os.path.realpath(path)
+    return out

@@ -324,7 +324,7 @@ def test_undecodable_names_in_sysfs_print_as_one_line(
 
 def test_missing_argument_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["group"]) == 2
-    assert "the following arguments are required: ADDR|N" in capsys.readouterr().err
+    assert "the following arguments are required: ADDR|UUID|N" in capsys.readouterr().err
 
 
 def test_help_states_the_exit_status(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,176 @@
+"""GPUs the way people pass them: the ``gpu`` topology in L1 (issue 18).
+
+L1 has QEMU's std VGA at 00:04.0 (the boot VGA, on bochs-drm, with SeaBIOS's
+vgabios as its option ROM) and an intel-hda at 00:04.1 (on snd_hda_intel):
+a display and an audio function in one slot. These tests read and check the
+ROM on the real device, and show that preparing the display alone is
+refused, naming the audio function, with nothing changed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmvfio.host import Host
+from kvmvfio.host.rom import InvalidRom, check_romfile, parse_rom, read_sysfs_rom
+from kvmvfio.lab.l2 import L2Qemu
+from kvmvfio.lab.topology import Topology
+from kvmvfio.qemu import Qemu, coldplug, qdev_id
+
+pytestmark = [pytest.mark.lab, pytest.mark.topology("gpu"), pytest.mark.timeout(900)]
+
+PCI = Path("/sys/bus/pci/devices")
+
+
+def _driver(addr: str) -> str | None:
+    link = PCI / addr / "driver"
+    return os.path.basename(os.readlink(link)) if link.exists() else None
+
+
+def _rom_reads_enabled(addr: str) -> bool:
+    try:
+        with open(PCI / addr / "rom", "rb") as f:
+            f.read(2)
+    except OSError as err:
+        if err.errno != errno.EINVAL:
+            raise
+        return False
+    return True
+
+
+def _kvmvfio(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvmvfio", *args], capture_output=True, text=True, check=False
+    )
+
+
+@pytest.fixture
+def gpu(topology: Topology) -> Iterator[tuple[str, str]]:
+    """The display and audio functions, on their host drivers before and after each test."""
+    display, audio = topology.guest_address("gpu0"), topology.guest_address("gpu0audio")
+    assert (_driver(display), _driver(audio)) == ("bochs-drm", "snd_hda_intel")
+    yield display, audio
+    assert (_driver(display), _driver(audio)) == ("bochs-drm", "snd_hda_intel")
+    assert not _rom_reads_enabled(display)
+
+
+def test_gpu_functions_share_one_group_on_host_drivers(gpu: tuple[str, str]) -> None:
+    display, audio = gpu
+    host = Host()
+    group = host.group_of(display)
+    assert [str(m.address) for m in group.members] == [display, audio]
+    assert host.group_of(audio).number == group.number
+    assert host.device(display).boot_vga is True
+    assert (host.device(display).class_code, host.device(audio).class_code) == (
+        0x030000,
+        0x040300,
+    )
+    assert not group.viable
+    assert {b.address: b.driver for b in group.blockers} == {
+        display: "bochs-drm",
+        audio: "snd_hda_intel",
+    }
+    print(f"gpu: IOMMU group {group.number}: {display} bochs-drm, {audio} snd_hda_intel")
+
+
+def test_gpu_rom_is_read_checked_and_left_disabled(gpu: tuple[str, str]) -> None:
+    display, audio = gpu
+    assert not _rom_reads_enabled(display)
+    data = read_sysfs_rom("/sys", display)
+    assert not _rom_reads_enabled(display)
+    rom = parse_rom(data, vendor=0x1234, device=0x1111)
+    assert rom.valid, rom.problem
+    (only,) = rom.images
+    assert (only.code_type_name, only.last, only.checksum_ok) == ("x86", True, True)
+    assert (only.vendor, only.device, only.class_code) == (0x1234, 0x1111, 0x030000)
+    assert rom.legacy_bios
+    assert rom.uefi == ()
+    assert rom.size == only.length  # the kernel gives the image chain's length
+    print(f"gpu: {display} {rom.summary()}")
+    assert not (PCI / audio / "rom").exists()  # intel-hda has no ROM BAR
+
+
+def test_gpu_group_json_reports_the_rom(gpu: tuple[str, str]) -> None:
+    display, audio = gpu
+    done = _kvmvfio("group", display, "--json")
+    assert done.returncode == 1, done.stderr  # not viable: both on host drivers
+    devices = {d["address"]: d for d in json.loads(done.stdout)["devices"]}
+    rom = devices[display]["rom"]
+    assert (rom["read"], rom["valid"], rom["legacy_bios"], rom["uefi"]) == (True, True, True, [])
+    assert [i["code_type"] for i in rom["images"]] == ["x86"]
+    assert devices[audio]["rom"] is None
+    text = _kvmvfio("group", display)
+    assert f"{display}: ROM " in text.stdout
+    assert "a legacy BIOS runs its x86 image" in text.stdout
+    assert not _rom_reads_enabled(display)
+
+
+def test_gpu_prepare_of_the_display_alone_is_refused(gpu: tuple[str, str], tmp_path: Path) -> None:
+    display, audio = gpu
+    done = _kvmvfio("prepare", "--owner", "gpu-test", display, "--root", str(tmp_path))
+    assert done.returncode == 1, done.stdout
+    assert f"{display} cannot go to vfio-pci without the rest of IOMMU group" in done.stderr
+    assert f"{audio} (HD audio device 8086:2668, on host driver snd_hda_intel)" in done.stderr
+    assert f"`kvmvfio prepare --owner NAME {display} {audio}` moves them all" in done.stderr
+    print(f"gpu: refused: {done.stderr.strip()}")
+    # Nothing changed: drivers (the fixture), overrides, no claim in the journal.
+    for addr in gpu:
+        assert (PCI / addr / "driver_override").read_text() == "(null)\n"
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_gpu_romfile_check(gpu: tuple[str, str], tmp_path: Path) -> None:
+    display, audio = gpu
+    host = Host()
+    own = tmp_path / "vgabios.rom"
+    own.write_bytes(read_sysfs_rom("/sys", display))
+    assert check_romfile(own, host.device(display)).legacy_bios
+    # The display's ROM is no ROM for the audio function: refused, saying why.
+    with pytest.raises(InvalidRom) as info:
+        check_romfile(own, host.device(audio))
+    assert str(info.value) == (
+        f"{own} is not an option ROM for {audio}: image 0 is for 1234:1111, not 8086:2668"
+    )
+
+
+async def test_gpu_coldplug_with_a_checked_romfile(
+    gpu: tuple[str, str], vfio_bind: Callable[..., None]
+) -> None:
+    display, audio = gpu
+    # L2's QEMU runs as nobody: the ROM file must be readable to it.
+    folder = Path(tempfile.mkdtemp(prefix="kvmvfio-rom-"))
+    try:
+        folder.chmod(0o755)
+        rom = folder / "vgabios.rom"
+        rom.write_bytes(read_sysfs_rom("/sys", display))
+        rom.chmod(0o644)
+        vfio_bind(display, audio)
+        with coldplug([display, audio], buses=["rp0", "rp1"], romfiles={display: rom}) as plug:
+            assert f",romfile={rom}" in plug.args[3]
+            qemu = L2Qemu(
+                ports=2,
+                extra=plug.args,
+                pass_fds=plug.pass_fds,
+                preexec_fn=plug.memlock_preexec(256 << 20),
+            )
+        try:
+            assert qemu.proc.poll() is None, qemu.stderr.read_text()
+            async with Qemu(qemu.qmp, pid=qemu.pid) as qmp:
+                path = f"/machine/peripheral/{qdev_id(display)}"
+                got = await qmp.execute("qom-get", {"path": path, "property": "romfile"})
+            assert got == str(rom)
+            print(f"gpu: L2 QEMU took {display} with romfile={got}")
+        finally:
+            qemu.kill()
+    finally:
+        shutil.rmtree(folder)

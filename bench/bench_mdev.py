@@ -121,7 +121,7 @@ def ms(values: list[float]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=11)
     args = parser.parse_args()
     if not MTTY2.is_dir():
         raise SystemExit(f"bench_mdev.py: no {MTTY2}: run it in the lab's L1 (mtty built in)")

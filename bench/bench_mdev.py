@@ -9,8 +9,9 @@ For K = 1, 4 and 12 it times, in the same run, each round alternating which
 side goes first:
 
 - the loop: ``echo $uuid > .../mtty-2/create`` for each of K UUIDs (made
-  here and passed in: ``uuidgen`` may be missing), run by ``sh`` as an
-  operator's script would; then what a launcher does by hand to check that
+  here and passed in, not by ``$(uuidgen)`` in the loop: one process fewer
+  per mdev, in the loop's favour), run by ``sh`` as an operator's script
+  would; then what a launcher does by hand to check that
   each opens: in this process, for each mdev, its cdev opened and bound
   (``VFIO_DEVICE_BIND_IOMMUFD``) to a fresh ``/dev/iommu``, then closed; and
   the way back, ``echo 1 > /sys/bus/mdev/devices/$uuid/remove`` for each,

@@ -72,6 +72,7 @@ from kvmvfio.host.mdev import mdev as mdev_of
 from kvmvfio.host.procs import holders
 from kvmvfio.qemu.deadline import seconds
 from kvmvfio.qemu.qmp import JsonObject, Monitor
+from kvmvfio.qemu.replies import QomProperty
 from kvmvfio.vfio.files import open_node
 from kvmvfio.vfio.iommufd import RlimitMode, open_for_vmm
 from kvmvfio.vfio.plan import DevicePlan, KernelPaths, Opener, Plan, make_plan
@@ -141,24 +142,35 @@ async def choose_path(
     return _choose(VfioPath(requested), kernel, Opener.QEMU, qemu_iommufd=in_qemu)
 
 
-async def free_ports(qemu: Monitor) -> tuple[list[str], list[str]]:
+#: QEMU's user-created devices: (container, item) for each, from one listing per container.
+Peripherals = list[tuple[str, QomProperty]]
+
+
+async def peripherals(qemu: Monitor) -> Peripherals:
+    """``qom-list`` of ``/machine/peripheral`` and ``-anon``: every device a user added."""
+    return [(c, item) for c in _PERIPHERALS for item in await qemu.qom_list(c)]
+
+
+async def free_ports(
+    qemu: Monitor, listing: Peripherals | None = None
+) -> tuple[list[str], list[str]]:
     """The hotpluggable ports with nothing plugged in, and the taken ones, by QEMU id.
 
     A port whose ``hotplug`` switch is off is not told apart: QEMU's
-    ``device_add`` then refuses with its own words.
+    ``device_add`` then refuses with its own words. ``listing``: QEMU's
+    :func:`peripherals`, when the caller has it already.
     """
     ports: list[str] = []
     occupied: set[str] = set()
-    for container in _PERIPHERALS:
-        for item in await qemu.qom_list(container):
-            if item.child_type is None:
-                continue
-            if container == _PERIPHERALS[0] and item.child_type in HOTPLUG_PORTS:
-                ports.append(item.name)
-                continue  # ports sit on the root bus: no need to ask where
-            bus = await qemu.qom_link(f"{container}/{item.name}", "parent_bus")
-            if bus:
-                occupied.add(bus.rstrip("/").rpartition("/")[2])
+    for container, item in listing if listing is not None else await peripherals(qemu):
+        if item.child_type is None:
+            continue
+        if container == _PERIPHERALS[0] and item.child_type in HOTPLUG_PORTS:
+            ports.append(item.name)
+            continue  # ports sit on the root bus: no need to ask where
+        bus = await qemu.qom_link(f"{container}/{item.name}", "parent_bus")
+        if bus:
+            occupied.add(bus.rstrip("/").rpartition("/")[2])
     ports.sort(key=lambda name: (len(name), name))  # rp2 before rp10
     free = [p for p in ports if p not in occupied]
     return free, [p for p in ports if p in occupied]
@@ -386,9 +398,10 @@ async def attach(
     log.info(
         "attaching %s to QEMU pid %d by %s (%s)", ", ".join(addrs), qemu.pid, plan.path, plan.why
     )
-    await refuse_mixed_backends(qemu, plan.path)
+    listing = await peripherals(qemu)  # one listing for both questions
+    await refuse_mixed_backends(qemu, plan.path, listing)
     if buses is None:
-        free, taken = await free_ports(qemu)
+        free, taken = await free_ports(qemu, listing)
         if len(free) < len(addrs):
             raise NoHotplugPort(addrs[len(free)], taken)
         chosen_buses: list[str | None] = list(free[: len(addrs)])
@@ -443,17 +456,16 @@ async def _drop_object(qemu: Monitor) -> None:
 # -- detach ------------------------------------------------------------------------------
 
 
-async def vfio_devices(qemu: Monitor) -> dict[str, str]:
+async def vfio_devices(qemu: Monitor, listing: Peripherals | None = None) -> dict[str, str]:
     """Every vfio-pci device in QEMU, kvmvfio's or not: QOM path -> its iommufd link.
 
     The link is "" for a device on the legacy container (group path).
     """
     found = {}
-    for container in _PERIPHERALS:
-        for item in await qemu.qom_list(container):
-            if item.child_type == "vfio-pci":
-                where = f"{container}/{item.name}"
-                found[where] = await qemu.qom_link(where, "iommufd")
+    for container, item in listing if listing is not None else await peripherals(qemu):
+        if item.child_type == "vfio-pci":
+            where = f"{container}/{item.name}"
+            found[where] = await qemu.qom_link(where, "iommufd")
     return found
 
 
@@ -465,7 +477,9 @@ async def vfio_backend(qemu: Monitor) -> VfioPath | None:
     return VfioPath.GROUP if links == {""} else VfioPath.CDEV
 
 
-async def refuse_mixed_backends(qemu: Monitor, path: VfioPath) -> None:
+async def refuse_mixed_backends(
+    qemu: Monitor, path: VfioPath, listing: Peripherals | None = None
+) -> None:
     """Refuse to add a device on the other VFIO backend than QEMU's devices use.
 
     QEMU 10.0 aborts when one VM's address space gets both: a legacy-container
@@ -473,7 +487,7 @@ async def refuse_mixed_backends(qemu: Monitor, path: VfioPath) -> None:
     cast to ``vfio-iommu-legacy`` and the whole VM dies (seen in the lab with
     QEMU 10.0.13). Raises :class:`MixedVfioBackends` naming the devices there.
     """
-    present = await vfio_devices(qemu)
+    present = await vfio_devices(qemu, listing)
     wanted_legacy = path is not VfioPath.CDEV
     other = [where for where, link in present.items() if (link == "") != wanted_legacy]
     if other:

@@ -148,39 +148,6 @@ def test_gpu_romfile_check(gpu: tuple[str, str], tmp_path: Path) -> None:
     )
 
 
-async def test_gpu_coldplug_with_a_checked_romfile(
-    gpu: tuple[str, str], vfio_bind: Callable[..., None]
-) -> None:
-    display, audio = gpu
-    # L2's QEMU runs as nobody: the ROM file must be readable to it.
-    folder = Path(tempfile.mkdtemp(prefix="kvmvfio-rom-"))
-    try:
-        folder.chmod(0o755)
-        rom = folder / "vgabios.rom"
-        rom.write_bytes(read_sysfs_rom("/sys", display))
-        rom.chmod(0o644)
-        vfio_bind(display, audio)
-        with coldplug([display, audio], buses=["rp0", "rp1"], romfiles={display: rom}) as plug:
-            assert f",romfile={rom}" in plug.args[3]
-            qemu = L2Qemu(
-                ports=2,
-                extra=plug.args,
-                pass_fds=plug.pass_fds,
-                preexec_fn=plug.memlock_preexec(256 << 20),
-            )
-        try:
-            assert qemu.proc.poll() is None, qemu.stderr.read_text()
-            async with Qemu(qemu.qmp, pid=qemu.pid) as qmp:
-                path = f"/machine/peripheral/{qdev_id(display)}"
-                got = await qmp.execute("qom-get", {"path": path, "property": "romfile"})
-            assert got == str(rom)
-            print(f"gpu: L2 QEMU took {display} with romfile={got}")
-        finally:
-            qemu.kill()
-    finally:
-        shutil.rmtree(folder)
-
-
 def _listing(folder: str, *files: str) -> str:
     out = []
     for name in sorted(os.listdir(folder)):
@@ -265,3 +232,36 @@ def test_gpu_console_moved_off_by_hand_clears_the_finding(gpu: tuple[str, str]) 
     finally:
         bind.write_text("1\n")
     assert console_use(display).console
+
+
+async def test_gpu_coldplug_with_a_checked_romfile(
+    gpu: tuple[str, str], vfio_bind: Callable[..., None]
+) -> None:
+    display, audio = gpu
+    # L2's QEMU runs as nobody: the ROM file must be readable to it.
+    folder = Path(tempfile.mkdtemp(prefix="kvmvfio-rom-"))
+    try:
+        folder.chmod(0o755)
+        rom = folder / "vgabios.rom"
+        rom.write_bytes(read_sysfs_rom("/sys", display))
+        rom.chmod(0o644)
+        vfio_bind(display, audio)
+        with coldplug([display, audio], buses=["rp0", "rp1"], romfiles={display: rom}) as plug:
+            assert f",romfile={rom}" in plug.args[3]
+            qemu = L2Qemu(
+                ports=2,
+                extra=plug.args,
+                pass_fds=plug.pass_fds,
+                preexec_fn=plug.memlock_preexec(256 << 20),
+            )
+        try:
+            assert qemu.proc.poll() is None, qemu.stderr.read_text()
+            async with Qemu(qemu.qmp, pid=qemu.pid) as qmp:
+                path = f"/machine/peripheral/{qdev_id(display)}"
+                got = await qmp.execute("qom-get", {"path": path, "property": "romfile"})
+            assert got == str(rom)
+            print(f"gpu: L2 QEMU took {display} with romfile={got}")
+        finally:
+            qemu.kill()
+    finally:
+        shutil.rmtree(folder)

@@ -23,6 +23,7 @@ from fakesysfs import (
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kvmvfio.cli import run
 from kvmvfio.host import Host
 from kvmvfio.host.console import (
     MemoryRange,
@@ -235,3 +236,17 @@ def test_hostile_class_entries_are_skipped(tmp_path: Path) -> None:
     drm.mkdir(parents=True)
     use = console_use(GPU, host.sysfs, proc=host.procfs, devfs=host.devfs)
     assert (use.framebuffers, use.fbcon, use.drm) == ((), (), ())
+
+
+def test_inventory_and_group_note_the_console(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = _gpu_host(tmp_path)
+    _console(host)
+    roots = ["--sysfs-root", str(host.sysfs), "--dev-root", str(host.devfs)]
+    roots += ["--proc-root", str(host.procfs)]
+    assert run(["inventory", *roots]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(GPU))
+    assert row.endswith("boot VGA, console on fb0")
+    assert run(["group", GPU, *roots]) == 1
+    assert f"{GPU}: console on fb0" in capsys.readouterr().out.splitlines()

@@ -176,7 +176,7 @@ def test_gpu_console_is_found(gpu: tuple[str, str]) -> None:
     print(f"gpu: {use}")
     assert use.console
     assert [f.name for f in use.framebuffers] == ["fb0"]
-    assert use.fbcon == ("vtcon1",)
+    assert use.fbcon == ("vtcon0",)  # fbcon took vtcon0; vtcon1 is the dummy console
     assert "card0" in [n.name for n in use.drm]
     assert use.held == ()
     assert use.firmware == ()  # SeaBIOS and bochs-drm: no firmware framebuffer left
@@ -192,7 +192,8 @@ def test_gpu_prepare_is_refused_for_the_console(gpu: tuple[str, str], tmp_path: 
     assert done.returncode == 1, done.stdout
     print(f"gpu: refused: {done.stderr.strip()}")
     assert f"PCI device {display} (bochs-drm) carries the framebuffer console" in done.stderr
-    assert "`echo 0 > /sys/class/vtconsole/vtcon1/bind`" in done.stderr
+    assert "(fbcon on fb0, vtcon0)" in done.stderr
+    assert "`echo 0 > /sys/class/vtconsole/vtcon0/bind`" in done.stderr
     assert "Pass --force console to accept that" in done.stderr
     done = _kvmvfio(
         "prepare",
@@ -215,7 +216,7 @@ def test_gpu_prepare_is_refused_for_the_console(gpu: tuple[str, str], tmp_path: 
 
 def test_gpu_console_moved_off_by_hand_clears_the_finding(gpu: tuple[str, str]) -> None:
     display, _ = gpu
-    bind = Path("/sys/class/vtconsole/vtcon1/bind")
+    bind = Path("/sys/class/vtconsole/vtcon0/bind")
     device = Host().device(display)
     with pytest.raises(safety.UnsafeToUnbind) as info:
         safety.check(device, force=["boot-vga"])
@@ -228,7 +229,7 @@ def test_gpu_console_moved_off_by_hand_clears_the_finding(gpu: tuple[str, str]) 
         assert use.fbcon == ()
         accepted = safety.check(device, force=["boot-vga"])
         assert accepted == [f"{display}: is the boot VGA device (accepted by force='boot-vga')"]
-        print(f"gpu: after vtcon1 unbind: {use}")
+        print(f"gpu: after vtcon0 unbind: {use}")
     finally:
         bind.write_text("1\n")
     assert console_use(display).console

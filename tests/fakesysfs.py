@@ -682,8 +682,10 @@ def build_proc(
     mounts: Sequence[Mount] = (),
     swaps: Sequence[str] = (),
     route: str = "",
+    iomem: str = "",
 ) -> Path:
-    """Write a fake /proc under ``root`` (``self/mountinfo``, ``swaps``, ``net/route``)."""
+    """Write a fake /proc under ``root`` (``self/mountinfo``, ``swaps``, ``net/route``,
+    ``iomem``)."""
     proc = Path(root) / "proc"
     (proc / "self").mkdir(parents=True, exist_ok=True)
     (proc / "net").mkdir(exist_ok=True)
@@ -698,7 +700,49 @@ def build_proc(
     (proc / "swaps").write_text(header + body)
     route_header = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n"
     (proc / "net" / "route").write_text(route_header + route)
+    (proc / "iomem").write_text(iomem)
     return proc
+
+
+# -- the console and DRM of a display function ---------------------------------
+
+
+def add_framebuffer(
+    sysfs: Path, addr: str, name: str = "fb0", ident: str = "bochs-drmdrmfb"
+) -> None:
+    """Register framebuffer ``name`` of function ``addr``: ``<function>/graphics/fbN``,
+    ``sys/class/graphics/fbN`` linking to it, its ``device`` link and ``name``."""
+    function = device_dir(sysfs, addr)
+    folder = function / "graphics" / name
+    folder.mkdir(parents=True)
+    (folder / "name").write_text(f"{ident}\n")
+    _link(folder / "device", function)
+    _link(sysfs / "class" / "graphics" / name, folder)
+
+
+def add_vtconsole(sysfs: Path, name: str, label: str, bound: bool) -> None:
+    """A console driver in ``sys/class/vtconsole`` (``(M) frame buffer device``, ...)."""
+    folder = sysfs / "devices" / "virtual" / "vtconsole" / name
+    folder.mkdir(parents=True)
+    (folder / "name").write_text(f"{label}\n")
+    (folder / "bind").write_text("1\n" if bound else "0\n")
+    _link(sysfs / "class" / "vtconsole" / name, folder)
+
+
+def add_drm(sysfs: Path, devfs: Path, addr: str, name: str, number: str) -> Path:
+    """DRM minor ``name`` (card0, renderD128) of function ``addr``, and its node in
+    ``dev/dri``; returns the node."""
+    function = device_dir(sysfs, addr)
+    folder = function / "drm" / name
+    folder.mkdir(parents=True)
+    (folder / "dev").write_text(f"{number}\n")
+    (folder / "uevent").write_text(f"DEVNAME=dri/{name}\n")
+    _link(folder / "device", function)
+    _link(sysfs / "class" / "drm" / name, folder)
+    node = devfs / "dri" / name
+    node.parent.mkdir(parents=True, exist_ok=True)
+    node.write_text("")
+    return node
 
 
 # -- changing a built tree (hotplug, corruption) ----------------------------

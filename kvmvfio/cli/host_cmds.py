@@ -33,6 +33,7 @@ from kvmvfio.host import (
     PciDevice,
     blocker_of,
 )
+from kvmvfio.host.console import ConsoleUse, console_use
 from kvmvfio.host.mdev import is_uuid, read_mdev
 from kvmvfio.host.mdev import mdev as mdev_of
 from kvmvfio.host.rom import RomReport, report_rom
@@ -410,6 +411,8 @@ def _notes(
     why: NoGroup | None = None,
     pf: PciDevice | None = None,
     rom: RomReport | None = None,
+    *,
+    console: ConsoleUse | None = None,
 ) -> str:
     notes = []
     if why is not None and why.cause in _NO_GROUP_NOTES:
@@ -429,6 +432,8 @@ def _notes(
         notes.append("no-IOMMU")
     if rom is not None:
         notes.append(_rom_note(rom))
+    if console is not None:
+        notes += console.notes()
     return ", ".join(notes)
 
 
@@ -453,9 +458,23 @@ def _viable(group: IommuGroup | None) -> str:
     return "yes" if group.viable else "no"
 
 
-def render_inventory(inv: Inventory, roms: Roms | None = None) -> str:
-    """The human table of ``kvmvfio inventory``, then the host support sentence."""
-    roms = roms or {}
+def consoles_of(host: Host, devices: Sequence[PciDevice]) -> dict[str, ConsoleUse]:
+    """What holds each display function beyond its driver (:mod:`kvmvfio.host.console`)."""
+    return {
+        str(d.address): console_use(str(d.address), host.sysfs, proc=host.procfs, devfs=host.devfs)
+        for d in devices
+        if d.class_code >> 16 == 0x03
+    }
+
+
+def render_inventory(
+    inv: Inventory, roms: Roms | None = None, consoles: Mapping[str, ConsoleUse] | None = None
+) -> str:
+    """The human table of ``kvmvfio inventory``, then the host support sentence.
+
+    ``consoles``: what holds display functions beyond their drivers, for NOTES.
+    """
+    roms, consoles = roms or {}, consoles or {}
     groups = inv.groups_by_number()
     rows = [("ADDRESS", "IDS", "CLASS", "DRIVER", "GROUP", "VIABLE", "CDEV", "NOTES")]
     for dev in inv.devices:
@@ -469,7 +488,14 @@ def render_inventory(inv: Inventory, roms: Roms | None = None) -> str:
                 "-" if dev.iommu_group is None else str(dev.iommu_group),
                 _viable(group),
                 dev.vfio_cdev or "-",
-                _notes(dev, group, inv.no_group(dev), _pf_of(inv, dev), roms.get(str(dev.address))),
+                _notes(
+                    dev,
+                    group,
+                    inv.no_group(dev),
+                    _pf_of(inv, dev),
+                    roms.get(str(dev.address)),
+                    console=consoles.get(str(dev.address)),
+                ),
             )
         )
     text = _table(rows) if inv.devices else "No PCI functions found."
@@ -550,10 +576,13 @@ def render_group(
     pfs: Mapping[str, PciDevice] | None = None,
     mdevs: Sequence[Mdev] = (),
     roms: Roms | None = None,
+    *,
+    consoles: Mapping[str, ConsoleUse] | None = None,
 ) -> str:
     """The human text of ``kvmvfio group`` (``pfs``: the PFs of VF members, ``roms``: option
-    ROMs, by address; ``mdevs``: the members that are mediated devices)."""
-    pfs, roms = pfs or {}, roms or {}
+    ROMs, by address; ``mdevs``: the members that are mediated devices; ``consoles``: what
+    holds display members beyond their drivers)."""
+    pfs, roms, consoles = pfs or {}, roms or {}, consoles or {}
     mediated = {m.uuid: m for m in mdevs}
     state = "viable" if group.viable else "NOT viable"
     kind = "IOMMU group"
@@ -588,6 +617,7 @@ def render_group(
         rows.append((f.name, "-", kind, f.driver or "-", status))
     lines = [head, _table(rows)]
     lines += [f"{addr}: {_rom_line(r)}" for addr, r in roms.items()]
+    lines += [f"{a}: {', '.join(c.notes())}" for a, c in consoles.items() if c.notes()]
     if group.noiommu:
         lines.append(
             "No IOMMU isolates this group: a device in it can DMA anywhere in host memory."
@@ -621,7 +651,7 @@ def _inventory(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(inventory_json(inv, host.devfs, roms))
     else:
-        print(render_inventory(inv, roms))
+        print(render_inventory(inv, roms, consoles_of(host, inv.devices)))
     return 0
 
 
@@ -654,5 +684,6 @@ def _group(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(group_document(group, host.devfs, pfs, mdevs, roms))
     else:
-        print(render_group(group, host.devfs, pfs, mdevs, roms))
+        consoles = consoles_of(host, group.members)
+        print(render_group(group, host.devfs, pfs, mdevs, roms, consoles=consoles))
     return 0 if group.viable else 1

@@ -31,8 +31,8 @@ Attributes of ``<kvmvfio:device>`` (each may also stand on
 ``reset``     ``yes`` or ``no`` (default): reset the device when it goes back
 ``accept``    findings of prepare's safety checks to accept for this device,
               space-separated, the names of ``kvmvfio prepare --force``
-              (``boot-vga``, ``disk-in-use``, ``default-route``,
-              ``in-use``); on devices only, never a default, and logged
+              (``boot-vga``, ``console``, ``disk-in-use``,
+              ``default-route``, ``in-use``); on devices only, never a default, and logged
               when used. Unknown names are refused.
 
 ``<kvmvfio:vfs pf="ADDR" count="N">`` asks for N virtual functions of the

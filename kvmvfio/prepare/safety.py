@@ -5,6 +5,10 @@ with it. Each check names what it found and the ``--force`` value that
 accepts it:
 
 ``boot-vga``       the device is the boot VGA (it likely drives the console)
+``console``        the host's console or display uses it beyond its driver: fbcon
+                   draws on its framebuffer, a process (the DRM master) holds
+                   its DRM card open, or a firmware framebuffer keeps memory in
+                   one of its BARs (:mod:`kvmvfio.host.console`)
 ``disk-in-use``    a disk behind it is in use: mounted, swap, under device
                    mapper (LVM, LUKS) or md RAID, or claimed by the kernel
                    (``mounted``, its old name, is still accepted)
@@ -21,10 +25,11 @@ from pathlib import Path
 from kvmvfio.errors import Interface, interface
 from kvmvfio.host import PciDevice
 from kvmvfio.host.blockdev import BlockUse, ExclusiveProbe, UseKind, disk_uses, exclusive_claim
+from kvmvfio.host.console import ConsoleUse, console_use
 from kvmvfio.host.procs import holders
 from kvmvfio.prepare.errors import UnsafeToUnbind, accept_advice  # noqa: F401 (re-exported)
 
-CHECKS = ("boot-vga", "disk-in-use", "default-route", "in-use")
+CHECKS = ("boot-vga", "console", "disk-in-use", "default-route", "in-use")
 #: Old names of checks, still accepted wherever a check is named (``--force``).
 ALIASES = {"mounted": "disk-in-use"}
 #: At most this many uses are named in a refusal; the rest are counted.
@@ -123,6 +128,32 @@ def _disks_finding(uses: tuple[BlockUse, ...]) -> str:
     return f"has disks in use: {'; '.join(said[:MAX_SHOWN])}{tail}"
 
 
+def console_finding(use: ConsoleUse) -> str | None:
+    """What holds a display function beyond its driver, with what frees each; None: nothing."""
+    said = []
+    if use.console:
+        fbs = ", ".join(f.name for f in use.framebuffers)
+        unbind = " and ".join(f"`echo 0 > /sys/class/vtconsole/{v}/bind`" for v in use.fbcon)
+        said.append(
+            f"carries the framebuffer console (fbcon on {fbs}, {', '.join(use.fbcon)}): "
+            f"{unbind} moves the console off it"
+        )
+    for node in use.held:
+        said.append(
+            f"has its DRM device {node.node} open in {', '.join(node.holders[:MAX_SHOWN])} "
+            "(a display server or compositor, the DRM master, is one): stop the display "
+            "manager or the program"
+        )
+    for fb in use.firmware:
+        said.append(
+            f"has a firmware framebuffer ({fb.owner}, {fb.range}) in its BAR {fb.bar} "
+            f"({fb.bar_range}), which keeps vfio-pci from reserving it: unbind the framebuffer's "
+            "platform device from its driver, or boot with `video=efifb:off` or "
+            "`initcall_blacklist=sysfb_init`"
+        )
+    return "; and ".join(said) or None
+
+
 def _default_route_ifaces(proc: Path) -> set[str]:
     try:
         lines = (proc / "net" / "route").read_text().splitlines()[1:]
@@ -158,6 +189,10 @@ def check(
     driver = device.driver or "no driver"
     folder = Path(sysfs) / "bus" / "pci" / "devices" / addr
     findings: list[tuple[str, str]] = []
+    if device.class_code >> 16 == 0x03:
+        found = console_finding(console_use(addr, sysfs, proc=proc, devfs=devfs))
+        if found:
+            findings.append(("console", found))
     if device.boot_vga:
         findings.append(("boot-vga", "is the boot VGA device"))
     disks = disk_uses(folder, sysfs=sysfs, proc=proc, devfs=devfs, probe=probe)

@@ -4,11 +4,14 @@ L1 has QEMU's std VGA at 00:04.0 (the boot VGA, on bochs-drm, with SeaBIOS's
 vgabios as its option ROM) and an intel-hda at 00:04.1 (on snd_hda_intel):
 a display and an audio function in one slot. These tests read and check the
 ROM on the real device, and show that preparing the display alone is
-refused, naming the audio function, with nothing changed.
+refused, naming the audio function, with nothing changed; and that the
+framebuffer console fbcon draws on the display (bochs-drm's fbdev emulation)
+is found, and refused until it is moved off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -22,9 +25,11 @@ from pathlib import Path
 import pytest
 
 from kvmvfio.host import Host
+from kvmvfio.host.console import console_use
 from kvmvfio.host.rom import InvalidRom, check_romfile, parse_rom, read_sysfs_rom
 from kvmvfio.lab.l2 import L2Qemu
 from kvmvfio.lab.topology import Topology
+from kvmvfio.prepare import safety
 from kvmvfio.qemu import Qemu, coldplug, qdev_id
 
 pytestmark = [pytest.mark.lab, pytest.mark.topology("gpu"), pytest.mark.timeout(900)]
@@ -141,6 +146,93 @@ def test_gpu_romfile_check(gpu: tuple[str, str], tmp_path: Path) -> None:
     assert str(info.value) == (
         f"{own} is not an option ROM for {audio}: image 0 is for 1234:1111, not 8086:2668"
     )
+
+
+def _listing(folder: str, *files: str) -> str:
+    out = []
+    for name in sorted(os.listdir(folder)):
+        said = [
+            os.path.realpath(Path(folder, name, "device"))
+            if Path(folder, name, "device").exists()
+            else "-"
+        ]
+        for f in files:
+            with contextlib.suppress(OSError):
+                said.append(f"{f}={Path(folder, name, f).read_text().strip()!r}")
+        out.append(f"{name}: {' '.join(said)}")
+    return "; ".join(out)
+
+
+def test_gpu_console_is_found(gpu: tuple[str, str]) -> None:
+    display, audio = gpu
+    print(f"gpu: graphics: {_listing('/sys/class/graphics', 'name')}")
+    print(f"gpu: vtconsole: {_listing('/sys/class/vtconsole', 'name', 'bind')}")
+    print(f"gpu: drm: {_listing('/sys/class/drm')}")
+    print(f"gpu: {display} resource: {(PCI / display / 'resource').read_text().splitlines()[:7]}")
+    iomem = Path("/proc/iomem").read_text().splitlines()
+    near = [line for line in iomem if display in line or "fb" in line.lower()]
+    print(f"gpu: iomem near the display: {near}")
+    use = console_use(display)
+    print(f"gpu: {use}")
+    assert use.console
+    assert [f.name for f in use.framebuffers] == ["fb0"]
+    assert use.fbcon == ("vtcon0",)  # fbcon took vtcon0; vtcon1 is the dummy console
+    assert "card0" in [n.name for n in use.drm]
+    assert use.held == ()
+    assert use.firmware == ()  # SeaBIOS and bochs-drm: no firmware framebuffer left
+    assert use.iomem_known
+    assert use.notes() == ["console on fb0"]
+    empty = console_use(audio)
+    assert (empty.framebuffers, empty.drm, empty.firmware, empty.console) == ((), (), (), False)
+
+
+def test_gpu_prepare_is_refused_for_the_console(gpu: tuple[str, str], tmp_path: Path) -> None:
+    display, audio = gpu
+    done = _kvmvfio("prepare", "--owner", "gpu-test", display, audio, "--root", str(tmp_path))
+    assert done.returncode == 1, done.stdout
+    print(f"gpu: refused: {done.stderr.strip()}")
+    assert f"PCI device {display} (bochs-drm) carries the framebuffer console" in done.stderr
+    assert "(fbcon on fb0, vtcon0)" in done.stderr
+    assert "`echo 0 > /sys/class/vtconsole/vtcon0/bind`" in done.stderr
+    assert "Pass --force console to accept that" in done.stderr
+    done = _kvmvfio(
+        "prepare",
+        "--owner",
+        "gpu-test",
+        display,
+        audio,
+        "--root",
+        str(tmp_path),
+        "--force",
+        "console",
+    )
+    assert done.returncode == 1, done.stdout
+    print(f"gpu: with --force console: {done.stderr.strip()}")
+    assert f"PCI device {display} (bochs-drm) is the boot VGA device" in done.stderr
+    for addr in gpu:
+        assert (PCI / addr / "driver_override").read_text() == "(null)\n"
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_gpu_console_moved_off_by_hand_clears_the_finding(gpu: tuple[str, str]) -> None:
+    display, _ = gpu
+    bind = Path("/sys/class/vtconsole/vtcon0/bind")
+    device = Host().device(display)
+    with pytest.raises(safety.UnsafeToUnbind) as info:
+        safety.check(device, force=["boot-vga"])
+    assert info.value.check == "console"
+    try:
+        bind.write_text("0\n")
+        assert bind.read_text() == "0\n"
+        use = console_use(display)
+        assert not use.console
+        assert use.fbcon == ()
+        accepted = safety.check(device, force=["boot-vga"])
+        assert accepted == [f"{display}: is the boot VGA device (accepted by force='boot-vga')"]
+        print(f"gpu: after vtcon0 unbind: {use}")
+    finally:
+        bind.write_text("1\n")
+    assert console_use(display).console
 
 
 async def test_gpu_coldplug_with_a_checked_romfile(

@@ -53,7 +53,7 @@ _owners = st.sampled_from(["vm1", "vm2", "libvirt:web", "vm 1", ""]) | _junk
 _choices = {
     "--path": ["auto", "cdev", "group", "group-iommufd", "iommufd", "legacy"],
     "--coherency": ["require", "warn", "ignore"],
-    "--force": ["boot-vga", "disk-in-use", "mounted", "default-route", "in-use"],
+    "--force": ["boot-vga", "console", "disk-in-use", "mounted", "default-route", "in-use"],
 }
 #: Per command: its options, each with the values it is tried with (None: a switch).
 _OPTIONS: dict[str, dict[str, st.SearchStrategy[str] | None]] = {

@@ -128,7 +128,7 @@ def test_to_xml_round_trips() -> None:
         ('<k:other/>', "", "only <kvmvfio:device> and <kvmvfio:vfs> elements belong there"),
         ('<k:device address="00:03.0" handoff="agent"><x/></k:device>', "", "must be empty"),
         ('<k:device address="00:03.0" handoff="agent" accept="boot_vga"/>', "",
-         "'boot_vga' is not a finding kvmvfio knows; one of boot-vga, disk-in-use"),
+         "'boot_vga' is not a finding kvmvfio knows; one of boot-vga, console, disk-in-use"),
         ('<k:device address="00:03.0" handoff="agent" accept="in-use routes"/>', "",
          "'routes' is not a finding"),
         ('<k:device address="00:03.0" handoff="none"/>', hostdev("0000:00:03.0"),

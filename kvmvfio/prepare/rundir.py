@@ -31,13 +31,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
+import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from kvmvfio.errors import KernelError, KvmvfioError
+from kvmvfio.errors import KernelError, KvmvfioError, shown
 from kvmvfio.prepare.errors import UntrustedFile
+
+log = logging.getLogger(__name__)
 
 FILE_MODE = 0o600
 FOLDER_MODE = 0o700
@@ -355,6 +359,23 @@ class RunFolder:
                 return sorted(os.listdir(folder))
             except OSError as err:
                 raise _kernel(err, "listdir", self.path) from err
+
+    def keys(
+        self, pattern: re.Pattern[str], what: str, accept: Callable[[str], bool] | None = None
+    ) -> list[str]:
+        """The first group of each name ``pattern`` matches and ``accept`` takes, by name.
+
+        Any other name is logged as not ``what`` and skipped, except ``.NAME.tmp``
+        (a write in progress, or a crash's). Files are not read.
+        """
+        out = []
+        for name in self.names():
+            match = pattern.fullmatch(name)
+            if match is not None and (accept is None or accept(match[1])):
+                out.append(match[1])
+            elif not name.startswith("."):
+                log.warning("%s/%s: not %s; ignored", self.path, shown(name), what)
+        return out
 
     @contextlib.contextmanager
     def locked(self, name: str) -> Iterator[None]:

@@ -188,14 +188,7 @@ class VfJournal:
 
     def pfs(self) -> list[str]:
         """The PFs that have a record (not read), sorted."""
-        out = []
-        for name in self.folder.names():
-            match = _FILE_NAME.fullmatch(name)
-            if match is not None:
-                out.append(match[1])
-            elif not name.startswith("."):
-                log.warning("%s/%s: not a PF record name; ignored", self.folder.path, shown(name))
-        return sorted(out)
+        return self.folder.keys(_FILE_NAME, "a PF record name")
 
 
 def parse_vf_record(path: Path, pf: str, raw: bytes) -> VfRecord:

@@ -8,14 +8,13 @@ booted topology are skipped too.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from libvirtkit import HOOKS, AgentProcess, destroy
-from vfiokit import KVM_ARG, TRACING, fd_table, tracefs_write
+from vfiokit import fd_table, kprobe
 
 from kvmvfio.kvm import KvmVfioDevice, KvmVm
 from kvmvfio.lab import topology as topo_mod
@@ -194,24 +193,6 @@ def kvm_probe() -> Iterator[Callable[[], list[int]]]:
     Yields a function returning the kvm pointers this process's opens
     passed (0 = the device was opened with no KVM to take).
     """
-    if not (TRACING / "kprobe_events").exists():
-        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACING)], check=True)
-    events = TRACING / "kprobe_events"
-    tracefs_write(events, "p:kvmvfio_getkvm vfio_device_get_kvm_safe kvm=%si:x64\n")
-    enable = TRACING / "events" / "kprobes" / "kvmvfio_getkvm" / "enable"
-    try:
-        tracefs_write(TRACING / "trace", "", truncate=True)
-        tracefs_write(enable, "1")
-
-        def seen() -> list[int]:
-            me = str(os.getpid())
-            return [
-                int(m.group(2), 16)
-                for line in (TRACING / "trace").read_text().splitlines()
-                if (m := KVM_ARG.search(line)) and m.group(1) == me
-            ]
-
+    definition = "p:kvmvfio_getkvm vfio_device_get_kvm_safe kvm=%si:x64"
+    with kprobe("kvmvfio_getkvm", definition, "kvm", 16) as seen:
         yield seen
-    finally:
-        tracefs_write(enable, "0")
-        tracefs_write(events, "-:kvmvfio_getkvm\n")

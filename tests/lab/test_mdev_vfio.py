@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import time
 import uuid
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from libvirtkit import AgentProcess, create, destroy, qemu_fds, wait_for
-from vfiokit import TRACING, fd_table, tracefs_write
+from vfiokit import fd_table, kprobe
 
 from kvmvfio.errors import CoherencyRefused, MixedVfioBackends
 from kvmvfio.kvm import KvmVfioDevice
@@ -42,7 +41,6 @@ MDEVS = Path("/sys/bus/mdev/devices")
 #: mtty's PCI identity, as the L2 guest's uevents name it (vendor:device).
 MTTY_ID = "4348:3253"
 BACKENDS = ("group", "group-iommufd", "cdev")
-_CC_RET = re.compile(r"-(\d+)\s+\[.*kvmvfio_cc:.* ret=(\d+)")
 
 
 def _write(path: Path, text: str) -> None:
@@ -82,27 +80,9 @@ def make_mtty() -> Iterator[Callable[[], str]]:
 @pytest.fixture
 def coherency_told() -> Iterator[Callable[[], list[int]]]:
     """A return probe on ``vfio_file_enforced_coherent``: what KVM is told per VFIO file added."""
-    if not (TRACING / "kprobe_events").exists():
-        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACING)], check=True)
-    events = TRACING / "kprobe_events"
-    tracefs_write(events, "r:kvmvfio_cc vfio_file_enforced_coherent ret=$retval:u8\n")
-    enable = TRACING / "events" / "kprobes" / "kvmvfio_cc" / "enable"
-    try:
-        tracefs_write(TRACING / "trace", "", truncate=True)
-        tracefs_write(enable, "1")
-
-        def seen() -> list[int]:
-            me = str(os.getpid())
-            return [
-                int(m.group(2))
-                for line in (TRACING / "trace").read_text().splitlines()
-                if (m := _CC_RET.search(line)) and m.group(1) == me
-            ]
-
+    definition = "r:kvmvfio_cc vfio_file_enforced_coherent ret=$retval:u8"
+    with kprobe("kvmvfio_cc", definition, "ret") as seen:
         yield seen
-    finally:
-        tracefs_write(enable, "0")
-        tracefs_write(events, "-:kvmvfio_cc\n")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

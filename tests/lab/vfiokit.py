@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kvmvfio import uapi
@@ -90,7 +92,6 @@ def expected_coherent(topology: Topology) -> bool:
 # -- tracefs (kprobes on what the kernel does) ------------------------------------------
 
 TRACING = Path("/sys/kernel/tracing")
-KVM_ARG = re.compile(r"-(\d+)\s+\[.*kvmvfio_getkvm:.* kvm=0x([0-9a-f]+)")
 
 
 def tracefs_write(path: Path, text: str, *, truncate: bool = False) -> None:
@@ -101,3 +102,36 @@ def tracefs_write(path: Path, text: str, *, truncate: bool = False) -> None:
         os.write(fd, text.encode())
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def kprobe(
+    name: str, definition: str, value: str, base: int = 10
+) -> Iterator[Callable[[], list[int]]]:
+    """A kprobe event ``name`` (``p:``/``r:`` ``definition`` as kprobe_events takes it).
+
+    Yields a function returning, for each hit in this process, the integer
+    the event printed as ``value=`` (in ``base``); the event is removed after.
+    """
+    if not (TRACING / "kprobe_events").exists():
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACING)], check=True)
+    events = TRACING / "kprobe_events"
+    line = re.compile(rf"-(\d+)\s+\[.*{name}:.* {value}=(?:0x)?([0-9a-f]+)")
+    tracefs_write(events, f"{definition}\n")
+    enable = TRACING / "events" / "kprobes" / name / "enable"
+    try:
+        tracefs_write(TRACING / "trace", "", truncate=True)
+        tracefs_write(enable, "1")
+
+        def seen() -> list[int]:
+            me = str(os.getpid())
+            return [
+                int(m.group(2), base)
+                for text in (TRACING / "trace").read_text().splitlines()
+                if (m := line.search(text)) and m.group(1) == me
+            ]
+
+        yield seen
+    finally:
+        tracefs_write(enable, "0")
+        tracefs_write(events, f"-:{name}\n")

@@ -51,7 +51,10 @@ The hierarchy (``[module]``: where a leaf lives, under ``kvmvfio.``)::
      |        QemuPeerMismatch, NoHotplugPort, DetachTimeout,
      |        NotAttached, MemlockTooLow                         [qemu.errors]
      +-- ClaimedBy, UnsafeToUnbind, JournalError, UntrustedFile,
-     |   MdevExists, NoMdevInstances, MdevInUse, MdevClaimed     [prepare.errors]
+     |   MdevExists, NoMdevInstances, MdevInUse, MdevClaimed,
+     |   DeviceNotAnswering                                      [prepare.errors]
+     +-- GroupNotViable > UnlistedMembers                        [prepare.members]
+     +-- UsageError > InvalidRom; RomUnreadable                  [host.rom]
      +-- LibvirtError, ForeignHook                               [libvirt.errors]
      +-- LabError                                                [lab.errors]
 
@@ -87,6 +90,7 @@ if TYPE_CHECKING:
         NoIommuGroup,
         SysfsError,
     )
+    from kvmvfio.host.rom import InvalidRom, RomUnreadable
     from kvmvfio.kvm_errors import (
         AlreadyAssociated,
         KvmClosed,
@@ -99,6 +103,7 @@ if TYPE_CHECKING:
     from kvmvfio.libvirt.metadata import MetadataError
     from kvmvfio.prepare.errors import (
         ClaimedBy,
+        DeviceNotAnswering,
         JournalError,
         MdevClaimed,
         MdevExists,
@@ -110,6 +115,7 @@ if TYPE_CHECKING:
         UnsafeToUnbind,
         UntrustedFile,
     )
+    from kvmvfio.prepare.members import UnlistedMembers
     from kvmvfio.qemu.errors import (
         DetachTimeout,
         MemlockTooLow,
@@ -178,7 +184,6 @@ _LEAVES = {
         "QemuReplyInvalid",
         "NoHotplugPort",
         "MixedVfioBackends",
-        "MixedVfioBackends",
         "DetachTimeout",
         "NotAttached",
         "MemlockTooLow",
@@ -195,7 +200,10 @@ _LEAVES = {
         "NoMdevInstances",
         "MdevInUse",
         "MdevClaimed",
+        "DeviceNotAnswering",
     ),
+    "kvmvfio.prepare.members": ("UnlistedMembers",),
+    "kvmvfio.host.rom": ("InvalidRom", "RomUnreadable"),
     "kvmvfio.libvirt.errors": ("LibvirtError", "HookFileError", "ForeignHook", "HooksDirMissing"),
     "kvmvfio.libvirt.metadata": ("MetadataError",),
     "kvmvfio.lab.errors": ("LabError",),
@@ -263,6 +271,10 @@ __all__ = [  # noqa: RUF022
     "NoMdevInstances",
     "MdevInUse",
     "MdevClaimed",
+    "DeviceNotAnswering",
+    "UnlistedMembers",
+    "InvalidRom",
+    "RomUnreadable",
     "LibvirtError",
     "HookFileError",
     "ForeignHook",

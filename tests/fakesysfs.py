@@ -463,6 +463,11 @@ class _Builder:
             "subsystem_device": b"0x%04x\n" % dev.subsystem_device,
             "driver_override": (dev.driver_override or "(null)").encode() + b"\n",
             "numa_node": b"%d\n" % dev.numa_node,
+            # The header's first dword (vendor, device), as the kernel reads it to root.
+            "config": dev.vendor.to_bytes(2, "little")
+            + dev.device.to_bytes(2, "little")
+            + bytes(60),
+            "power_state": b"D0\n",
         }
         if dev.reset_methods:
             files["reset_method"] = " ".join(dev.reset_methods).encode() + b"\n"

@@ -36,6 +36,7 @@ from kvmvfio.host import (
 from kvmvfio.host.console import ConsoleUse, console_use
 from kvmvfio.host.mdev import is_uuid, read_mdev
 from kvmvfio.host.mdev import mdev as mdev_of
+from kvmvfio.host.reset import ResetScope, reset_scope
 from kvmvfio.host.rom import RomReport, report_rom
 
 #: Version of the ``--json`` schema; bumped only when a field changes
@@ -153,11 +154,13 @@ def device_json(
     no_group: NoGroup | None = None,
     pf: PciDevice | None = None,
     rom: RomReport | None = None,
+    reset: ResetScope | None = None,
 ) -> JsonObject:
     """One PCI function as the ``--json`` schema has it.
 
     ``no_group``: why it has none; ``pf``: its PF, for a VF (its index, the
-    PF's driver); ``rom``: its option ROM (None: it has no ROM BAR).
+    PF's driver); ``rom``: its option ROM (None: it has no ROM BAR);
+    ``reset``: its reset scope (None: not read).
     """
     return {
         "address": str(dev.address),
@@ -183,7 +186,29 @@ def device_json(
         "boot_vga": dev.boot_vga,
         "no_group": no_group_json(no_group),
         "rom": rom_json(rom),
+        "reset": reset_json(reset),
     }
+
+
+def reset_json(scope: ResetScope | None) -> JsonObject | None:
+    """A function's reset scope as the ``--json`` schema has it (None: not read)."""
+    if scope is None:
+        return None
+    return {
+        "own": scope.own,
+        "bridge": None if scope.bridge is None else str(scope.bridge),
+        "affected": [{"address": str(a.address), "driver": a.driver} for a in scope.affected],
+        "summary": scope.summary(),
+    }
+
+
+#: Reset scopes by function address (read with :func:`resets_of`).
+Resets = Mapping[str, ResetScope]
+
+
+def resets_of(host: Host, devices: Sequence[PciDevice], every: Sequence[PciDevice]) -> Resets:
+    """The reset scope of each of ``devices``; ``every``: the host's functions."""
+    return {str(d.address): reset_scope(host.sysfs, d, every) for d in devices}
 
 
 def rom_json(report: RomReport | None) -> JsonObject | None:
@@ -322,14 +347,23 @@ def mdev_json(m: Mdev, devfs: str | Path) -> JsonObject:
     }
 
 
-def inventory_json(inv: Inventory, devfs: str | Path, roms: Roms | None = None) -> JsonObject:
-    """The whole ``inventory --json`` document (``roms``: option ROMs by address)."""
-    roms = roms or {}
+def inventory_json(
+    inv: Inventory, devfs: str | Path, roms: Roms | None = None, resets: Resets | None = None
+) -> JsonObject:
+    """The whole ``inventory --json`` document (``roms``: option ROMs, ``resets``: reset
+    scopes, by address)."""
+    roms, resets = roms or {}, resets or {}
     return {
         "schema": SCHEMA,
         "host": support_json(inv.support, inv.iommu),
         "devices": [
-            device_json(d, inv.no_group(d), _pf_of(inv, d), roms.get(str(d.address)))
+            device_json(
+                d,
+                inv.no_group(d),
+                _pf_of(inv, d),
+                roms.get(str(d.address)),
+                resets.get(str(d.address)),
+            )
             for d in inv.devices
         ],
         "groups": [group_json(g, devfs) for g in inv.groups],
@@ -350,15 +384,23 @@ def group_document(
     pfs: Mapping[str, PciDevice] | None = None,
     mdevs: Sequence[Mdev] = (),
     roms: Roms | None = None,
+    *,
+    resets: Resets | None = None,
 ) -> JsonObject:
     """The whole ``group --json`` document (``pfs``: the PFs of VF members, ``roms``: option
-    ROMs, by address; ``mdevs``: the members that are mediated devices)."""
-    pfs, roms = pfs or {}, roms or {}
+    ROMs, ``resets``: reset scopes, by address; ``mdevs``: the members that are mediated
+    devices)."""
+    pfs, roms, resets = pfs or {}, roms or {}, resets or {}
     return {
         "schema": SCHEMA,
         "group": group_json(group, devfs),
         "devices": [
-            device_json(d, pf=pfs.get(str(d.physfn)), rom=roms.get(str(d.address)))
+            device_json(
+                d,
+                pf=pfs.get(str(d.physfn)),
+                rom=roms.get(str(d.address)),
+                reset=resets.get(str(d.address)),
+            )
             for d in group.members
         ],
         "mdevs": [mdev_json(m, devfs) for m in mdevs],
@@ -413,6 +455,7 @@ def _notes(
     rom: RomReport | None = None,
     *,
     console: ConsoleUse | None = None,
+    reset: ResetScope | None = None,
 ) -> str:
     notes = []
     if why is not None and why.cause in _NO_GROUP_NOTES:
@@ -434,6 +477,8 @@ def _notes(
         notes.append(_rom_note(rom))
     if console is not None:
         notes += console.notes()
+    if reset is not None and not reset.own:
+        notes.append("no reset" if not reset.bus_reset else "bus reset only")
     return ", ".join(notes)
 
 
@@ -468,13 +513,17 @@ def consoles_of(host: Host, devices: Sequence[PciDevice]) -> dict[str, ConsoleUs
 
 
 def render_inventory(
-    inv: Inventory, roms: Roms | None = None, consoles: Mapping[str, ConsoleUse] | None = None
+    inv: Inventory,
+    roms: Roms | None = None,
+    consoles: Mapping[str, ConsoleUse] | None = None,
+    resets: Resets | None = None,
 ) -> str:
     """The human table of ``kvmvfio inventory``, then the host support sentence.
 
-    ``consoles``: what holds display functions beyond their drivers, for NOTES.
+    ``consoles``: what holds display functions beyond their drivers, ``resets``: the
+    functions' reset scopes, for NOTES.
     """
-    roms, consoles = roms or {}, consoles or {}
+    roms, consoles, resets = roms or {}, consoles or {}, resets or {}
     groups = inv.groups_by_number()
     rows = [("ADDRESS", "IDS", "CLASS", "DRIVER", "GROUP", "VIABLE", "CDEV", "NOTES")]
     for dev in inv.devices:
@@ -495,6 +544,7 @@ def render_inventory(
                     _pf_of(inv, dev),
                     roms.get(str(dev.address)),
                     console=consoles.get(str(dev.address)),
+                    reset=resets.get(str(dev.address)),
                 ),
             )
         )
@@ -578,11 +628,13 @@ def render_group(
     roms: Roms | None = None,
     *,
     consoles: Mapping[str, ConsoleUse] | None = None,
+    resets: Resets | None = None,
 ) -> str:
     """The human text of ``kvmvfio group`` (``pfs``: the PFs of VF members, ``roms``: option
-    ROMs, by address; ``mdevs``: the members that are mediated devices; ``consoles``: what
-    holds display members beyond their drivers)."""
+    ROMs, ``resets``: reset scopes, by address; ``mdevs``: the members that are mediated
+    devices; ``consoles``: what holds display members beyond their drivers)."""
     pfs, roms, consoles = pfs or {}, roms or {}, consoles or {}
+    resets = resets or {}
     mediated = {m.uuid: m for m in mdevs}
     state = "viable" if group.viable else "NOT viable"
     kind = "IOMMU group"
@@ -618,6 +670,9 @@ def render_group(
     lines = [head, _table(rows)]
     lines += [f"{addr}: {_rom_line(r)}" for addr, r in roms.items()]
     lines += [f"{a}: {', '.join(c.notes())}" for a, c in consoles.items() if c.notes()]
+    # A function with a reset of its own is reset alone; only the others need a sentence.
+    bridges = {str(d.address) for d in group.members if d.is_bridge}
+    lines += [f"{a}: {r.summary()}" for a, r in resets.items() if not r.own and a not in bridges]
     if group.noiommu:
         lines.append(
             "No IOMMU isolates this group: a device in it can DMA anywhere in host memory."
@@ -648,10 +703,11 @@ def _inventory(args: argparse.Namespace) -> int:
     host = _host(args)
     inv = host.inventory()
     roms = roms_of(host.sysfs, inv.devices)
+    resets = resets_of(host, inv.devices, inv.devices)
     if args.json:
-        _print_json(inventory_json(inv, host.devfs, roms))
+        _print_json(inventory_json(inv, host.devfs, roms, resets))
     else:
-        print(render_inventory(inv, roms, consoles_of(host, inv.devices)))
+        print(render_inventory(inv, roms, consoles_of(host, inv.devices), resets))
     return 0
 
 
@@ -681,9 +737,10 @@ def _group(args: argparse.Namespace) -> int:
     group = resolve_group(host, args.target)
     pfs, mdevs = pfs_of(host, group), mdevs_of(host, group)
     roms = roms_of(host.sysfs, group.members)
+    resets = resets_of(host, group.members, host.devices())
     if args.json:
-        _print_json(group_document(group, host.devfs, pfs, mdevs, roms))
+        _print_json(group_document(group, host.devfs, pfs, mdevs, roms, resets=resets))
     else:
         consoles = consoles_of(host, group.members)
-        print(render_group(group, host.devfs, pfs, mdevs, roms, consoles=consoles))
+        print(render_group(group, host.devfs, pfs, mdevs, roms, consoles=consoles, resets=resets))
     return 0 if group.viable else 1

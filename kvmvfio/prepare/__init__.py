@@ -26,9 +26,10 @@ from pathlib import Path
 from kvmvfio.errors import Busy, KvmvfioError, UsageError
 from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice, driver_managed_dma
 from kvmvfio.host.procs import ProcessId, holders
+from kvmvfio.host.reset import answers
 from kvmvfio.prepare import safety
 from kvmvfio.prepare.driver import Sysfs
-from kvmvfio.prepare.errors import ClaimedBy, JournalError, UntrustedFile
+from kvmvfio.prepare.errors import ClaimedBy, DeviceNotAnswering, JournalError, UntrustedFile
 from kvmvfio.prepare.journal import (
     DEFAULT_ROOT,
     Entry,
@@ -384,6 +385,21 @@ def _restore(sysfs: Sysfs, entry: Entry, reset: bool) -> Restored:
     return Restored(addr, entry.driver, entry.override, did_reset)
 
 
+def _refuse_dead(host: Host, record: Record) -> None:
+    """Raise :class:`DeviceNotAnswering` for the first member that reads as gone.
+
+    Asked of every member before any is moved, so the group is either given
+    back whole or left as it is: on vfio-pci, which does not touch a device
+    nobody opens, with its record kept for a later release.
+    """
+    for entry in record.devices:
+        if entry.driver == VFIO:
+            continue  # it stays where it is
+        alive = answers(host.sysfs, entry.address)
+        if alive.dead:
+            raise DeviceNotAnswering(entry.address, entry.driver, record.group, alive.describe())
+
+
 def _release_record(
     host: Host, journal: Journal, record: Record, reset: bool | Collection[str]
 ) -> list[Restored]:
@@ -398,6 +414,7 @@ def _release_record(
             f"IOMMU group {record.group}",
             ", ".join(busy),
         )
+    _refuse_dead(host, record)
     out = [
         _restore(sysfs, e, reset if isinstance(reset, bool) else e.address in reset)
         for e in reversed(record.devices)

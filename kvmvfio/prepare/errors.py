@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ClaimedBy",
+    "DeviceNotAnswering",
     "JournalError",
     "MdevClaimed",
     "MdevExists",
@@ -73,6 +74,28 @@ def accept_advice(check: str) -> str:
         "the domain's metadata to accept that",
         Interface.API: f"Pass force=[{check!r}] to accept that",
     }[interface()]
+
+
+class DeviceNotAnswering(KvmvfioError):
+    """A device to be given back to its host driver does not answer; nothing was changed."""
+
+    def __init__(self, address: str, driver: str | None, group: int, state: str) -> None:
+        self.address = address
+        self.driver = driver
+        self.group = group
+        self.state = state
+        back = (
+            f"given back to {driver}, whose probe would hang or fail on it"
+            if driver
+            else ("let go by vfio-pci")
+        )
+        super().__init__(
+            f"PCI device {address} does not answer ({state}): it fell off the bus or its last "
+            f"reset failed. IOMMU group {group} stays on vfio-pci, its record kept, rather than "
+            f"{back}. Bring the device back (a slot power cycle, or `echo 1 > "
+            f"/sys/bus/pci/devices/{address}/remove` and a rescan of its bridge), then release "
+            "it again"
+        )
 
 
 class UnsafeSysfsName(UsageError):

@@ -59,6 +59,7 @@ from kvmvfio.errors import (
 from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice, is_vfio_driver
 from kvmvfio.host.mdev import Mdev, canonical_name, is_uuid, read_mdev
 from kvmvfio.host.mdev import mdev as mdev_of
+from kvmvfio.host.reset import reset_scope
 from kvmvfio.vfio.policy import Coherency, VfioPath, apply_coherency
 
 if TYPE_CHECKING:
@@ -608,6 +609,9 @@ def make_plan(
             accepted.append(f"{subject}: no enforced DMA cache coherency (policy {policy.value})")
             for addr in members:
                 notes[addr].append(note)
+    for dev in devices:
+        if isinstance(dev, PciDevice) and (note := _reset_note(host, dev)):
+            notes[str(dev.address)].append(note)
     plans = []
     for dev in devices:
         addr = str(dev.address)
@@ -637,6 +641,16 @@ def make_plan(
         devfs=host.devfs,
         vf_token=token,
     )
+
+
+def _reset_note(host: Host, dev: PciDevice) -> str | None:
+    """What a user should know of ``dev``'s reset: only when it has none of its own."""
+    scope = reset_scope(host.sysfs, dev, ())
+    if scope.own:
+        return None
+    if scope.bus_reset:  # who else the bus reset hits: read the host's functions once
+        scope = reset_scope(host.sysfs, dev, host.devices())
+    return f"{dev.address}: {scope.summary()}"
 
 
 def _token(value: uuid.UUID | str | None) -> uuid.UUID | None:

@@ -1,0 +1,154 @@
+"""Reset scopes (what a bus reset also hits) and the dead-device refusal at release, on fake trees.
+
+The lab shows both on a real kernel (tests/lab/test_reset.py); here the
+readers meet shapes the lab has not: a bridge with a hotplug slot's worth of
+functions, nested bridges, a function gone from sysfs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fakesysfs import Dev, Topology
+
+from kvmvfio.errors import DeviceNotAnswering
+from kvmvfio.host import Host, PciAddress
+from kvmvfio.host.reset import answers, reset_scope
+from kvmvfio.prepare import release
+from kvmvfio.prepare.journal import Entry, Journal, Record
+from kvmvfio.vfio.plan import make_plan
+
+BuildHost = Callable[[Topology], Host]
+GONE_PID = 2**22 + 12345
+
+TOPOLOGY = Topology(
+    devices=[
+        # A GPU-like card behind a root port: display without FLR, audio with one.
+        Dev("0000:00:01.0", bridge=True, driver="pcieport", group=1, children=[
+            Dev("0000:01:00.0", cls=0x030000, driver="vfio-pci", group=2, reset_methods=()),
+            Dev("0000:01:00.1", cls=0x040300, driver="snd_hda_intel", group=2,
+                reset_methods=("flr",)),
+        ]),
+        # A switch: a bridge behind a bridge; its reset hits everything below.
+        Dev("0000:00:02.0", bridge=True, driver="pcieport", group=3, children=[
+            Dev("0000:02:00.0", bridge=True, driver="pcieport", group=3, children=[
+                Dev("0000:03:00.0", driver="vfio-pci", group=4, reset_methods=()),
+            ]),
+        ]),
+        # Alone on its bus: the kernel's own `bus` method resets it alone.
+        Dev("0000:00:1c.0", bridge=True, driver="pcieport", group=5, children=[
+            Dev("0000:04:00.0", driver="e1000e", group=6, reset_methods=("pm", "bus")),
+        ]),
+        # On the root bus, nothing of its own: no reset at all.
+        Dev("0000:00:05.0", vendor=0x1234, device=0x11E8, driver="vfio-pci", group=7,
+            reset_methods=()),
+    ],
+    drivers=("vfio-pci", "e1000e", "snd_hda_intel"),
+)  # fmt: skip
+
+
+@pytest.fixture
+def host(build_host: BuildHost) -> Host:
+    return build_host(TOPOLOGY)
+
+
+def test_a_function_without_flr_behind_a_bridge_shares_its_reset(host: Host) -> None:
+    scope = reset_scope(host.sysfs, host.device("0000:01:00.0"), host.devices())
+    assert (scope.own, scope.bridge) == (False, PciAddress.parse("0000:00:01.0"))
+    assert [(str(a.address), a.driver) for a in scope.affected] == [
+        ("0000:01:00.1", "snd_hda_intel")
+    ]
+    assert [str(a.address) for a in scope.blocking_bus_reset()] == ["0000:01:00.1"]
+    assert scope.summary() == (
+        "reset: none of its own; only a bus reset by bridge 0000:00:01.0, which also resets "
+        "0000:01:00.1 (snd_hda_intel); vfio-pci does that reset between users only once they "
+        "are all on vfio-pci"
+    )
+
+
+def test_a_bus_reset_reaches_through_a_switch(host: Host) -> None:
+    scope = reset_scope(host.sysfs, host.device("0000:02:00.0"), host.devices())
+    assert str(scope.bridge) == "0000:00:02.0"
+    assert [str(a.address) for a in scope.affected] == ["0000:03:00.0"]
+    below = reset_scope(host.sysfs, host.device("0000:03:00.0"), host.devices())
+    assert (str(below.bridge), below.affected) == ("0000:02:00.0", ())
+    assert below.summary() == (
+        "reset: none of its own; a bus reset by bridge 0000:02:00.0 hits only it"
+    )
+
+
+def test_own_methods_are_named_in_the_kernels_order(host: Host) -> None:
+    scope = reset_scope(host.sysfs, host.device("0000:04:00.0"), host.devices())
+    assert scope.own
+    assert scope.summary() == "reset: pm, bus (the kernel's own, tried in this order)"
+
+
+def test_a_root_bus_function_with_no_method_has_no_reset(host: Host) -> None:
+    scope = reset_scope(host.sysfs, host.device("0000:00:05.0"), host.devices())
+    assert (scope.own, scope.bridge, scope.affected) == (False, None, ())
+    assert scope.summary().startswith("reset: none; the kernel cannot reset it")
+
+
+def test_the_plan_notes_a_shared_reset_and_stays_quiet_on_an_own_one(host: Host) -> None:
+    plan = make_plan(["0000:00:05.0"], coherency="ignore", host=host)
+    (note,) = plan.notes
+    assert note.startswith("0000:00:05.0: reset: none; the kernel cannot reset it")
+
+
+def test_a_function_answers_with_its_vendor_id(host: Host) -> None:
+    alive = answers(host.sysfs, "0000:00:05.0")
+    assert (alive.vendor, alive.power_state, alive.dead) == (0x1234, "D0", False)
+    gone = answers(host.sysfs, "0000:00:1f.7")  # not in sysfs: unknown, not dead
+    assert (gone.vendor, gone.dead) == (None, False)
+
+
+def _kill(host: Host, addr: str) -> None:
+    """What the kernel reads from a function that fell off the bus: all ones."""
+    (host.sysfs / "bus" / "pci" / "devices" / addr / "config").write_bytes(b"\xff" * 64)
+    (host.sysfs / "bus" / "pci" / "devices" / addr / "power_state").write_bytes(b"D3cold\n")
+
+
+def _files(host: Host) -> dict[str, bytes]:
+    out = {}
+    for top, _, names in os.walk(host.sysfs):
+        for name in names:
+            path = os.path.join(top, name)
+            with open(path, "rb") as f:
+                out[path] = f.read()
+    return out
+
+
+def test_release_leaves_a_dead_device_on_vfio_pci_and_keeps_the_record(
+    host: Host, tmp_path: Path
+) -> None:
+    root = tmp_path / "run"
+    Journal(root).write(Record(7, "vm1", GONE_PID, devices=[Entry("0000:00:05.0", "e1000e", None)]))
+    _kill(host, "0000:00:05.0")
+    before = _files(host)
+    with pytest.raises(DeviceNotAnswering) as refused:
+        release(["0000:00:05.0"], host=host, root=root)
+    assert str(refused.value) == (
+        "PCI device 0000:00:05.0 does not answer (vendor ID reads 0xffff, power state D3cold): "
+        "it fell off the bus or its last reset failed. IOMMU group 7 stays on vfio-pci, its "
+        "record kept, rather than given back to e1000e, whose probe would hang or fail on it. "
+        "Bring the device back (a slot power cycle, or `echo 1 > "
+        "/sys/bus/pci/devices/0000:00:05.0/remove` and a rescan of its bridge), then release "
+        "it again"
+    )
+    assert (refused.value.address, refused.value.group) == ("0000:00:05.0", 7)
+    assert _files(host) == before  # nothing written: no unbind, no override
+    assert Journal(root).read(7) is not None
+
+
+def test_a_device_that_was_on_vfio_pci_before_is_not_asked(host: Host, tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    Journal(root).write(
+        Record(7, "vm1", GONE_PID, devices=[Entry("0000:00:05.0", "vfio-pci", None)])
+    )
+    _kill(host, "0000:00:05.0")
+    (done,) = release(["0000:00:05.0"], host=host, root=root)
+    assert done.driver == "vfio-pci"
+    assert Journal(root).read(7) is None

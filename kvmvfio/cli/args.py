@@ -51,6 +51,16 @@ def existing_dir(text: str) -> str:
     return text
 
 
+def device_file(text: str) -> tuple[str, str]:
+    """A ``DEVICE=FILE`` argument (``--romfile``): the device as written, and the path."""
+    device, sep, path = text.partition("=")
+    if not sep or not device or not path:
+        raise argparse.ArgumentTypeError(
+            f"{shown(text, 80)}: expected DEVICE=FILE (e.g. 0000:01:00.0=/path/to/vbios.rom)"
+        )
+    return device, path_text(path)
+
+
 #: What ``--path`` takes (old spellings are read too, with a notice).
 PATHS = [p.value for p in VfioPath]
 

@@ -16,7 +16,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from kvmvfio.cli.args import PATHS, vfio_path
+from kvmvfio.cli.args import PATHS, device_file, vfio_path
 from kvmvfio.errors import UsageError
 from kvmvfio.host import Host
 from kvmvfio.host.mdev import canonical_name
@@ -71,6 +71,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--vf-token",
         metavar="UUID",
         help="the VF token, for a VF whose PF is on vfio-pci (docs/sriov.md)",
+    )
+    att.add_argument(
+        "--romfile",
+        action="append",
+        type=device_file,
+        metavar="ADDR=FILE",
+        help=(
+            "give the device at ADDR this option ROM instead of its own (QEMU's romfile=), "
+            "checked first to be a ROM for that device; QEMU reads the file itself"
+        ),
     )
     att.add_argument(
         "--no-raise-memlock",
@@ -204,6 +214,7 @@ def _attach(args: argparse.Namespace) -> int:
                 raise_memlock=not args.no_raise_memlock,
                 vf_token=args.vf_token,
                 host=host,
+                romfiles=dict(args.romfile or []),
             )
             return qemu.pid, done
 

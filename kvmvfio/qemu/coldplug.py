@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from kvmvfio._closing import Closing
 from kvmvfio.errors import UsageError
 from kvmvfio.host import Host, PciAddress
-from kvmvfio.host.rom import check_romfile
-from kvmvfio.qemu.handoff import IOMMUFD_OBJECT, MEMLOCK_MARGIN, qdev_id
+from kvmvfio.qemu.handoff import IOMMUFD_OBJECT, MEMLOCK_MARGIN, checked_romfiles, qdev_id
 from kvmvfio.vfio.files import OwnedFd, open_node
 from kvmvfio.vfio.iommufd import open_for_vmm
 from kvmvfio.vfio.plan import Opener, Plan, make_plan
@@ -121,7 +120,7 @@ def coldplug(
         plan = plan_coldplug(addresses, coherency=coherency, allow_noiommu=allow_noiommu, host=host)
     if buses is not None and len(buses) != len(plan.devices):
         raise UsageError(f"{len(plan.devices)} devices but {len(buses)} buses")
-    roms = _checked_romfiles(plan, romfiles or {}, host or Host())
+    roms = checked_romfiles(plan, romfiles or {}, host or Host())
     cold = ColdPlug(unsafe=list(plan.notes), plan=plan)
     try:
         iommufd = open_for_vmm(plan.devfs, "the QEMU to start with these arguments")
@@ -146,18 +145,3 @@ def coldplug(
         cold.close()
         raise
     return cold
-
-
-def _checked_romfiles(
-    plan: Plan, romfiles: Mapping[str, str | os.PathLike[str]], host: Host
-) -> dict[str, str]:
-    """Each ROM file checked against its device, by the device's address; absolute paths."""
-    planned = {dev.address for dev in plan.devices}
-    out: dict[str, str] = {}
-    for addr, path in romfiles.items():
-        address = str(PciAddress.coerce(addr))
-        if address not in planned:
-            raise UsageError(f"a ROM file for {address}, which is not one of the devices")
-        check_romfile(os.fspath(path), host.device(address))
-        out[address] = os.path.realpath(path)
-    return out

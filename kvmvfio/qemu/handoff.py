@@ -49,7 +49,7 @@ import resource
 import shutil
 import subprocess
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,7 @@ from kvmvfio.host import Host, PciAddress, PciDevice
 from kvmvfio.host.mdev import canonical_name, is_uuid, parse_uuid
 from kvmvfio.host.mdev import mdev as mdev_of
 from kvmvfio.host.procs import holders
+from kvmvfio.host.rom import check_romfile
 from kvmvfio.qemu.deadline import seconds
 from kvmvfio.qemu.qmp import JsonObject, Monitor
 from kvmvfio.qemu.replies import QomProperty
@@ -267,7 +268,29 @@ async def _ensure_iommufd_object(
     return True
 
 
-async def _attach_fd(qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | None) -> None:
+def checked_romfiles(
+    plan: Plan, romfiles: Mapping[str, str | os.PathLike[str]], host: Host
+) -> dict[str, str]:
+    """Each ROM file checked against its device (:func:`~kvmvfio.host.rom.check_romfile`),
+    by the device's address, as absolute paths (QEMU would otherwise also look for a
+    relative name in its data folders). Raises :class:`UsageError` for a file given for a
+    device that is not in ``plan``, and what ``check_romfile`` raises."""
+    planned = {dev.address: dev for dev in plan.devices}
+    out: dict[str, str] = {}
+    for addr, path in romfiles.items():
+        address = canonical_name(str(addr))
+        if address not in planned:
+            raise UsageError(f"a ROM file for {address}, which is not one of the devices")
+        if planned[address].mdev:
+            raise UsageError(f"a ROM file for {address}, a mediated device: it has no option ROM")
+        check_romfile(os.fspath(path), host.device(address))
+        out[address] = os.path.realpath(path)
+    return out
+
+
+async def _attach_fd(
+    qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | None, romfile: str | None = None
+) -> None:
     name = qdev_id(dev.address).replace("kvmvfio-", "kvmvfio-fd-", 1)
     fd = open_node(
         dev.file, f"device {dev.address} ({dev.cdev})", related=[plan.group(dev.group).node]
@@ -282,6 +305,8 @@ async def _attach_fd(qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | None
         "iommufd": IOMMUFD_OBJECT,
         "fd": name,
     }
+    if romfile is not None:
+        args["romfile"] = romfile  # QEMU reads it itself, as its own user
     if dev.sysfsdev is not None:
         # QEMU tells an mdev by its sysfs folder's bus, and attaches one to the IOAS
         # itself (no hardware page table): by fd alone it would take it for a PCI
@@ -296,7 +321,9 @@ async def _attach_fd(qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | None
         raise
 
 
-async def _attach_legacy(qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | None) -> None:
+async def _attach_legacy(
+    qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | None, romfile: str | None = None
+) -> None:
     node = dev.file  # the group node: QEMU opens it itself
     container = plan.devfs / "vfio" / "vfio"
     if container.exists() and os.stat(container).st_mode & 0o006 != 0o006:
@@ -310,6 +337,8 @@ async def _attach_legacy(qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | 
     token = plan.token_for(dev.address)
     if token is not None:
         args["vf-token"] = str(token)  # QEMU opens the VF itself, with the token
+    if romfile is not None:
+        args["romfile"] = romfile
     if bus is not None:
         args["bus"] = bus
     try:
@@ -363,6 +392,7 @@ async def attach(
     raise_memlock: bool = True,
     vf_token: uuid.UUID | str | None = None,
     host: Host | None = None,
+    romfiles: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> list[Attachment]:
     """Attach the devices at ``addresses`` (or of a plan) to the QEMU behind ``qemu``.
 
@@ -379,6 +409,12 @@ async def attach(
     ``CAP_SYS_RESOURCE`` to make the new iommufd count per process),
     :class:`~kvmvfio.errors.QemuRefused` (QEMU's own words) and
     :class:`~kvmvfio.errors.QemuGone`.
+
+    ``romfiles`` gives a device (by address) an option ROM file instead of
+    its own, checked before anything is sent (:func:`checked_romfiles`;
+    :class:`~kvmvfio.host.rom.InvalidRom` for a file that is not one for
+    its device) and passed as QEMU's ``romfile=``: QEMU opens it itself,
+    so its user must be able to read it.
     """
     if isinstance(addresses, Plan):
         plan = addresses.made_for(Opener.QEMU, "plan_attach")
@@ -395,6 +431,7 @@ async def attach(
     addrs = list(plan.addresses)
     if buses is not None and len(buses) != len(addrs):
         raise UsageError(f"{len(addrs)} devices but {len(buses)} buses")
+    roms = checked_romfiles(plan, romfiles or {}, host or Host())
     log.info(
         "attaching %s to QEMU pid %d by %s (%s)", ", ".join(addrs), qemu.pid, plan.path, plan.why
     )
@@ -416,9 +453,9 @@ async def attach(
     try:
         for dev, bus in zip(plan.devices, chosen_buses, strict=True):
             if plan.path is VfioPath.CDEV:
-                await _attach_fd(qemu, plan, dev, bus)
+                await _attach_fd(qemu, plan, dev, bus, roms.get(dev.address))
             else:
-                await _attach_legacy(qemu, plan, dev, bus)
+                await _attach_legacy(qemu, plan, dev, bus, roms.get(dev.address))
             done.append(
                 Attachment(
                     address=dev.address,

@@ -394,3 +394,32 @@ def test_a_pidfile_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> No
     (tmp_path / "big.pid").write_text(str(2**70))
     with pytest.raises(UsageError, match="not a pid"):
         read_pidfile(tmp_path / "big.pid")
+
+
+async def test_attach_refuses_a_romfile_before_qemu_is_changed(
+    fake: FakeQmp, build_host: Callable[[Topology], Host], tmp_path: Path
+) -> None:
+    from test_host_rom import image  # noqa: PLC0415 (a sibling test module's builder)
+
+    from kvmvfio.host.rom import InvalidRom  # noqa: PLC0415
+
+    host = build_host(Topology(devices=[Dev("0000:00:03.0", driver="vfio-pci", group=1, **EDU)]))
+    fake.replies["qom-list-types"] = [{"name": "iommufd"}]
+    fake.replies["query-memory-size-summary"] = {"base-memory": 1 << 20}
+    fake.replies["qom-list"] = lambda a: []
+    wrong = tmp_path / "other.rom"
+    wrong.write_bytes(image(vendor=0x10DE, device=0x2204))
+    async with Qemu(fake.path) as qemu:
+        with pytest.raises(InvalidRom, match="image 0 is for 10de:2204, not 1234:11e8"):
+            await attach(
+                qemu, ["0000:00:03.0"], coherency="ignore", host=host,
+                romfiles={"00:03.0": wrong},
+            )  # fmt: skip
+        with pytest.raises(UsageError, match=r"a ROM file for 0000:00:04\.0, which is not one"):
+            await attach(
+                qemu, ["0000:00:03.0"], coherency="ignore", host=host,
+                romfiles={"0000:00:04.0": wrong},
+            )  # fmt: skip
+    sent = [c for c, _ in fake.received]
+    assert not {"getfd", "add-fd", "object-add", "device_add", "qom-set"} & set(sent), sent
+    assert fake.fds_received == 0

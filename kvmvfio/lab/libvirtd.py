@@ -18,7 +18,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
@@ -128,12 +128,15 @@ def domain_xml(
     metadata: str = "",
     hostdevs: Sequence[str] = (),
     memory_mb: int = 256,
+    roms: Mapping[str, str] | None = None,
 ) -> str:
     """A q35 domain of type kvm booting L1's kernel; ``metadata`` goes in ``<metadata>``.
 
     ``hostdevs`` are PCI addresses given as ``<hostdev managed='no'>``, and
-    mediated devices' UUIDs as libvirt's ``<hostdev type='mdev'>``.
+    mediated devices' UUIDs as libvirt's ``<hostdev type='mdev'>``; ``roms``
+    gives a PCI hostdev (by address) a ``<rom file=...>``.
     """
+    roms = roms or {}
     kernel, initrd = guest_images()
     serial = serial_log(name)
     serial.unlink(missing_ok=True)
@@ -152,7 +155,9 @@ def domain_xml(
         devs.append(
             "<hostdev mode='subsystem' type='pci' managed='no'><source>"
             f"<address domain='0x{dom}' bus='0x{bus}' slot='0x{slot}' function='0x{func}'/>"
-            "</source></hostdev>"
+            "</source>"
+            + (f"<rom file={quoteattr(roms[addr])}/>" if addr in roms else "")
+            + "</hostdev>"
         )
     devs.append(f"<serial type='file'><source path={quoteattr(str(serial))}/></serial>")
     # Else libvirt puts a balloon and a USB controller on the first root ports.

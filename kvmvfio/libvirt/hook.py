@@ -40,6 +40,7 @@ from typing import BinaryIO, TextIO
 from kvmvfio.errors import Blocker, GroupNotViable, Interface, KvmvfioError, speaking_to
 from kvmvfio.host import Host, IommuGroup
 from kvmvfio.host.mdev import is_uuid
+from kvmvfio.host.rom import check_romfile
 from kvmvfio.libvirt.metadata import (
     MAX_XML_BYTES,
     DomainRequest,
@@ -100,6 +101,20 @@ def refuse_unlisted(request: DomainRequest, groups: dict[int, IommuGroup]) -> No
         ]
         if blockers:
             raise GroupNotViable(str(number), blockers)
+
+
+def check_roms(request: DomainRequest, host: Host) -> None:
+    """Check each ``<hostdev><rom file=...>`` of a device kvmvfio prepares against the device.
+
+    libvirt hands the file to QEMU, which would load any file given (or fail
+    at start with less to say); raises
+    :class:`~kvmvfio.host.rom.InvalidRom` naming the file and the device
+    before anything is moved.
+    """
+    wanted = {d.address for d in request.pci}
+    for h in request.hostdevs:
+        if h.rom is not None and h.address in wanted:
+            check_romfile(h.rom, host.device(h.address))
 
 
 def check_request(request: DomainRequest, host: Host, groups: dict[int, IommuGroup]) -> list[str]:
@@ -195,6 +210,7 @@ def prepare_domain(
     request = resolve(request, host=host, root=root)
     groups = _groups_of(host, request)
     refuse_unlisted(request, groups)
+    check_roms(request, host)
     addrs = [d.address for d in request.pci]  # an mdev is on its VFIO driver from birth
     try:
         accept = {d.address: d.accept for d in request.pci if d.accept}

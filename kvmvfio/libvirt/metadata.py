@@ -145,10 +145,12 @@ class VfPool:
 
 @dataclass(frozen=True)
 class Hostdev:
-    """A PCI ``<hostdev>`` of the domain: its source address and ``managed``."""
+    """A PCI ``<hostdev>`` of the domain: its source address, ``managed``, its ROM file."""
 
     address: str
     managed: bool
+    #: ``<rom file=...>``: the option ROM libvirt will have QEMU load instead of the device's.
+    rom: str | None = None
 
 
 @dataclass(frozen=True)
@@ -365,6 +367,8 @@ class _Reader:
                 self._hostdev = {"managed": attrs.get("managed", "no"), " kind": attrs["type"]}
         elif self._hostdev is not None and depth == 4 and self.stack[3:] == ["source", "address"]:
             self._hostdev.update(attrs)
+        elif self._hostdev is not None and depth == 3 and tag == "rom" and attrs.get("file"):
+            self._hostdev[" rom"] = attrs["file"]  # " rom": as " kind", no attribute's name
 
     def end(self, tag: str) -> None:
         self.stack.pop()
@@ -391,7 +395,7 @@ class _Reader:
                 _hex(h.get("slot"), "slot"),
                 _hex(h.get("function"), "function"),
             )
-            self.hostdevs.append(Hostdev(str(addr), h["managed"] == "yes"))
+            self.hostdevs.append(Hostdev(str(addr), h["managed"] == "yes", h.get(" rom")))
 
     def chars(self, data: str) -> None:
         if self.text is not None:

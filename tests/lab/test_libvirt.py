@@ -77,6 +77,31 @@ def test_hook_refuses_a_group_with_an_unlisted_member_on_a_host_driver(
     assert status() == []
 
 
+def test_hook_refuses_a_hostdev_rom_file_that_is_not_the_devices(
+    topology: Topology, clean: None, tmp_path: Path
+) -> None:
+    edu0, nic = topology.guest_address("edu0"), topology.guest_address("nic0")
+    # The e1000e's own option ROM (iPXE, 8086:10d3), read as kvmvfio reads ROMs.
+    (PCI / nic / "rom").write_text("1")
+    try:
+        data = (PCI / nic / "rom").read_bytes()
+    finally:
+        (PCI / nic / "rom").write_text("0")
+    assert data[:2] == b"\x55\xaa"
+    wrong = tmp_path / "efi-e1000e.rom"
+    wrong.write_bytes(data)
+    before = driver(edu0)
+    done = create(
+        tmp_path, "romfile", metadata=metadata(edu0), hostdevs=[edu0], roms={edu0: str(wrong)}
+    )
+    assert done.returncode != 0
+    assert f"{wrong} is not an option ROM for {edu0}: image 0 is for 8086:10d3" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert virsh("domstate", "romfile", check=False).returncode != 0
+    assert driver(edu0) == before
+    assert status() == []
+
+
 @pytest.mark.topology("default", "coherent")
 def test_hook_applies_the_coherency_policy(
     topology: Topology, libvirtd: Libvirtd, tmp_path: Path

@@ -351,3 +351,37 @@ def test_a_mediated_device_is_named_by_its_uuid() -> None:
         parse_domain(domain(f'<k:devices {NS}><k:device address="{MDEV}"/></k:devices>'))
     with pytest.raises(MetadataError, match="neither a PCI address nor an mdev's UUID"):
         parse_domain(domain(f'<k:devices {NS}><k:device address="{MDEV}x"/></k:devices>'))
+
+
+def test_a_hostdev_rom_file_for_another_device_stops_the_start(
+    build_host: BuildHost, tmp_path: Path
+) -> None:
+    from test_host_rom import image  # noqa: PLC0415 (a sibling test module's builder)
+
+    host = build_host(
+        Topology(devices=[Dev("0000:00:03.0", vendor=0x1234, device=0x11E8, group=3)])
+    )
+    wrong = tmp_path / "efi-e1000e.rom"
+    wrong.write_bytes(image(vendor=0x8086, device=0x10D3))
+    right = tmp_path / "edu.rom"
+    right.write_bytes(image(vendor=0x1234, device=0x11E8))
+    meta = f'<k:devices {NS}><k:device address="00:03.0"/></k:devices>'
+
+    def with_rom(path: Path) -> str:
+        return hostdev("0000:00:03.0").replace("</hostdev>", f"<rom file='{path}'/></hostdev>")
+
+    req = parse_domain(domain(meta, with_rom(wrong)))
+    assert req is not None
+    assert req.hostdevs == (Hostdev("0000:00:03.0", False, str(wrong)),)
+    err = io.StringIO()
+    stdin = io.BytesIO(domain(meta, with_rom(wrong)).encode())
+    assert hook.main(["vm1", "prepare", "begin", "-"], stdin, err, host=host, root=tmp_path) == 1
+    assert err.getvalue() == (
+        f"kvmvfio: {wrong} is not an option ROM for 0000:00:03.0: image 0 is for 8086:10d3, "
+        "not 1234:11e8\n"
+    )
+    assert status(root=tmp_path) == []  # refused before any change
+    assert host.device("0000:00:03.0").driver is None
+    good = parse_domain(domain(meta, with_rom(right)))
+    assert good is not None
+    hook.check_roms(good, host)  # the device's own ROM passes

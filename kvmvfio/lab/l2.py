@@ -105,6 +105,15 @@ def build_initramfs(target: Path) -> Path:
     return target
 
 
+#: The L2 guest's command line (here and in libvirt's domains, lab.libvirtd).
+#: lapic=notscdeadline: the guest's LAPIC timer in one-shot mode. L1's TSC
+#: runs at TCG's pace and is often marked unstable; KVM turns TSC-deadline
+#: timers into host time through it, and the lab's stalled boots
+#: (docs/lab.md) waited on such a timer. libvirt's domains booted without it
+#: until 2026-12-03, and stalled on a busy machine.
+GUEST_CMDLINE = "console=ttyS0 panic=-1 quiet lapic=notscdeadline"
+
+
 class L2Qemu:
     """One L2 QEMU process as ``nobody``, with a QMP socket and a pid file."""
 
@@ -154,11 +163,7 @@ class L2Qemu:
             for path in (kernel, initrd):
                 os.chmod(path, 0o644)
             argv += ["-kernel", str(kernel), "-initrd", str(initrd)]
-            # lapic=notscdeadline: the guest's LAPIC timer in one-shot mode.
-            # L1's TSC runs at TCG's pace and is often marked unstable; KVM
-            # turns TSC-deadline timers into host time through it, and the
-            # lab's stalled boots (docs/lab.md) waited on such a timer.
-            args = f"console=ttyS0 panic=-1 quiet lapic=notscdeadline {append}"
+            args = f"{GUEST_CMDLINE} {append}"
             argv += ["-append", args.strip()]
         else:
             argv.append("-S")

@@ -23,7 +23,7 @@ from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 from kvmvfio.errors import LabError
-from kvmvfio.lab.l2 import READY, build_initramfs
+from kvmvfio.lab.l2 import GUEST_CMDLINE, READY, STALLED, build_initramfs
 
 IMAGES = Path("/var/lib/libvirt/images")
 SERIAL_DIR = Path("/var/log/libvirt/qemu")
@@ -172,7 +172,7 @@ def domain_xml(
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
+    <cmdline>{GUEST_CMDLINE}</cmdline>
   </os>
   <cpu mode='host-passthrough'/>
   <on_poweroff>destroy</on_poweroff>
@@ -190,13 +190,22 @@ def domain_xml(
 
 
 def wait_guest(name: str, timeout: float = 300) -> None:
-    """Wait until the domain's guest reported on its serial console (slow: nested KVM)."""
+    """Wait until the domain's guest reported on its serial console (slow: nested KVM).
+
+    A guest whose kernel reports an RCU stall will not finish booting
+    (docs/lab.md): that ends the wait at once, with the serial's tail.
+    """
     path = serial_log(name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        text = ""
         with contextlib.suppress(OSError):
-            if READY in path.read_text(errors="replace"):
-                return
+            text = path.read_text(errors="replace")
+        if READY in text:
+            return
+        if any(s in text for s in STALLED):
+            tail = "\n".join(text.splitlines()[-15:])
+            raise LabError(f"the guest of domain {name} stalled while booting:\n{tail}")
         time.sleep(0.25)
     raise LabError(f"the guest of domain {name} did not come up within {timeout:g} s")
 

@@ -404,7 +404,12 @@ class Agent:
         state.devices[addr] = dev.reset
         self.store.write(state)  # before QEMU has it: a crash now still leads back
         (done,) = await attach(
-            monitor, [addr], path=VfioPath.CDEV, coherency=dev.coherency, host=host
+            monitor,
+            [addr],
+            path=VfioPath.CDEV,
+            coherency=dev.coherency,
+            host=host,
+            romfiles={addr: dev.romfile} if dev.romfile else None,
         )
         log.info(
             "domain %s: attached %s by fd to QEMU pid %d as %s on %s",

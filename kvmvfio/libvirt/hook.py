@@ -104,7 +104,8 @@ def refuse_unlisted(request: DomainRequest, groups: dict[int, IommuGroup]) -> No
 
 
 def check_roms(request: DomainRequest, host: Host) -> None:
-    """Check each ``<hostdev><rom file=...>`` of a device kvmvfio prepares against the device.
+    """Check each ROM file of a device kvmvfio prepares against the device: a
+    ``<hostdev><rom file=...>``, and a device's ``romfile`` for the agent.
 
     libvirt hands the file to QEMU, which would load any file given (or fail
     at start with less to say); raises
@@ -115,6 +116,9 @@ def check_roms(request: DomainRequest, host: Host) -> None:
     for h in request.hostdevs:
         if h.rom is not None and h.address in wanted:
             check_romfile(h.rom, host.device(h.address))
+    for d in request.pci:
+        if d.romfile is not None:
+            check_romfile(d.romfile, host.device(d.address))
 
 
 def check_request(request: DomainRequest, host: Host, groups: dict[int, IommuGroup]) -> list[str]:

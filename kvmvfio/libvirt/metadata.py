@@ -29,6 +29,10 @@ Attributes of ``<kvmvfio:device>`` (each may also stand on
 ``coherency`` ``require``, ``warn`` (default) or ``ignore``: the policy on
               enforced DMA cache coherency (docs/coherency.md)
 ``reset``     ``yes`` or ``no`` (default): reset the device when it goes back
+``romfile``   an option ROM file for the device instead of its own, an
+              absolute path (QEMU's ``romfile``), checked against the device
+              before it is prepared; on ``handoff='agent'`` devices only (for
+              ``libvirt``, the ``<hostdev>``'s ``<rom file=...>`` says it)
 ``accept``    findings of prepare's safety checks to accept for this device,
               space-separated, the names of ``kvmvfio prepare --force``
               (``boot-vga``, ``console``, ``disk-in-use``,
@@ -61,6 +65,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.parsers import expat
+from xml.sax.saxutils import quoteattr
 
 from kvmvfio.errors import InvalidAddress, InvalidMdevUuid, UsageError
 from kvmvfio.host import Host
@@ -128,6 +133,8 @@ class DeviceRequest:
     coherency: Coherency = Coherency.WARN
     reset: bool = False
     accept: tuple[str, ...] = ()
+    #: An option ROM file QEMU loads instead of the device's own (agent handoff).
+    romfile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,7 @@ owner_of = libvirt_owner
 _YES_NO = {"yes": True, "no": False}
 #: The ``<hostdev type=...>`` kvmvfio reads: PCI functions, and mediated devices by UUID.
 _HOSTDEVS = ("pci", "mdev")
-_DEVICE_ATTRS = ("address", "handoff", "path", "coherency", "reset", "accept")
+_DEVICE_ATTRS = ("address", "handoff", "path", "coherency", "reset", "accept", "romfile")
 _POOL_ATTRS = ("pf", "count", "handoff", "path", "coherency", "reset", "accept")
 #: Attributes of <kvmvfio:devices>: defaults for its devices (never an address or an accept).
 _DEFAULT_ATTRS = ("handoff", "path", "coherency", "reset")
@@ -229,6 +236,8 @@ def _options(attrs: Mapping[str, str], where: str, base: dict[str, str]) -> dict
             raise ValueError(f"{where} has reset={value!r}; expected yes or no")
         elif name == "accept":
             _accepted(value, where)
+        elif name == "romfile":
+            _romfile(value, where)
         out[name] = value
     return out
 
@@ -260,6 +269,12 @@ def _device(opts: dict[str, str]) -> DeviceRequest:
             f"device {address} has handoff='agent' with path={path.value!r}: the agent hands "
             "devices over by file descriptor, which QEMU accepts only on the iommufd (cdev) path"
         )
+    romfile = opts.get("romfile")
+    if romfile is not None and handoff is not Handoff.AGENT:
+        raise ValueError(
+            f"device {address} has romfile= with handoff={handoff.value!r}: only the agent "
+            "hands QEMU a ROM file; with libvirt's handoff, put <rom file='...'/> in its <hostdev>"
+        )
     return DeviceRequest(
         address=address,
         handoff=handoff,
@@ -267,7 +282,17 @@ def _device(opts: dict[str, str]) -> DeviceRequest:
         coherency=Coherency(opts.get("coherency", Coherency.WARN)),
         reset=_YES_NO[opts.get("reset", "no")],
         accept=_accepted(opts.get("accept", ""), "<kvmvfio:device>"),
+        romfile=romfile,
     )
+
+
+def _romfile(value: str, where: str) -> str:
+    """A ``romfile`` attribute: an absolute path the kernel can take (not looked up here)."""
+    if not value.startswith("/") or "\0" in value or len(value.encode()) >= 4096:
+        raise ValueError(
+            f"{where} has romfile={value[:60]!r}; expected an absolute path to a ROM file"
+        )
+    return value
 
 
 def _pool(opts: dict[str, str]) -> VfPool:
@@ -532,6 +557,8 @@ def _attributes(d: DeviceRequest) -> list[str]:
         attrs.append('reset="yes"')
     if d.accept:
         attrs.append(f'accept="{" ".join(d.accept)}"')
+    if d.romfile is not None:
+        attrs.append(f"romfile={quoteattr(d.romfile)}")
     return attrs
 
 

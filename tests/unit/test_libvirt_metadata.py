@@ -385,3 +385,30 @@ def test_a_hostdev_rom_file_for_another_device_stops_the_start(
     good = parse_domain(domain(meta, with_rom(right)))
     assert good is not None
     hook.check_roms(good, host)  # the device's own ROM passes
+
+
+def test_an_agent_device_names_a_romfile_and_round_trips() -> None:
+    meta = (
+        f'<k:devices {NS}><k:device address="00:03.0" handoff="agent" '
+        'romfile="/var/lib/kvmvfio/vbios.rom"/></k:devices>'
+    )
+    req = parse_domain(domain(meta))
+    assert req is not None
+    (dev,) = req.devices
+    assert dev.romfile == "/var/lib/kvmvfio/vbios.rom"
+    again = parse_domain(domain(to_xml(req.devices)))
+    assert again is not None
+    assert again.devices == req.devices
+
+
+@pytest.mark.parametrize(
+    ("attrs", "words"),
+    [
+        ('handoff="agent" romfile="vbios.rom"', "expected an absolute path to a ROM file"),
+        ('romfile="/x.rom"', "only the agent hands QEMU a ROM file"),
+    ],
+)
+def test_a_bad_romfile_is_refused(attrs: str, words: str) -> None:
+    meta = f'<k:devices {NS}><k:device address="00:03.0" {attrs}/></k:devices>'
+    with pytest.raises(MetadataError, match=words):
+        parse_domain(domain(meta))

@@ -10,9 +10,14 @@ when a VMM asks for a bus or slot reset. What the kernel can do
   tries them: ``device_specific``, ``acpi``, ``flr`` (PCIe function level
   reset), ``af_flr``, ``pm`` (D3hot and back, only when the device says it
   then resets: ``No_Soft_Reset`` clear), ``bus``, ``cxl_bus``. Its ``bus``
-  method is a secondary bus reset of the bridge above, offered only when
-  the function is *alone* on that bus (``pci_parent_bus_reset``), so it
-  never hits another device. An empty ``reset_method`` (the file absent)
+  method is a secondary bus reset of the bridge above, done only when the
+  function is *alone* on that bus (``pci_parent_bus_reset``), so it never
+  hits another device. The kernel decides which methods to list when it
+  adds the function and asks again only when it resets: a function added
+  before its neighbours on the bus (function 0 of a GPU, before its audio
+  function) lists ``bus``, and its reset then fails (the lab's edu2 shows
+  it). kvmvfio counts ``bus`` as the function's own only while nothing
+  else is behind its bridge. An empty ``reset_method`` (the file absent)
   means the kernel has no reset for the function by itself: vfio-pci's
   ``VFIO_DEVICE_RESET`` fails, and QEMU's reset of the guest leaves the
   device as it was;
@@ -82,9 +87,19 @@ class ResetScope:
     affected: tuple[Affected, ...] = ()
 
     @property
+    def stale(self) -> tuple[str, ...]:
+        """Methods the kernel lists that it will refuse now: ``bus`` with others on the bus."""
+        return ("bus",) if "bus" in self.methods and self.affected else ()
+
+    @property
+    def working(self) -> tuple[str, ...]:
+        """The kernel's methods that can reset this function alone now."""
+        return tuple(m for m in self.methods if m not in self.stale)
+
+    @property
     def own(self) -> bool:
         """The kernel can reset this function by itself (``VFIO_DEVICE_RESET`` works)."""
-        return bool(self.methods)
+        return bool(self.working)
 
     @property
     def bus_reset(self) -> bool:
@@ -98,7 +113,7 @@ class ResetScope:
     def summary(self) -> str:
         """One sentence: which reset the kernel uses, and what else it hits."""
         if self.own:
-            return f"reset: {', '.join(self.methods)} (the kernel's own, tried in this order)"
+            return f"reset: {', '.join(self.working)} (the kernel's own, tried in this order)"
         if self.bridge is None:
             return (
                 "reset: none; the kernel cannot reset it (no FLR or PM reset, and no bridge "
@@ -113,8 +128,14 @@ class ResetScope:
             if blockers
             else ""
         )
+        listed = (
+            f" (the kernel lists {', '.join(self.stale)}, but refuses it while others share "
+            "the bus)"
+            if self.stale
+            else ""
+        )
         return (
-            f"reset: none of its own; only a bus reset by bridge {self.bridge}, "
+            f"reset: none of its own{listed}; only a bus reset by bridge {self.bridge}, "
             f"which also resets {others}{tail}"
         )
 

@@ -80,6 +80,25 @@ def test_a_bus_reset_reaches_through_a_switch(host: Host) -> None:
     )
 
 
+def test_a_bus_method_listed_before_a_neighbour_came_does_not_count(
+    build_host: BuildHost,
+) -> None:
+    # As the kernel lists it for a GPU's function 0, probed before its audio function.
+    host = build_host(
+        Topology(devices=[Dev("0000:00:1c.0", bridge=True, driver="pcieport", group=1, children=[
+            Dev("0000:01:00.0", cls=0x030000, group=2, reset_methods=("bus",)),
+            Dev("0000:01:00.1", cls=0x040300, group=2),
+        ])])
+    )  # fmt: skip
+    scope = reset_scope(host.sysfs, host.device("0000:01:00.0"), host.devices())
+    assert (scope.methods, scope.stale, scope.own) == (("bus",), ("bus",), False)
+    assert scope.summary() == (
+        "reset: none of its own (the kernel lists bus, but refuses it while others share the "
+        "bus); only a bus reset by bridge 0000:00:1c.0, which also resets 0000:01:00.1 "
+        "(no driver); vfio-pci does that reset between users only once they are all on vfio-pci"
+    )
+
+
 def test_own_methods_are_named_in_the_kernels_order(host: Host) -> None:
     scope = reset_scope(host.sysfs, host.device("0000:04:00.0"), host.devices())
     assert scope.own

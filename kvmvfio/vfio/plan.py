@@ -122,6 +122,8 @@ class DevicePlan:
     vf_token: bool = False
     #: A mediated device (``address`` is its UUID), not a PCI function.
     mdev: bool = False
+    #: What resets it when it has no reset of its own (None: it has one, or is an mdev).
+    reset: str | None = None
 
     @property
     def sysfsdev(self) -> str | None:
@@ -252,6 +254,7 @@ class Plan:
                     "notes": list(d.notes),
                     "vf_token": d.vf_token,
                     "mdev": d.mdev,
+                    "reset": d.reset,
                 }
                 for d in self.devices
             ],
@@ -271,6 +274,7 @@ class Plan:
             answer = f"NOT enforced (coherency policy {self.coherency.value})"
         out.append(f"coherency:  {answer}")
         out.extend(f"accepted:   {text}" for text in self.accepted)
+        out.extend(f"reset:      {d.address}: {d.reset}" for d in self.devices if d.reset)
         return out
 
 
@@ -609,9 +613,6 @@ def make_plan(
             accepted.append(f"{subject}: no enforced DMA cache coherency (policy {policy.value})")
             for addr in members:
                 notes[addr].append(note)
-    for dev in devices:
-        if isinstance(dev, PciDevice) and (note := _reset_note(host, dev)):
-            notes[str(dev.address)].append(note)
     plans = []
     for dev in devices:
         addr = str(dev.address)
@@ -627,6 +628,7 @@ def make_plan(
                 notes=tuple(notes[addr]),
                 vf_token=addr in tokened,
                 mdev=isinstance(dev, Mdev),
+                reset=_reset_note(host, dev) if isinstance(dev, PciDevice) else None,
             )
         )
     return Plan(
@@ -646,11 +648,10 @@ def make_plan(
 def _reset_note(host: Host, dev: PciDevice) -> str | None:
     """What a user should know of ``dev``'s reset: only when it has none of its own."""
     scope = reset_scope(host.sysfs, dev, ())
-    if scope.own:
-        return None
-    if scope.bus_reset:  # who else the bus reset hits: read the host's functions once
+    if scope.bus_reset and (not scope.own or "bus" in scope.methods):
+        # Who else a bus reset hits (and whether `bus` still works): read the host's functions.
         scope = reset_scope(host.sysfs, dev, host.devices())
-    return f"{dev.address}: {scope.summary()}"
+    return None if scope.own else scope.summary().removeprefix("reset: ")
 
 
 def _token(value: uuid.UUID | str | None) -> uuid.UUID | None:

@@ -113,8 +113,12 @@ def test_a_root_bus_function_with_no_method_has_no_reset(host: Host) -> None:
 
 def test_the_plan_notes_a_shared_reset_and_stays_quiet_on_an_own_one(host: Host) -> None:
     plan = make_plan(["0000:00:05.0"], coherency="ignore", host=host)
-    (note,) = plan.notes
-    assert note.startswith("0000:00:05.0: reset: none; the kernel cannot reset it")
+    assert plan.notes == ()  # not a safety matter: its own line
+    (dev,) = plan.devices
+    assert dev.reset is not None
+    assert dev.reset.startswith("none; the kernel cannot reset it")
+    assert plan.lines()[-1].startswith("reset:      0000:00:05.0: none; the kernel cannot")
+    assert plan.to_json()["devices"][0]["reset"] == dev.reset
 
 
 def test_a_function_answers_with_its_vendor_id(host: Host) -> None:

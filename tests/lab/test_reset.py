@@ -53,13 +53,7 @@ def kernel_hot_reset_set(addr: str) -> set[tuple[str, int]]:
             group, uapi.VFIO_GROUP_GET_DEVICE_FD, uapi.ffi.new("char[]", addr.encode())
         )
         try:
-            room = 8
-            size = uapi.ffi.sizeof("struct vfio_pci_hot_reset_info") + room * uapi.ffi.sizeof(
-                "struct vfio_pci_dependent_device"
-            )
-            raw = uapi.ffi.new("char[]", size)
-            info = uapi.ffi.cast("struct vfio_pci_hot_reset_info *", raw)
-            info.argsz = size
+            info = uapi.new("vfio_pci_hot_reset_info", trailing=8)
             uapi.ioctl(dev, uapi.VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, info)
             return {
                 (

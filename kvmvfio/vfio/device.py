@@ -204,7 +204,9 @@ class Device(FdObject):
         Raises :class:`NoInterruptRemapping` for the EPERM of an IOMMU that
         cannot isolate MSIs, and :class:`Busy` naming the holder when another
         file has the device bound already (the kernel's EINVAL: a cdev is
-        opened for use once at a time).
+        opened for use once at a time) or another iommufd owns its IOMMU
+        group (EPERM from the group's DMA ownership, when a holder of the
+        ``related`` nodes is found: 6.12 answers that, not EBUSY).
         """
         cmd = uapi.new("vfio_device_bind_iommufd")
         cmd.iommufd = iommufd_fd
@@ -218,7 +220,7 @@ class Device(FdObject):
                 errors={errno.EPERM: NoInterruptRemapping},
             )
         except KernelError as err:
-            if err.errno in (errno.EBUSY, errno.EINVAL):
+            if err.errno in (errno.EBUSY, errno.EINVAL, errno.EPERM):
                 who = holders(self.path, *self.related)
                 if who:
                     raise Busy(err.errno, op, self.path, self.subject, ", ".join(who)) from err

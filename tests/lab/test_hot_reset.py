@@ -16,13 +16,15 @@ from __future__ import annotations
 import errno
 import json
 import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from vfiokit import assert_released, driver, group_of, kprobe
+from vfiokit import assert_released, cdev_of, driver, group_of, kprobe
 
-from kvmvfio.errors import HotResetBlocked, NoBusReset
+from kvmvfio.errors import Busy, HotResetBlocked, NoBusReset
 from kvmvfio.lab.topology import Topology
 from kvmvfio.prepare import prepare, release
 from kvmvfio.vfio import hot_reset, hot_reset_info
@@ -73,6 +75,11 @@ def test_info_names_the_bus(path: str, prepared: Callable[..., list[str]]) -> No
         assert info.by_devid
         assert [d.group for d in info.devices] == [None, None]
         assert all(d.owned for d in info.devices)
+        # edu2 is bound to the iommufd asked through; edu3 is not, but its group is
+        # held by that iommufd: VFIO_PCI_DEVID_OWNED, no devid.
+        assert info.devices[0].devid is not None
+        assert info.devices[1].devid is None
+        assert info.all_owned
     else:
         assert not info.by_devid
         assert [d.group for d in info.devices] == [group_of(edu2)] * 2
@@ -119,6 +126,68 @@ def test_a_function_not_named_is_refused_before_the_reset(
     # No reset beyond what opening and closing makes.
     assert bus_resets() - asked == asked - start
     assert (driver(edu2), driver(edu3)) == ("vfio-pci", "vfio-pci")
+    assert_released(edu2)
+    assert_released(edu3)
+
+
+@pytest.mark.parametrize("path", ["group", "cdev"])
+def test_a_function_on_no_driver_is_named(
+    path: str,
+    topology: Topology,
+    vfio_bind: Callable[..., None],
+    bus_resets: Callable[[], int],
+    no_fd_leak: None,
+) -> None:
+    edu2, edu3 = topology.guest_address("edu2"), topology.guest_address("edu3")
+    vfio_bind(edu2)
+    assert driver(edu3) is None  # the lab's edu has no L1 driver
+    start = bus_resets()
+    hot_reset_info([edu2], path=path)
+    asked = bus_resets()
+    with pytest.raises(HotResetBlocked) as refused:
+        hot_reset([edu2], path=path)
+    (edu3_why,) = refused.value.bystanders
+    assert (edu3_why.address, edu3_why.driver) == (edu3, None)
+    assert f"{edu3} (group {group_of(edu3)}): bound to no driver, not vfio-pci" in str(
+        refused.value
+    )
+    assert bus_resets() - asked == asked - start
+    assert (driver(edu2), driver(edu3)) == ("vfio-pci", None)
+    assert_released(edu2)
+
+
+HOLD = """
+import os, sys
+from kvmvfio import uapi
+iommufd = os.open("/dev/iommu", os.O_RDWR)
+dev = os.open(sys.argv[1], os.O_RDWR)
+bind = uapi.new("vfio_device_bind_iommufd", iommufd=iommufd)
+uapi.ioctl(dev, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind)
+print("bound", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("path", ["group", "cdev"])
+def test_a_function_held_elsewhere_names_the_holder(
+    path: str, prepared: Callable[..., list[str]], no_fd_leak: None
+) -> None:
+    edu2, edu3 = prepared("edu2", "edu3")
+    with subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(HOLD), cdev_of(edu3)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        assert holder.stdout is not None
+        try:
+            assert holder.stdout.readline().strip() == "bound"
+            with pytest.raises(Busy) as refused:
+                hot_reset([edu2, edu3], path=path)
+        finally:
+            holder.kill()
+    assert refused.value.holder is not None
+    assert f"pid {holder.pid} (" in refused.value.holder
     assert_released(edu2)
     assert_released(edu3)
 

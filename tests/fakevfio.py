@@ -36,6 +36,8 @@ class FakeVfio:
     calls: list[tuple[str, str | None]] = field(default_factory=list)
     #: The names given to VFIO_GROUP_GET_DEVICE_FD (``ADDR`` or ``ADDR vf_token=UUID``).
     opened: list[str] = field(default_factory=list)
+    #: An errno VFIO_DEVICE_BIND_IOMMUFD fails with, if any.
+    bind_errno: int | None = None
     #: What a hot reset reaches, as (address, group); None: no slot or bus reset (ENODEV).
     bus: Sequence[tuple[str, int]] | None = None
     #: An errno VFIO_DEVICE_PCI_HOT_RESET fails with (after its own checks), if any.
@@ -60,6 +62,8 @@ class FakeVfio:
             return os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         if name == "VFIO_DEVICE_BIND_IOMMUFD":
             assert not isinstance(arg, int)
+            if self.bind_errno is not None:
+                raise OSError(self.bind_errno, os.strerror(self.bind_errno))
             arg.out_devid = 1
             return 0
         if name == "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO":

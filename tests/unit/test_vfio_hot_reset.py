@@ -28,6 +28,7 @@ from kvmvfio.errors import (
     HotResetRefused,
     InvalidAddress,
     NoBusReset,
+    NoInterruptRemapping,
     UsageError,
 )
 from kvmvfio.host import Host
@@ -179,6 +180,28 @@ def test_a_function_held_elsewhere_names_the_holder(build_host: BuildHost) -> No
     assert len(nic.holders) == 1
     assert nic.holders[0].startswith(f"pid {holder.pid} (")
     assert f"its group 5 is open by pid {holder.pid}" in str(refused.value)
+
+
+def test_a_group_owned_elsewhere_names_the_holder_on_the_cdev_path(host: Host) -> None:
+    """6.12 answers the bind with EPERM when another iommufd owns the group (seen in the lab)."""
+    fake = FakeVfio(bus=[(EDU2, 4), (EDU3, 4)], bind_errno=errno.EPERM)
+    with uapi.using_backend(fake), pytest.raises(NoInterruptRemapping):
+        hot_reset([EDU2], path="cdev", host=host)
+    other = host.device(EDU3).cdev_node(host.devfs)
+    code = f"f = open({str(other)!r}); print(flush=True); input()"
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as holder:
+        assert holder.stdout is not None
+        holder.stdout.readline()
+        try:
+            with uapi.using_backend(fake), pytest.raises(Busy) as refused:
+                hot_reset([EDU2], path="cdev", host=host)
+        finally:
+            holder.kill()
+    assert refused.value.errno == errno.EPERM
+    assert refused.value.holder is not None
+    assert refused.value.holder.startswith(f"pid {holder.pid} (")
 
 
 def test_a_root_bus_device_has_no_hot_reset(host: Host) -> None:

@@ -37,14 +37,14 @@ The hierarchy (``[module]``: where a leaf lives, under ``kvmvfio.``)::
      |    +-- Busy                                               [errors]
      |    |    +-- KvmVfioDeviceExists                           [kvm_errors]
      |    +-- NoInterruptRemapping, RlimitModeRefused,
-     |    |   VfTokenRefused                                     [vfio.errors]
+     |    |   VfTokenRefused, NoBusReset, HotResetRefused        [vfio.errors]
      |    +-- KvmRefusedFile, AlreadyAssociated, NotAssociated   [kvm_errors]
      |    +-- HookFileError                                      [libvirt.errors]
      +-- SessionStateError
      |    +-- KvmClosed                                          [kvm_errors]
      +-- NoIommuGroup, SysfsError, KernelUnsupported             [host.errors]
      +-- GroupNotViable, NotADeviceOfGroup, DeviceNotBoundToVfio,
-     |   NoIommuRefused, CoherencyRefused                        [vfio.errors]
+     |   NoIommuRefused, CoherencyRefused, HotResetBlocked       [vfio.errors]
      +-- FdClosed                                                [_closing; vfio.errors]
      +-- QemuError                                               [qemu.errors]
      |    +-- QemuRefused, QemuGone, QemuNoAnswer, QemuReplyInvalid,
@@ -133,7 +133,10 @@ if TYPE_CHECKING:
         CoherencyRefused,
         DeviceNotBoundToVfio,
         GroupNotViable,
+        HotResetBlocked,
+        HotResetRefused,
         MdevNotReady,
+        NoBusReset,
         NoInterruptRemapping,
         NoIommuRefused,
         NotADeviceOfGroup,
@@ -166,6 +169,9 @@ _LEAVES = {
         "CoherencyRefused",
         "RlimitModeRefused",
         "VfTokenRefused",
+        "NoBusReset",
+        "HotResetRefused",
+        "HotResetBlocked",
     ),
     "kvmvfio._closing": ("FdClosed",),
     "kvmvfio.kvm_errors": (
@@ -244,6 +250,9 @@ __all__ = [  # noqa: RUF022
     "FdClosed",
     "RlimitModeRefused",
     "VfTokenRefused",
+    "NoBusReset",
+    "HotResetRefused",
+    "HotResetBlocked",
     "KvmRefusedFile",
     "AlreadyAssociated",
     "NotAssociated",

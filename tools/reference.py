@@ -22,6 +22,7 @@ API_MODULES = (
     "kvmvfio.host",
     "kvmvfio.kvm",
     "kvmvfio.vfio.session",
+    "kvmvfio.vfio.reset",
     "kvmvfio.qemu.qmp",
     "kvmvfio.qemu.handoff",
     "kvmvfio.qemu.coldplug",

@@ -39,6 +39,7 @@ def make_parser() -> argparse.ArgumentParser:
         mdev_cmds,
         prepare_cmds,
         qemu_cmds,
+        reset_cmds,
         sriov_cmds,
     )
 
@@ -56,6 +57,7 @@ def make_parser() -> argparse.ArgumentParser:
         sriov_cmds,
         mdev_cmds,
         check_cmds,
+        reset_cmds,
         qemu_cmds,
         hook_cmds,
         libvirt_cmds,

@@ -23,13 +23,21 @@ from kvmvfio._lazy import lazy_getattr
 if TYPE_CHECKING:
     from kvmvfio.host.procs import holders
     from kvmvfio.vfio.container import Container
-    from kvmvfio.vfio.device import Device, DeviceInfo, IrqInfo, RegionInfo
+    from kvmvfio.vfio.device import (
+        DependentDevice,
+        Device,
+        DeviceInfo,
+        HotResetInfo,
+        IrqInfo,
+        RegionInfo,
+    )
     from kvmvfio.vfio.errors import FdClosed, RlimitModeRefused
     from kvmvfio.vfio.files import OwnedFd, open_node
     from kvmvfio.vfio.group import Group
     from kvmvfio.vfio.iommufd import Iommufd, RlimitMode, open_for_vmm
     from kvmvfio.vfio.plan import DevicePlan, GroupPlan, Opener, Plan, make_plan
     from kvmvfio.vfio.policy import Backend, Coherency, VfioPath
+    from kvmvfio.vfio.reset import HotResetReport, hot_reset, hot_reset_info
     from kvmvfio.vfio.session import SessionReport, VfioSession, choose_backend
 
 # Imported on first use: the CLI and the host-only paths never pay for the
@@ -38,6 +46,11 @@ _LAZY = {
     "Container": "kvmvfio.vfio.container",
     "Device": "kvmvfio.vfio.device",
     "DeviceInfo": "kvmvfio.vfio.device",
+    "DependentDevice": "kvmvfio.vfio.device",
+    "HotResetInfo": "kvmvfio.vfio.device",
+    "HotResetReport": "kvmvfio.vfio.reset",
+    "hot_reset": "kvmvfio.vfio.reset",
+    "hot_reset_info": "kvmvfio.vfio.reset",
     "IrqInfo": "kvmvfio.vfio.device",
     "RegionInfo": "kvmvfio.vfio.device",
     "FdClosed": "kvmvfio.vfio.errors",
@@ -66,12 +79,15 @@ __all__ = [
     "Backend",
     "Coherency",
     "Container",
+    "DependentDevice",
     "Device",
     "DeviceInfo",
     "DevicePlan",
     "FdClosed",
     "Group",
     "GroupPlan",
+    "HotResetInfo",
+    "HotResetReport",
     "Iommufd",
     "IrqInfo",
     "Opener",
@@ -85,6 +101,8 @@ __all__ = [
     "VfioSession",
     "choose_backend",
     "holders",
+    "hot_reset",
+    "hot_reset_info",
     "make_plan",
     "open_for_vmm",
     "open_node",

@@ -22,11 +22,13 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from kvmvfio import uapi
 from kvmvfio.errors import Busy, KernelError, NoInterruptRemapping
+from kvmvfio.host.address import PciAddress
 from kvmvfio.host.procs import holders
+from kvmvfio.vfio.errors import HotResetRefused, NoBusReset
 from kvmvfio.vfio.files import FdObject, OwnedFd, open_node
 
 
@@ -68,6 +70,52 @@ class IrqInfo:
     index: int
     flags: int
     count: int
+
+
+@dataclass(frozen=True)
+class DependentDevice:
+    """One PCI function a hot reset reaches (an entry of ``VFIO_DEVICE_GET_PCI_HOT_RESET_INFO``).
+
+    The kernel names it by IOMMU group when asked through a device opened
+    from its group, and by devid when asked through a cdev bound to an
+    iommufd; so exactly one of :attr:`group` and :attr:`owned` is set.
+    """
+
+    address: PciAddress
+    #: Its IOMMU group (group path); None on the cdev path.
+    group: int | None = None
+    #: Its devid in the asking iommufd (cdev path, when bound to it); None otherwise.
+    devid: int | None = None
+    #: cdev path: whether the asking iommufd owns it (bound to it, or its group held by it).
+    owned: bool | None = None
+
+
+@dataclass(frozen=True)
+class HotResetInfo:
+    """What a hot reset of one device would reach, as the kernel answered."""
+
+    #: The device asked through.
+    address: str
+    devices: tuple[DependentDevice, ...]
+    #: The kernel named the devices by devid (the device was opened as a cdev).
+    by_devid: bool = False
+    #: cdev path: every device is owned by the asking iommufd (the reset may go ahead).
+    all_owned: bool = False
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return tuple(str(d.address) for d in self.devices)
+
+
+def _dependent(entry: uapi.CData, by_devid: bool) -> DependentDevice:
+    devfn = int(entry.devfn)
+    address = PciAddress(int(entry.segment), int(entry.bus), devfn >> 3, devfn & 7)
+    if not by_devid:
+        return DependentDevice(address, group=int(entry.group_id))
+    # The kernel stores VFIO_PCI_DEVID_NOT_OWNED (-1) in the __u32.
+    devid = int(uapi.ffi.cast("int32_t", entry.devid))
+    owned = devid != uapi.VFIO_PCI_DEVID_NOT_OWNED
+    return DependentDevice(address, devid=devid if devid > 0 else None, owned=owned)
 
 
 _T = TypeVar("_T")
@@ -156,7 +204,9 @@ class Device(FdObject):
         Raises :class:`NoInterruptRemapping` for the EPERM of an IOMMU that
         cannot isolate MSIs, and :class:`Busy` naming the holder when another
         file has the device bound already (the kernel's EINVAL: a cdev is
-        opened for use once at a time).
+        opened for use once at a time) or another iommufd owns its IOMMU
+        group (EPERM from the group's DMA ownership, when a holder of the
+        ``related`` nodes is found: 6.12 answers that, not EBUSY).
         """
         cmd = uapi.new("vfio_device_bind_iommufd")
         cmd.iommufd = iommufd_fd
@@ -170,7 +220,7 @@ class Device(FdObject):
                 errors={errno.EPERM: NoInterruptRemapping},
             )
         except KernelError as err:
-            if err.errno in (errno.EBUSY, errno.EINVAL):
+            if err.errno in (errno.EBUSY, errno.EINVAL, errno.EPERM):
                 who = holders(self.path, *self.related)
                 if who:
                     raise Busy(err.errno, op, self.path, self.subject, ", ".join(who)) from err
@@ -231,3 +281,79 @@ class Device(FdObject):
     def reset(self) -> None:
         """``VFIO_DEVICE_RESET`` (raises :class:`KernelError` when the device has no reset)."""
         uapi.ioctl(self.fileno(), uapi.VFIO_DEVICE_RESET, subject=self.subject)
+
+    def hot_reset_info(self) -> HotResetInfo:
+        """``VFIO_DEVICE_GET_PCI_HOT_RESET_INFO``: the functions a hot reset of this device reaches.
+
+        Asks twice: with no room (the kernel answers ENOSPC and the count),
+        then with room for that many. Changes nothing. Raises
+        :class:`NoBusReset` (ENODEV) when the device has no slot or bus
+        reset, and :class:`KernelError` otherwise (EPERM: an affected
+        function has no IOMMU group).
+        """
+        errors: uapi.ErrorMap = {errno.ENODEV: NoBusReset}
+        cmd = uapi.new("vfio_pci_hot_reset_info")
+        count = 0
+        for _ in range(3):  # the bus may gain a function between the two calls (hotplug)
+            cmd = uapi.new("vfio_pci_hot_reset_info", trailing=count) if count else cmd
+            try:
+                uapi.ioctl(
+                    self.fileno(),
+                    uapi.VFIO_DEVICE_GET_PCI_HOT_RESET_INFO,
+                    cmd,
+                    subject=self.subject,
+                    errors=errors,
+                )
+                break
+            except KernelError as err:
+                if err.errno != errno.ENOSPC or int(cmd.count) <= count:
+                    raise
+                count = int(cmd.count)
+        else:
+            raise KernelError(
+                errno.ENOSPC,
+                "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
+                self.path,
+                self.subject,
+                "the bus kept changing while it was read",
+            )
+        by_devid = bool(cmd.flags & uapi.VFIO_PCI_HOT_RESET_FLAG_DEV_ID)
+        # A flexible array of structs, which the CData protocol does not type.
+        entries = cast("Sequence[uapi.CData]", cmd.devices)
+        return HotResetInfo(
+            address=self.address,
+            devices=tuple(_dependent(entries[i], by_devid) for i in range(int(cmd.count))),
+            by_devid=by_devid,
+            all_owned=bool(cmd.flags & uapi.VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED),
+        )
+
+    def hot_reset(self, group_fds: Sequence[int] = ()) -> None:
+        """``VFIO_DEVICE_PCI_HOT_RESET``: reset every function on this device's slot or bus.
+
+        ``group_fds`` are open group files (borrowed, not closed) of every
+        affected function's IOMMU group, on the group paths; on the cdev
+        path it is empty and the kernel checks that the functions are bound
+        to (or their groups held by) this device's iommufd. The kernel
+        zaps the affected devices' BAR mappings and resets the bus.
+        Raises :class:`NoBusReset` (ENODEV: no slot or bus reset),
+        :class:`HotResetRefused` (EINVAL: an affected function is not on
+        vfio-pci or not owned; or the list does not suit the path),
+        :class:`Busy` (EBUSY: another user holds an affected device's
+        memory lock).
+        """
+        fds = list(group_fds)
+        cmd = uapi.ffi.new(
+            "struct vfio_pci_hot_reset *",
+            {
+                "argsz": uapi.ffi.sizeof("struct vfio_pci_hot_reset") + 4 * len(fds),
+                "count": len(fds),
+                "group_fds": fds,
+            },
+        )
+        uapi.ioctl(
+            self.fileno(),
+            uapi.VFIO_DEVICE_PCI_HOT_RESET,
+            cmd,
+            subject=self.subject,
+            errors={errno.ENODEV: NoBusReset, errno.EINVAL: HotResetRefused},
+        )

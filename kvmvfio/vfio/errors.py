@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 # FdClosed is raised by the fd owner below the layers (KVM's fds too); named here as before.
@@ -22,9 +23,13 @@ __all__ = [
     "DeviceNotBoundToVfio",
     "FdClosed",
     "GroupNotViable",
+    "HotResetBlocked",
+    "HotResetRefused",
+    "NoBusReset",
     "NoInterruptRemapping",
     "NoIommuRefused",
     "NotADeviceOfGroup",
+    "ResetBystander",
     "RlimitModeRefused",
     "VfTokenRefused",
 ]
@@ -165,3 +170,77 @@ class RlimitModeRefused(KernelError):
     def unsupported(self) -> bool:
         """Whether the kernel lacks the option (as opposed to refusing this caller or fd)."""
         return self.errno in (errno.EOPNOTSUPP, errno.ENOTTY)
+
+
+class NoBusReset(KernelError):
+    """ENODEV from a hot reset (or the question before it): no slot or bus reset reaches the device.
+
+    A device on a root bus (or behind a bridge that cannot reset its
+    secondary bus) has none; only its own reset applies
+    (``VFIO_DEVICE_RESET``, with the methods its ``reset_method`` in sysfs
+    lists).
+    """
+
+    default_hint = (
+        "the device is on a root bus or has no slot or bus reset, so a hot reset cannot reach "
+        "it; only its own reset applies (VFIO_DEVICE_RESET, by the methods in its sysfs "
+        "reset_method)"
+    )
+
+
+class HotResetRefused(KernelError):
+    """EINVAL from ``VFIO_DEVICE_PCI_HOT_RESET``: the kernel's ownership rule was not met."""
+
+    default_hint = (
+        "every function the reset reaches must be on vfio-pci and owned by the caller: its "
+        "IOMMU group's file given (group path), or bound to the caller's iommufd (cdev path)"
+    )
+
+
+@dataclass(frozen=True)
+class ResetBystander:
+    """A function a hot reset would reach that kvmvfio will not reset, and why."""
+
+    address: str
+    #: Its driver (None: no driver).
+    driver: str | None
+    #: Its IOMMU group, when it has one.
+    group: int | None
+    #: Processes holding its group or cdev (``pid N (comm)``).
+    holders: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        where = f"group {self.group}" if self.group is not None else "no IOMMU group"
+        if self.holders:
+            why = f"its {where} is open by {', '.join(self.holders)}"
+        elif self.driver != "vfio-pci":
+            why = f"bound to {self.driver or 'no driver'}, not vfio-pci"
+        else:
+            why = "on vfio-pci but not asked for"
+        return f"{self.address} ({where}): {why}"
+
+
+class HotResetBlocked(KvmvfioError):
+    """A hot reset would reach functions not asked for; refused before the reset ioctl.
+
+    ``bystanders`` names each one and why: on another driver, its group open
+    by another process, or only not named. Nothing was reset.
+    """
+
+    def __init__(
+        self, address: str, reaches: Sequence[str], bystanders: Sequence[ResetBystander]
+    ) -> None:
+        self.address = address
+        self.reaches = tuple(reaches)
+        self.bystanders = tuple(bystanders)
+        how = {
+            Interface.CLI: "name every one of them (`kvmvfio reset --info ADDR` lists them)",
+            Interface.METADATA: "name every one of them",
+            Interface.API: "pass every one of them (hot_reset_info() lists them)",
+        }[interface()]
+        listed = "; ".join(str(b) for b in self.bystanders)
+        super().__init__(
+            f"a hot reset of {address} resets every function on its slot or bus "
+            f"({', '.join(self.reaches)}), not only those asked for: {listed}. Nothing was "
+            f"reset. Put each on vfio-pci, free it, and {how}"
+        )

@@ -326,8 +326,10 @@ class VfioSession:
     def _open_cdev(self, plan: Plan) -> None:
         for dev in plan.devices:
             assert dev.cdev is not None  # the plan chose cdev: every device has one
+            group = plan.group(dev.group)
+            # A holder of the group, or of another member's cdev, keeps this one from binding.
             self.devices[dev.address] = Device.open_cdev(
-                dev.address, dev.cdev, plan.devfs, related=[plan.group(dev.group).node]
+                dev.address, dev.cdev, plan.devfs, related=[group.node, *group.cdevs]
             )
         # KVM first: BIND_IOMMUFD is where the device takes the file's KVM.
         for addr, device in self.devices.items():

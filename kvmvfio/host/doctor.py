@@ -555,7 +555,8 @@ def _version_check(name: str, tool: Tool, need: tuple[int, ...], what: str, fix:
         return Check(name, None, f"{tool.path}: no version in its --version")
     if version >= need:
         return Check(name, True, f"{tool.name} {_shown(version)} (>= {_shown(need)}: {what})")
-    return Check(name, False, f"{tool.name} {_shown(version)} (< {_shown(need)}, so no {what})", fix)
+    seen = f"{tool.name} {_shown(version)} (< {_shown(need)}, so no {what})"
+    return Check(name, False, seen, fix)
 
 
 def _others(f: Facts, paths: list[Feature]) -> list[Feature]:

@@ -67,5 +67,6 @@ def test_the_tools_l1_has_are_found() -> None:
 
 def test_in_words() -> None:
     done = doctor()
+    print(done.stdout)  # what L1 has, for the record (pytest -rP shows it)
     assert done.returncode == 0, done.stderr
     assert "This host can hand devices to VMs via: group, group-iommufd" in done.stdout

@@ -32,6 +32,7 @@ def make_parser() -> argparse.ArgumentParser:
     """Build the full ``kvmvfio`` argument parser."""
     from kvmvfio.cli import (  # noqa: PLC0415 (cli/__init__ is imported by them)
         check_cmds,
+        doctor_cmds,
         hook_cmds,
         host_cmds,
         lab_cmds,
@@ -53,6 +54,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub.required = True
     for module in (
         host_cmds,
+        doctor_cmds,
         prepare_cmds,
         sriov_cmds,
         mdev_cmds,

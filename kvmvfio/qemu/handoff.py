@@ -358,15 +358,18 @@ async def plan_attach(
     allow_noiommu: bool = False,
     vf_token: uuid.UUID | str | None = None,
     host: Host | None = None,
+    present: Mapping[str, str] | None = None,
 ) -> Plan:
     """The plan for attaching ``addresses`` to the QEMU behind ``qemu``; nothing is sent.
 
-    Asks QEMU whether it has the ``iommufd`` object (the cdev path by fd),
-    then :func:`~kvmvfio.vfio.plan.make_plan` for a running QEMU. Raises
-    what that raises.
+    Asks QEMU whether it has the ``iommufd`` object (the cdev path by fd)
+    and which backend its vfio-pci devices use (``present``:
+    :func:`vfio_devices`, when the caller has it), then
+    :func:`~kvmvfio.vfio.plan.make_plan` for a running QEMU. Raises what
+    that raises.
     """
     in_qemu = await qemu_has_iommufd(qemu)
-    backend = await vfio_backend(qemu)
+    backend = await vfio_backend(qemu, present)
     if backend is not None and VfioPath(path) is VfioPath.AUTO:
         path = backend  # one VM, one VFIO backend (see refuse_mixed_backends)
     return make_plan(
@@ -416,6 +419,10 @@ async def attach(
     its device) and passed as QEMU's ``romfile=``: QEMU opens it itself,
     so its user must be able to read it.
     """
+    # One listing of QEMU's devices (and of its vfio-pci devices' backends) serves the
+    # plan, the mixed-backend check and the free ports: QMP round trips cost (issue 19).
+    listing = await peripherals(qemu)
+    present = await vfio_devices(qemu, listing)
     if isinstance(addresses, Plan):
         plan = addresses.made_for(Opener.QEMU, "plan_attach")
     else:
@@ -427,6 +434,7 @@ async def attach(
             allow_noiommu=allow_noiommu,
             vf_token=vf_token,
             host=host,
+            present=present,
         )
     addrs = list(plan.addresses)
     if buses is not None and len(buses) != len(addrs):
@@ -435,8 +443,7 @@ async def attach(
     log.info(
         "attaching %s to QEMU pid %d by %s (%s)", ", ".join(addrs), qemu.pid, plan.path, plan.why
     )
-    listing = await peripherals(qemu)  # one listing for both questions
-    await refuse_mixed_backends(qemu, plan.path, listing)
+    await refuse_mixed_backends(qemu, plan.path, present=present)
     if buses is None:
         free, taken = await free_ports(qemu, listing)
         if len(free) < len(addrs):
@@ -506,16 +513,22 @@ async def vfio_devices(qemu: Monitor, listing: Peripherals | None = None) -> dic
     return found
 
 
-async def vfio_backend(qemu: Monitor) -> VfioPath | None:
-    """The path QEMU's vfio-pci devices are on (``group`` or ``cdev``); None without any."""
-    links = set((await vfio_devices(qemu)).values())
+async def vfio_backend(qemu: Monitor, present: Mapping[str, str] | None = None) -> VfioPath | None:
+    """The path QEMU's vfio-pci devices are on (``group`` or ``cdev``); None without any.
+
+    ``present``: :func:`vfio_devices`, when the caller has it already.
+    """
+    links = set((present if present is not None else await vfio_devices(qemu)).values())
     if not links:
         return None
     return VfioPath.GROUP if links == {""} else VfioPath.CDEV
 
 
 async def refuse_mixed_backends(
-    qemu: Monitor, path: VfioPath, listing: Peripherals | None = None
+    qemu: Monitor,
+    path: VfioPath,
+    listing: Peripherals | None = None,
+    present: Mapping[str, str] | None = None,
 ) -> None:
     """Refuse to add a device on the other VFIO backend than QEMU's devices use.
 
@@ -524,7 +537,8 @@ async def refuse_mixed_backends(
     cast to ``vfio-iommu-legacy`` and the whole VM dies (seen in the lab with
     QEMU 10.0.13). Raises :class:`MixedVfioBackends` naming the devices there.
     """
-    present = await vfio_devices(qemu, listing)
+    if present is None:
+        present = await vfio_devices(qemu, listing)
     wanted_legacy = path is not VfioPath.CDEV
     other = [where for where, link in present.items() if (link == "") != wanted_legacy]
     if other:

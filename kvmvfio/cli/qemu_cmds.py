@@ -83,6 +83,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     )
     att.add_argument(
+        "--no-rombar",
+        action="append",
+        metavar="ADDR",
+        help="show the device at ADDR to the guest without its ROM BAR (QEMU's rombar=0)",
+    )
+    att.add_argument(
         "--no-raise-memlock",
         action="store_true",
         help="refuse instead of raising QEMU's RLIMIT_MEMLOCK when it is too low",
@@ -215,6 +221,7 @@ def _attach(args: argparse.Namespace) -> int:
                 vf_token=args.vf_token,
                 host=host,
                 romfiles=dict(args.romfile or []),
+                no_rombar=args.no_rombar,
             )
             return qemu.pid, done
 

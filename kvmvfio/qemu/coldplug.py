@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kvmvfio._closing import Closing
 from kvmvfio.errors import UsageError
 from kvmvfio.host import Host, PciAddress
-from kvmvfio.qemu.handoff import IOMMUFD_OBJECT, MEMLOCK_MARGIN, checked_romfiles, qdev_id
+from kvmvfio.qemu.handoff import IOMMUFD_OBJECT, MEMLOCK_MARGIN, qdev_id, rom_options
 from kvmvfio.vfio.files import OwnedFd, open_node
 from kvmvfio.vfio.iommufd import open_for_vmm
 from kvmvfio.vfio.plan import Opener, Plan, make_plan
@@ -96,6 +96,7 @@ def coldplug(
     allow_noiommu: bool = False,
     host: Host | None = None,
     romfiles: Mapping[str, str | os.PathLike[str]] | None = None,
+    no_rombar: Collection[str] | None = None,
 ) -> ColdPlug:
     """Plan (unless given a plan) and return ``-object iommufd``/``-device vfio-pci`` args with fds.
 
@@ -103,7 +104,8 @@ def coldplug(
     its own: each is checked with :func:`~kvmvfio.host.rom.check_romfile`
     before anything is opened and passed as QEMU's ``romfile=``, by its
     resolved absolute path (QEMU would otherwise also look for a relative
-    name in its data folders).
+    name in its data folders). ``no_rombar`` names devices QEMU shows
+    without a ROM BAR (``rombar=0``; :func:`~kvmvfio.qemu.handoff.rom_options`).
 
     Raises what :func:`~kvmvfio.vfio.plan.make_plan` raises (the devices'
     checks, :class:`~kvmvfio.errors.CoherencyRefused` under ``require``,
@@ -120,7 +122,7 @@ def coldplug(
         plan = plan_coldplug(addresses, coherency=coherency, allow_noiommu=allow_noiommu, host=host)
     if buses is not None and len(buses) != len(plan.devices):
         raise UsageError(f"{len(plan.devices)} devices but {len(buses)} buses")
-    roms = checked_romfiles(plan, romfiles or {}, host or Host())
+    roms = rom_options(plan, romfiles, no_rombar, host or Host())
     cold = ColdPlug(unsafe=list(plan.notes), plan=plan)
     try:
         iommufd = open_for_vmm(plan.devfs, "the QEMU to start with these arguments")
@@ -136,8 +138,8 @@ def coldplug(
             opts = f"vfio-pci,id={qdev_id(dev.address)},iommufd={IOMMUFD_OBJECT},fd={fd.fileno()}"
             if dev.sysfsdev is not None:
                 opts += f",sysfsdev={dev.sysfsdev}"  # an mdev: see handoff._attach_fd
-            if dev.address in roms:
-                opts += f",romfile={roms[dev.address].replace(',', ',,')}"
+            for prop, value in roms.get(dev.address, {}).items():
+                opts += f",{prop}={str(value).replace(',', ',,')}"
             if buses is not None:
                 opts += f",bus={buses[i]}"
             cold.args += ["-device", opts]

@@ -49,7 +49,7 @@ import resource
 import shutil
 import subprocess
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,6 +268,35 @@ async def _ensure_iommufd_object(
     return True
 
 
+def rom_options(
+    plan: Plan,
+    romfiles: Mapping[str, str | os.PathLike[str]] | None,
+    no_rombar: Collection[str] | None,
+    host: Host,
+) -> dict[str, JsonObject]:
+    """vfio-pci's ROM properties per device address: ``romfile`` (checked) and ``rombar``.
+
+    ``no_rombar`` names devices QEMU shows without a ROM BAR (``rombar=0``:
+    the guest's firmware runs no ROM of theirs; the usual cure for a
+    secondary GPU whose ROM hangs the guest's boot). Raises what
+    :func:`checked_romfiles` raises, and :class:`UsageError` for a device
+    that is given both or is not in ``plan``.
+    """
+    out: dict[str, JsonObject] = {
+        addr: {"romfile": path}
+        for addr, path in checked_romfiles(plan, romfiles or {}, host).items()
+    }
+    planned = {dev.address for dev in plan.devices}
+    for addr in no_rombar or ():
+        address = canonical_name(str(addr))
+        if address not in planned:
+            raise UsageError(f"no ROM BAR asked for {address}, which is not one of the devices")
+        if address in out:
+            raise UsageError(f"{address} is given a ROM file and no ROM BAR: choose one")
+        out[address] = {"rombar": 0}
+    return out
+
+
 def checked_romfiles(
     plan: Plan, romfiles: Mapping[str, str | os.PathLike[str]], host: Host
 ) -> dict[str, str]:
@@ -289,7 +318,7 @@ def checked_romfiles(
 
 
 async def _attach_fd(
-    qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | None, romfile: str | None = None
+    qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | None, rom: JsonObject | None = None
 ) -> None:
     name = qdev_id(dev.address).replace("kvmvfio-", "kvmvfio-fd-", 1)
     fd = open_node(
@@ -305,8 +334,7 @@ async def _attach_fd(
         "iommufd": IOMMUFD_OBJECT,
         "fd": name,
     }
-    if romfile is not None:
-        args["romfile"] = romfile  # QEMU reads it itself, as its own user
+    args.update(rom or {})  # a romfile QEMU reads itself, as its own user
     if dev.sysfsdev is not None:
         # QEMU tells an mdev by its sysfs folder's bus, and attaches one to the IOAS
         # itself (no hardware page table): by fd alone it would take it for a PCI
@@ -322,7 +350,7 @@ async def _attach_fd(
 
 
 async def _attach_legacy(
-    qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | None, romfile: str | None = None
+    qemu: Monitor, plan: Plan, dev: DevicePlan, bus: str | None, rom: JsonObject | None = None
 ) -> None:
     node = dev.file  # the group node: QEMU opens it itself
     container = plan.devfs / "vfio" / "vfio"
@@ -337,8 +365,7 @@ async def _attach_legacy(
     token = plan.token_for(dev.address)
     if token is not None:
         args["vf-token"] = str(token)  # QEMU opens the VF itself, with the token
-    if romfile is not None:
-        args["romfile"] = romfile
+    args.update(rom or {})
     if bus is not None:
         args["bus"] = bus
     try:
@@ -396,6 +423,7 @@ async def attach(
     vf_token: uuid.UUID | str | None = None,
     host: Host | None = None,
     romfiles: Mapping[str, str | os.PathLike[str]] | None = None,
+    no_rombar: Collection[str] | None = None,
 ) -> list[Attachment]:
     """Attach the devices at ``addresses`` (or of a plan) to the QEMU behind ``qemu``.
 
@@ -417,7 +445,8 @@ async def attach(
     its own, checked before anything is sent (:func:`checked_romfiles`;
     :class:`~kvmvfio.host.rom.InvalidRom` for a file that is not one for
     its device) and passed as QEMU's ``romfile=``: QEMU opens it itself,
-    so its user must be able to read it.
+    so its user must be able to read it. ``no_rombar`` names devices QEMU
+    shows without a ROM BAR (:func:`rom_options`).
     """
     # One listing of QEMU's devices (and of its vfio-pci devices' backends) serves the
     # plan, the mixed-backend check and the free ports: QMP round trips cost (issue 19).
@@ -439,7 +468,7 @@ async def attach(
     addrs = list(plan.addresses)
     if buses is not None and len(buses) != len(addrs):
         raise UsageError(f"{len(addrs)} devices but {len(buses)} buses")
-    roms = checked_romfiles(plan, romfiles or {}, host or Host())
+    roms = rom_options(plan, romfiles, no_rombar, host or Host())
     log.info(
         "attaching %s to QEMU pid %d by %s (%s)", ", ".join(addrs), qemu.pid, plan.path, plan.why
     )

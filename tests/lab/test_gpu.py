@@ -30,7 +30,7 @@ from kvmvfio.host.rom import InvalidRom, check_romfile, parse_rom, read_sysfs_ro
 from kvmvfio.lab.l2 import L2Qemu
 from kvmvfio.lab.topology import Topology
 from kvmvfio.prepare import safety
-from kvmvfio.qemu import Qemu, coldplug, qdev_id
+from kvmvfio.qemu import Qemu, attach, coldplug, qdev_id
 
 pytestmark = [pytest.mark.lab, pytest.mark.topology("gpu"), pytest.mark.timeout(900)]
 
@@ -279,3 +279,43 @@ async def test_gpu_coldplug_with_a_checked_romfile(
             qemu.kill()
     finally:
         shutil.rmtree(folder)
+
+
+async def test_gpu_attach_with_a_romfile_and_without_a_rom_bar(
+    gpu: tuple[str, str], vfio_bind: Callable[..., None]
+) -> None:
+    """Hotplug to a running QEMU: the display with a checked ROM file, the audio without a ROM
+    BAR; QEMU's own properties say what it took. A ROM for another device is refused first."""
+    display, audio = gpu
+    folder = Path(tempfile.mkdtemp(prefix="kvmvfio-rom-"))
+    qemu = None
+    try:
+        folder.chmod(0o755)
+        rom = folder / "vgabios.rom"
+        rom.write_bytes(read_sysfs_rom("/sys", display))
+        rom.chmod(0o644)
+        vfio_bind(display, audio)
+        qemu = L2Qemu(ports=2)
+        async with Qemu(qemu.qmp, pid=qemu.pid) as qmp:
+            with pytest.raises(InvalidRom, match="image 0 is for 1234:1111, not 8086:2668"):
+                await attach(qmp, [display, audio], romfiles={audio: rom})
+            assert qdev_id(display) not in await _peripheral_ids(qmp)  # nothing was sent
+            await attach(qmp, [display, audio], romfiles={display: rom}, no_rombar=[audio])
+            got = {
+                (dev, prop): await qmp.execute(
+                    "qom-get", {"path": f"/machine/peripheral/{qdev_id(dev)}", "property": prop}
+                )
+                for dev, prop in ((display, "romfile"), (audio, "rombar"), (display, "rombar"))
+            }
+        assert got[(display, "romfile")] == str(rom)
+        assert got[(audio, "rombar")] == 0
+        assert got[(display, "rombar")] != 0
+        print(f"gpu: L2 QEMU hotplugged {display} and {audio}: {got}")
+    finally:
+        if qemu is not None:
+            qemu.kill()
+        shutil.rmtree(folder)
+
+
+async def _peripheral_ids(qmp: Qemu) -> list[str]:
+    return [item.name for item in await qmp.qom_list("/machine/peripheral")]

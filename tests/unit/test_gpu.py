@@ -216,3 +216,19 @@ def test_coldplug_refuses_a_romfile_before_opening_anything(
     with pytest.raises(UsageError, match="not one of the devices"):
         coldplug([DISPLAY], coherency="ignore", host=host, romfiles={AUDIO: wrong})
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_coldplug_shows_a_device_without_its_rom_bar(build_host: BuildHost, tmp_path: Path) -> None:
+    host = build_host(ON_VFIO)
+    with coldplug([DISPLAY, AUDIO], coherency="ignore", host=host, no_rombar=["00:04.0"]) as plug:
+        display, audio = plug.args[3], plug.args[5]
+    assert display.endswith(",rombar=0")
+    assert "rombar" not in audio
+    rom = tmp_path / "vbios.rom"
+    rom.write_bytes(gpu_rom())
+    with pytest.raises(UsageError, match="given a ROM file and no ROM BAR"):
+        coldplug(
+            [DISPLAY], coherency="ignore", host=host, romfiles={DISPLAY: rom}, no_rombar=[DISPLAY]
+        )
+    with pytest.raises(UsageError, match="which is not one of the devices"):
+        coldplug([DISPLAY], coherency="ignore", host=host, no_rombar=[AUDIO])

@@ -477,7 +477,8 @@ def _notes(
         notes.append(_rom_note(rom))
     if console is not None:
         notes += console.notes()
-    if reset is not None and not reset.own:
+    if reset is not None and not reset.own and group is not None and not dev.is_bridge:
+        # Only where a VM could get it: a function in an IOMMU group, not a bridge.
         notes.append("no reset" if not reset.bus_reset else "bus reset only")
     return ", ".join(notes)
 

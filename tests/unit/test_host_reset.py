@@ -175,3 +175,19 @@ def test_a_device_that_was_on_vfio_pci_before_is_not_asked(host: Host, tmp_path:
     (done,) = release(["0000:00:05.0"], host=host, root=root)
     assert done.driver == "vfio-pci"
     assert Journal(root).read(7) is None
+
+
+def test_inventory_notes_name_a_missing_reset_only_where_a_vm_could_get_it(host: Host) -> None:
+    from kvmvfio.cli.host_cmds import render_inventory, resets_of  # noqa: PLC0415
+
+    inv = host.inventory()
+    rows = {
+        line.split()[0]: line
+        for line in render_inventory(inv, resets=resets_of(host, inv.devices, inv.devices))
+        .split("\n\n")[0]
+        .splitlines()[1:]
+    }
+    assert rows["0000:00:05.0"].endswith("no reset")
+    assert rows["0000:01:00.0"].endswith("bus reset only")
+    assert "reset" not in rows["0000:04:00.0"]  # pm, bus: its own
+    assert "reset" not in rows["0000:00:01.0"]  # a bridge: no VM gets it

@@ -509,7 +509,10 @@ _FLOWS = st.sampled_from(["attach", "attach two", "attach legacy", "detach", "de
 
 @settings(
     max_examples=CASES,
-    deadline=timedelta(seconds=3 * CASE_DEADLINE_S),
+    # Hypothesis re-runs a case that overran its deadline to see whether it is flaky; the
+    # fake's replies are drawn as commands arrive, so a loaded machine's replay draws
+    # differently (FlakyStrategyDefinition). A hang is caught in the case instead.
+    deadline=None,
     suppress_health_check=[
         HealthCheck.function_scoped_fixture,
         HealthCheck.too_slow,
@@ -523,7 +526,12 @@ def test_a_hostile_qemu_gets_an_error_never_a_crash(
     sock = tmp_path_factory.getbasetemp() / "hostile.sock"
     sock.unlink(missing_ok=True)
     before = _open_fds()
-    case, fake, outcome = asyncio.run(_case(sock, flow, data, host))
+    try:
+        case, fake, outcome = asyncio.run(
+            asyncio.wait_for(_case(sock, flow, data, host), 3 * CASE_DEADLINE_S)
+        )
+    except TimeoutError:
+        pytest.fail(f"{flow}: kvmvfio hung for {3 * CASE_DEADLINE_S} s on a hostile QEMU")
     event(f"{flow}: {outcome}")
     assert not _open_fds() - before, "kvmvfio left files open"
     _rolled_back(case, fake, flow, outcome)

@@ -18,6 +18,7 @@ device driver. :class:`kvmvfio.vfio.session.VfioSession` enforces that order.
 from __future__ import annotations
 
 import errno
+import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -277,6 +278,30 @@ class Device(FdObject):
     def irqs(self) -> list[IrqInfo]:
         """The interrupt indexes the device has (no ERR index on conventional PCI)."""
         return _present(self.irq, self.info().num_irqs)
+
+    def read_rom(self, limit: int = 16 << 20) -> bytes:
+        """The option ROM as vfio-pci serves it: what QEMU shows the guest without ``romfile``.
+
+        Reads the ROM region (``VFIO_PCI_ROM_REGION_INDEX``; for the boot VGA
+        device the kernel serves its shadow copy), at most ``limit`` bytes.
+        Empty when the device has no ROM. Needs only the device's file, not
+        root's sysfs switch (:func:`kvmvfio.host.rom.read_sysfs_rom`). Raises
+        :class:`KernelError` for a read the kernel refuses.
+        """
+        try:
+            info = self.region(uapi.VFIO_PCI_ROM_REGION_INDEX)
+        except KernelError as err:
+            if err.errno == errno.EINVAL:  # no ROM region on this device
+                return b""
+            raise
+        if info.size == 0:
+            return b""
+        try:
+            return os.pread(self.fileno(), min(info.size, limit), info.offset)
+        except OSError as err:
+            raise KernelError(
+                err.errno or errno.EIO, "read of the ROM region", self.path, self.subject
+            ) from err
 
     def reset(self) -> None:
         """``VFIO_DEVICE_RESET`` (raises :class:`KernelError` when the device has no reset)."""

@@ -31,6 +31,7 @@ from kvmvfio.lab.l2 import L2Qemu
 from kvmvfio.lab.topology import Topology
 from kvmvfio.prepare import safety
 from kvmvfio.qemu import Qemu, attach, coldplug, qdev_id
+from kvmvfio.vfio.session import VfioSession
 
 pytestmark = [pytest.mark.lab, pytest.mark.topology("gpu"), pytest.mark.timeout(900)]
 
@@ -319,3 +320,21 @@ async def test_gpu_attach_with_a_romfile_and_without_a_rom_bar(
 
 async def _peripheral_ids(qmp: Qemu) -> list[str]:
     return [item.name for item in await qmp.qom_list("/machine/peripheral")]
+
+
+@pytest.mark.parametrize("backend", ["cdev", "group"])
+def test_gpu_rom_through_vfio_is_what_sysfs_reads(
+    gpu: tuple[str, str], vfio_bind: Callable[..., None], backend: str
+) -> None:
+    """What vfio-pci serves a VMM from the ROM region is the ROM sysfs reads (the boot VGA's
+    shadow copy, in both); the audio function has none."""
+    display, audio = gpu
+    from_sysfs = parse_rom(read_sysfs_rom("/sys", display), vendor=0x1234, device=0x1111)
+    vfio_bind(display, audio)
+    with VfioSession([display, audio], backend=backend, coherency="ignore") as session:
+        data = session.devices[display].read_rom()
+        assert session.devices[audio].read_rom() == b""
+    rom = parse_rom(data, vendor=0x1234, device=0x1111)
+    assert rom.valid, rom.problem
+    assert data[: rom.size] == read_sysfs_rom("/sys", display)[: from_sysfs.size]
+    print(f"gpu: ROM through VFIO ({backend}): {len(data)} bytes, {rom.summary()}")

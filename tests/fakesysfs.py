@@ -772,3 +772,14 @@ def unplug(sysfs: Path, addr: str) -> None:
     """Remove the function's directory but leave the links to it, as a scan racing
     with hot unplug sees it: listed, then gone."""
     shutil.rmtree(device_dir(sysfs, addr))
+
+
+def tree_files(root: str | Path) -> dict[str, bytes]:
+    """Every file below ``root`` with its bytes: a snapshot to show nothing was written."""
+    out = {}
+    for top, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(top, name)
+            with open(path, "rb") as f:
+                out[path] = f.read()
+    return out

@@ -253,13 +253,7 @@ async def test_gpu_coldplug_with_a_checked_romfile(
     gpu: tuple[str, str], vfio_bind: Callable[..., None]
 ) -> None:
     display, audio = gpu
-    # L2's QEMU runs as nobody: the ROM file must be readable to it.
-    folder = Path(tempfile.mkdtemp(prefix="kvmvfio-rom-"))
-    try:
-        folder.chmod(0o755)
-        rom = folder / "vgabios.rom"
-        rom.write_bytes(read_sysfs_rom("/sys", display))
-        rom.chmod(0o644)
+    with rom_for_qemu(display) as rom:
         vfio_bind(display, audio)
         with coldplug([display, audio], buses=["rp0", "rp1"], romfiles={display: rom}) as plug:
             assert f",romfile={rom}" in plug.args[3]
@@ -278,6 +272,18 @@ async def test_gpu_coldplug_with_a_checked_romfile(
             print(f"gpu: L2 QEMU took {display} with romfile={got}")
         finally:
             qemu.kill()
+
+
+@contextlib.contextmanager
+def rom_for_qemu(display: str) -> Iterator[Path]:
+    """The display's own ROM in a file L2's QEMU (running as nobody) can read."""
+    folder = Path(tempfile.mkdtemp(prefix="kvmvfio-rom-"))
+    try:
+        folder.chmod(0o755)
+        rom = folder / "vgabios.rom"
+        rom.write_bytes(read_sysfs_rom("/sys", display))
+        rom.chmod(0o644)
+        yield rom
     finally:
         shutil.rmtree(folder)
 
@@ -288,34 +294,28 @@ async def test_gpu_attach_with_a_romfile_and_without_a_rom_bar(
     """Hotplug to a running QEMU: the display with a checked ROM file, the audio without a ROM
     BAR; QEMU's own properties say what it took. A ROM for another device is refused first."""
     display, audio = gpu
-    folder = Path(tempfile.mkdtemp(prefix="kvmvfio-rom-"))
-    qemu = None
-    try:
-        folder.chmod(0o755)
-        rom = folder / "vgabios.rom"
-        rom.write_bytes(read_sysfs_rom("/sys", display))
-        rom.chmod(0o644)
+    with rom_for_qemu(display) as rom:
         vfio_bind(display, audio)
         qemu = L2Qemu(ports=2)
-        async with Qemu(qemu.qmp, pid=qemu.pid) as qmp:
-            with pytest.raises(InvalidRom, match="image 0 is for 1234:1111, not 8086:2668"):
-                await attach(qmp, [display, audio], romfiles={audio: rom})
-            assert qdev_id(display) not in await _peripheral_ids(qmp)  # nothing was sent
-            await attach(qmp, [display, audio], romfiles={display: rom}, no_rombar=[audio])
-            got = {
-                (dev, prop): await qmp.execute(
-                    "qom-get", {"path": f"/machine/peripheral/{qdev_id(dev)}", "property": prop}
-                )
-                for dev, prop in ((display, "romfile"), (audio, "rombar"), (display, "rombar"))
-            }
-        assert got[(display, "romfile")] == str(rom)
-        assert got[(audio, "rombar")] == 0
-        assert got[(display, "rombar")] != 0
-        print(f"gpu: L2 QEMU hotplugged {display} and {audio}: {got}")
-    finally:
-        if qemu is not None:
+        try:
+            async with Qemu(qemu.qmp, pid=qemu.pid) as qmp:
+                with pytest.raises(InvalidRom, match="image 0 is for 1234:1111, not 8086:2668"):
+                    await attach(qmp, [display, audio], romfiles={audio: rom})
+                assert qdev_id(display) not in await _peripheral_ids(qmp)  # nothing was sent
+                await attach(qmp, [display, audio], romfiles={display: rom}, no_rombar=[audio])
+                got = {
+                    (dev, prop): await qmp.execute(
+                        "qom-get",
+                        {"path": f"/machine/peripheral/{qdev_id(dev)}", "property": prop},
+                    )
+                    for dev, prop in ((display, "romfile"), (audio, "rombar"), (display, "rombar"))
+                }
+        finally:
             qemu.kill()
-        shutil.rmtree(folder)
+    assert got[(display, "romfile")] == str(rom)
+    assert got[(audio, "rombar")] == 0
+    assert got[(display, "rombar")] != 0
+    print(f"gpu: L2 QEMU hotplugged {display} and {audio}: {got}")
 
 
 async def _peripheral_ids(qmp: Qemu) -> list[str]:

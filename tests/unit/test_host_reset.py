@@ -7,12 +7,11 @@ functions, nested bridges, a function gone from sysfs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fakesysfs import Dev, Topology
+from fakesysfs import Dev, Topology, tree_files
 
 from kvmvfio.errors import DeviceNotAnswering
 from kvmvfio.host import Host, PciAddress
@@ -134,23 +133,13 @@ def _kill(host: Host, addr: str) -> None:
     (host.sysfs / "bus" / "pci" / "devices" / addr / "power_state").write_bytes(b"D3cold\n")
 
 
-def _files(host: Host) -> dict[str, bytes]:
-    out = {}
-    for top, _, names in os.walk(host.sysfs):
-        for name in names:
-            path = os.path.join(top, name)
-            with open(path, "rb") as f:
-                out[path] = f.read()
-    return out
-
-
 def test_release_leaves_a_dead_device_on_vfio_pci_and_keeps_the_record(
     host: Host, tmp_path: Path
 ) -> None:
     root = tmp_path / "run"
     Journal(root).write(Record(7, "vm1", GONE_PID, devices=[Entry("0000:00:05.0", "e1000e", None)]))
     _kill(host, "0000:00:05.0")
-    before = _files(host)
+    before = tree_files(host.sysfs)
     with pytest.raises(DeviceNotAnswering) as refused:
         release(["0000:00:05.0"], host=host, root=root)
     assert str(refused.value) == (
@@ -162,7 +151,7 @@ def test_release_leaves_a_dead_device_on_vfio_pci_and_keeps_the_record(
         "it again"
     )
     assert (refused.value.address, refused.value.group) == ("0000:00:05.0", 7)
-    assert _files(host) == before  # nothing written: no unbind, no override
+    assert tree_files(host.sysfs) == before  # nothing written: no unbind, no override
     assert Journal(root).read(7) is not None
 
 

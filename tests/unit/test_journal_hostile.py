@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 from fakerun import STRANGER, folder, plant, put
-from fakesysfs import Dev, Topology, device_dir
+from fakesysfs import Dev, Topology, device_dir, tree_files
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -109,16 +109,6 @@ def _record(group: int, devices: tuple[str, ...] = (), owner: str = "vm1") -> Re
     return Record(group, owner, GONE_PID, devices=[Entry(a, DRIVER_NOW[a], None) for a in devices])
 
 
-def _sysfs_files(host: Host) -> dict[str, bytes]:
-    out = {}
-    for top, _, files in os.walk(host.sysfs):
-        for name in files:
-            path = os.path.join(top, name)
-            with open(path, "rb") as f:
-                out[path] = f.read()
-    return out
-
-
 # -- the files themselves --------------------------------------------------------------
 
 
@@ -128,7 +118,7 @@ def test_a_symlinked_journal_folder_is_refused_not_followed(tmp_path: Path, host
     shutil.move(tmp_path / "other-root" / "journal" / "group-3.json", elsewhere / "group-3.json")
     root = folder(tmp_path / "run")
     os.symlink(elsewhere, root / "journal")
-    before = _sysfs_files(host)
+    before = tree_files(host.sysfs)
     expected = (
         f"{root}/journal is a symbolic link; kvmvfio keeps a folder owned by uid "
         f"{os.geteuid()} with mode 0700 there, so it did not use it and left it as it is. "
@@ -143,7 +133,7 @@ def test_a_symlinked_journal_folder_is_refused_not_followed(tmp_path: Path, host
             call()
         assert str(refused.value) == expected
     assert (elsewhere / "group-3.json").exists()
-    assert _sysfs_files(host) == before
+    assert tree_files(host.sysfs) == before
 
 
 @pytest.mark.parametrize("kind", ["symlink", "dangling", "fifo", "folder", "mode", "hardlink"])
@@ -203,14 +193,14 @@ def test_a_lock_file_that_is_not_kvmvfios_is_refused(tmp_path: Path, host: Host,
     secret = put(tmp_path / "outside" / "secret", "secret\n")
     lock = root / "locks" / "group-3.lock"
     plant(lock, kind, secret)
-    before = _sysfs_files(host)
+    before = tree_files(host.sysfs)
     with pytest.raises(UntrustedFile) as refused:
         release(["0000:00:03.0"], host=host, root=root)
     assert str(refused.value).startswith(f"{lock} ")
     assert recover(host=host, root=root).failed == ((3, str(refused.value)),)
     assert secret.read_bytes() == b"secret\n"
     assert not (tmp_path / "outside" / "no-such-file").exists()  # the dangling link's target
-    assert _sysfs_files(host) == before
+    assert tree_files(host.sysfs) == before
     assert Journal(root).read(3) is not None
 
 
@@ -287,7 +277,7 @@ def test_a_record_naming_a_device_outside_its_group_is_not_acted_on(
     journal = Journal(root)
     journal.write(Record(3, "vm1", GONE_PID, devices=[Entry(a, None, None) for a in devices]))
     journal.write(_record(5, GROUPS[5]))
-    before = _sysfs_files(host)
+    before = tree_files(host.sysfs)
     expected = (
         f"the kvmvfio journal {journal.path(3)} is unusable ({problem}); kvmvfio acted on none "
         "of it and left it as it is: check the devices it names by hand, then remove it"
@@ -295,11 +285,11 @@ def test_a_record_naming_a_device_outside_its_group_is_not_acted_on(
     with pytest.raises(JournalError) as refused:
         release(["0000:00:03.0"], "vm1", host=host, root=root)
     assert str(refused.value) == expected
-    assert _sysfs_files(host) == before
+    assert tree_files(host.sysfs) == before
     done = recover(host=host, root=root)
     assert done.failed == ((3, expected),)
     assert [r.address for r in done.restored] == ["0000:00:05.0"]  # the other record is served
-    changed = {p for p, data in _sysfs_files(host).items() if before[p] != data}
+    changed = {p for p, data in tree_files(host.sysfs).items() if before[p] != data}
     five = device_dir(host.sysfs, "0000:00:05.0")
     assert changed == {str(five / "driver_override")}  # it stays on e1000e, as recorded
     assert journal.read(3) is not None
@@ -375,18 +365,18 @@ def test_prepare_refuses_owner_names_the_journal_would_refuse(host: Host, tmp_pa
 def test_sysfs_writes_refuse_names_that_could_leave_the_bus(
     host: Host, call: Callable[[Sysfs], None], words: str
 ) -> None:
-    before = _sysfs_files(host)
+    before = tree_files(host.sysfs)
     with pytest.raises(UnsafeSysfsName, match="nothing was written") as refused:
         call(Sysfs(host.sysfs))
     assert words in str(refused.value)
-    assert _sysfs_files(host) == before
+    assert tree_files(host.sysfs) == before
 
 
 def test_unbind_finds_the_driver_name_before_writing(host: Host, tmp_path: Path) -> None:
     sysfs = Sysfs(host.sysfs)
-    before = _sysfs_files(host)
+    before = tree_files(host.sysfs)
     sysfs.unbind("0000:00:03.0")  # no driver: nothing to write
-    assert _sysfs_files(host) == before
+    assert tree_files(host.sysfs) == before
     sysfs.unbind("0000:00:05.0")
     assert (host.sysfs / "bus/pci/drivers/e1000e/unbind").read_text() == "0000:00:05.0"
     link = device_dir(host.sysfs, "0000:00:04.0") / "driver"

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -213,6 +214,42 @@ def test_gpu_prepare_is_refused_for_the_console(gpu: tuple[str, str], tmp_path: 
     for addr in gpu:
         assert (PCI / addr / "driver_override").read_text() == "(null)\n"
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_gpu_console_accepted_goes_with_the_driver_and_comes_back(
+    gpu: tuple[str, str], tmp_path: Path
+) -> None:
+    """--force console: the driver is unbound under fbcon, which lets the framebuffer go (the
+    console falls back to the dummy one); release rebinds the driver and fbcon takes the new
+    framebuffer again by itself. Runs before the test that unbinds fbcon by hand."""
+    display, audio = gpu
+    before = console_use(display)
+    assert before.console, before
+    assert before.fbcon, before
+    forced = ("--force", "console", "--force", "boot-vga")
+    done = _kvmvfio(
+        "prepare", "--owner", "gpu-test", display, audio, "--root", str(tmp_path), *forced
+    )
+    assert done.returncode == 0, done.stderr
+    try:
+        assert (_driver(display), _driver(audio)) == ("vfio-pci", "vfio-pci")
+        during = console_use(display)
+        print(
+            f"gpu: console while on vfio-pci: {during}; vtconsole: "
+            f"{_listing('/sys/class/vtconsole', 'name', 'bind')}"
+        )
+        assert during.framebuffers == ()
+        assert not during.console
+    finally:
+        done = _kvmvfio("release", display, "--root", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and console_use(display).fbcon != before.fbcon:
+        time.sleep(0.1)
+    after = console_use(display)
+    print(f"gpu: console after release: {after}")
+    assert after.fbcon == before.fbcon
+    assert [f.name for f in after.framebuffers] == [f.name for f in before.framebuffers]
 
 
 def test_gpu_console_moved_off_by_hand_clears_the_finding(gpu: tuple[str, str]) -> None:

@@ -410,6 +410,7 @@ class Agent:
             coherency=dev.coherency,
             host=host,
             romfiles={addr: dev.romfile} if dev.romfile else None,
+            no_rombar=None if dev.rombar else [addr],
         )
         log.info(
             "domain %s: attached %s by fd to QEMU pid %d as %s on %s",

@@ -33,6 +33,9 @@ Attributes of ``<kvmvfio:device>`` (each may also stand on
               absolute path (QEMU's ``romfile``), checked against the device
               before it is prepared; on ``handoff='agent'`` devices only (for
               ``libvirt``, the ``<hostdev>``'s ``<rom file=...>`` says it)
+``rombar``    ``yes`` (default) or ``no``: ``no`` shows the device to the guest
+              without its ROM BAR (QEMU's ``rombar=0``); ``handoff='agent'``
+              only (for ``libvirt``, ``<rom bar='off'/>`` in the ``<hostdev>``)
 ``accept``    findings of prepare's safety checks to accept for this device,
               space-separated, the names of ``kvmvfio prepare --force``
               (``boot-vga``, ``console``, ``disk-in-use``,
@@ -135,6 +138,8 @@ class DeviceRequest:
     accept: tuple[str, ...] = ()
     #: An option ROM file QEMU loads instead of the device's own (agent handoff).
     romfile: str | None = None
+    #: False: QEMU shows the device without its ROM BAR (agent handoff).
+    rombar: bool = True
 
 
 @dataclass(frozen=True)
@@ -197,7 +202,9 @@ owner_of = libvirt_owner
 _YES_NO = {"yes": True, "no": False}
 #: The ``<hostdev type=...>`` kvmvfio reads: PCI functions, and mediated devices by UUID.
 _HOSTDEVS = ("pci", "mdev")
-_DEVICE_ATTRS = ("address", "handoff", "path", "coherency", "reset", "accept", "romfile")
+_DEVICE_ATTRS = (
+    "address", "handoff", "path", "coherency", "reset", "accept", "romfile", "rombar"
+)  # fmt: skip
 _POOL_ATTRS = ("pf", "count", "handoff", "path", "coherency", "reset", "accept")
 #: Attributes of <kvmvfio:devices>: defaults for its devices (never an address or an accept).
 _DEFAULT_ATTRS = ("handoff", "path", "coherency", "reset")
@@ -232,8 +239,8 @@ def _options(attrs: Mapping[str, str], where: str, base: dict[str, str]) -> dict
                 _choice(VfioPath, name, value, where)
         elif name == "coherency":
             _choice(Coherency, name, value, where)
-        elif name == "reset" and value not in _YES_NO:
-            raise ValueError(f"{where} has reset={value!r}; expected yes or no")
+        elif name in ("reset", "rombar") and value not in _YES_NO:
+            raise ValueError(f"{where} has {name}={value!r}; expected yes or no")
         elif name == "accept":
             _accepted(value, where)
         elif name == "romfile":
@@ -275,6 +282,14 @@ def _device(opts: dict[str, str]) -> DeviceRequest:
             f"device {address} has romfile= with handoff={handoff.value!r}: only the agent "
             "hands QEMU a ROM file; with libvirt's handoff, put <rom file='...'/> in its <hostdev>"
         )
+    rombar = _YES_NO[opts.get("rombar", "yes")]
+    if not rombar and handoff is not Handoff.AGENT:
+        raise ValueError(
+            f"device {address} has rombar='no' with handoff={handoff.value!r}: only the agent "
+            "hands QEMU the device; with libvirt's handoff, put <rom bar='off'/> in its <hostdev>"
+        )
+    if not rombar and romfile is not None:
+        raise ValueError(f"device {address} has both romfile= and rombar='no': choose one")
     return DeviceRequest(
         address=address,
         handoff=handoff,
@@ -283,6 +298,7 @@ def _device(opts: dict[str, str]) -> DeviceRequest:
         reset=_YES_NO[opts.get("reset", "no")],
         accept=_accepted(opts.get("accept", ""), "<kvmvfio:device>"),
         romfile=romfile,
+        rombar=rombar,
     )
 
 
@@ -559,6 +575,8 @@ def _attributes(d: DeviceRequest) -> list[str]:
         attrs.append(f'accept="{" ".join(d.accept)}"')
     if d.romfile is not None:
         attrs.append(f"romfile={quoteattr(d.romfile)}")
+    if not d.rombar:
+        attrs.append('rombar="no"')
     return attrs
 
 

@@ -395,7 +395,7 @@ def test_an_agent_device_names_a_romfile_and_round_trips() -> None:
     req = parse_domain(domain(meta))
     assert req is not None
     (dev,) = req.devices
-    assert dev.romfile == "/var/lib/kvmvfio/vbios.rom"
+    assert (dev.romfile, dev.rombar) == ("/var/lib/kvmvfio/vbios.rom", True)
     again = parse_domain(domain(to_xml(req.devices)))
     assert again is not None
     assert again.devices == req.devices
@@ -406,9 +406,22 @@ def test_an_agent_device_names_a_romfile_and_round_trips() -> None:
     [
         ('handoff="agent" romfile="vbios.rom"', "expected an absolute path to a ROM file"),
         ('romfile="/x.rom"', "only the agent hands QEMU a ROM file"),
+        ('rombar="no"', "only the agent hands QEMU the device"),
+        ('handoff="agent" rombar="off"', "rombar='off'; expected yes or no"),
+        ('handoff="agent" rombar="no" romfile="/x.rom"', "both romfile= and rombar='no'"),
     ],
 )
 def test_a_bad_romfile_is_refused(attrs: str, words: str) -> None:
     meta = f'<k:devices {NS}><k:device address="00:03.0" {attrs}/></k:devices>'
     with pytest.raises(MetadataError, match=words):
         parse_domain(domain(meta))
+
+
+def test_an_agent_device_without_its_rom_bar_round_trips() -> None:
+    meta = f'<k:devices {NS}><k:device address="00:03.0" handoff="agent" rombar="no"/></k:devices>'
+    req = parse_domain(domain(meta))
+    assert req is not None
+    assert req.devices[0].rombar is False
+    again = parse_domain(domain(to_xml(req.devices)))
+    assert again is not None
+    assert again.devices == req.devices

@@ -24,7 +24,12 @@ What it checks, in order:
    starts that interpreter, which imports kvmvfio from the venv only
    (``PYTHONVERBOSE`` lists the files it loads) and refuses a domain whose
    kvmvfio metadata is malformed, with kvmvfio's sentence and exit 1.
-5. ``kvmvfio agent --unit`` names the venv's interpreter in ``ExecStart``.
+5. ``kvmvfio agent --unit`` names the venv's interpreter in ``ExecStart``,
+   records the venv's kvmvfio in its first line and sets no ``PYTHONPATH``.
+6. ``hook install`` run from a checkout (``PYTHONPATH``, a copy of it here)
+   warns that the hook depends on the checkout, and once the checkout is
+   moved, the front refuses kvmvfio's domains saying to run ``kvmvfio hook
+   install`` again (no Python traceback).
 
 The checkout is never on the venv's ``sys.path``: the wheel is the only
 kvmvfio there. Exits 0 when everything holds, 1 with what failed.
@@ -258,6 +263,8 @@ def check_hook(kvmvfio: Path, python: Path, site: Path, work: Path) -> None:
         raise CheckFailed(f"the front does not pin the venv's {site}:\n{text}")
     if str(REPO) in text:
         raise CheckFailed(f"the front names the checkout {REPO}:\n{text}")
+    if proc.stderr:
+        raise CheckFailed(f"kvmvfio hook install warned from the venv: {proc.stderr}")
     _say(f"kvmvfio hook install: {proc.stdout.strip()}")
 
     # Not kvmvfio's domain: the shell answers, Python never starts.
@@ -291,14 +298,47 @@ def check_hook(kvmvfio: Path, python: Path, site: Path, work: Path) -> None:
     _run([str(kvmvfio), "hook", "uninstall", "--hooks-dir", str(hooks)], cwd=work)
 
 
-def check_agent_unit(kvmvfio: Path, python: Path, work: Path) -> None:
+def check_checkout_pinned(python: Path, src: Path, work: Path) -> None:
+    """Install the hook from a checkout (PYTHONPATH), then move it: both are told clearly.
+
+    ``src`` is the copy of the checkout the build was made from, so moving it
+    costs the real checkout nothing.
+    """
+    hooks = work / "hooks-checkout"
+    env = dict(CLEAN_ENV, PYTHONPATH=str(src))
+    argv = [str(python), "-m", "kvmvfio", "hook", "install", "--hooks-dir", str(hooks)]
+    proc = _run(argv, cwd=work, env=env)
+    if f"source checkout {src}" not in proc.stderr:
+        raise CheckFailed(f"hook install from a checkout did not warn: {proc.stderr!r}")
+    front = hooks / "qemu.d" / "kvmvfio"
+    moved = src.with_name("src-moved")
+    src.rename(moved)
+    try:
+        xml = _domain(f'<kvmvfio:devices xmlns:kvmvfio="{NS}"/>')
+        ran = _run([str(front), "vm1", "prepare", "begin", "-"], cwd=work, stdin=xml, ok=(1,))
+    finally:
+        moved.rename(src)
+    if "run `kvmvfio hook install` again" not in ran.stderr or "Traceback" in ran.stderr:
+        raise CheckFailed(f"the front of a moved checkout did not say what to do: {ran.stderr!r}")
+    _say(
+        f"a hook pinned to a checkout warns at install, and once it is moved: {ran.stderr.strip()}"
+    )
+
+
+def check_agent_unit(kvmvfio: Path, python: Path, site: Path, work: Path) -> None:
     """Check ``kvmvfio agent --unit`` names the venv's interpreter."""
-    unit = _run([str(kvmvfio), "agent", "--unit"], cwd=work).stdout
+    proc = _run([str(kvmvfio), "agent", "--unit"], cwd=work)
+    if proc.stderr:
+        raise CheckFailed(f"kvmvfio agent --unit warned from the venv: {proc.stderr}")
+    unit = proc.stdout
+    version = _run([str(kvmvfio), "--version"], cwd=work).stdout.split()[-1]
     execs = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
     if execs != [f"ExecStart={python} -m kvmvfio agent"]:
         raise CheckFailed(f"the agent's unit does not start {python}: {execs}")
-    if str(REPO) in unit:
-        raise CheckFailed(f"the agent's unit names the checkout {REPO}:\n{unit}")
+    if str(REPO) in unit or "PYTHONPATH" in unit:
+        raise CheckFailed(f"the agent's unit names the checkout or a PYTHONPATH:\n{unit}")
+    if not unit.startswith(f"# kvmvfio {version} from {site}, Python "):
+        raise CheckFailed(f"the agent's unit does not record the venv's kvmvfio:\n{unit}")
     _say(f"kvmvfio agent --unit: {execs[0]}")
 
 
@@ -323,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         kvmvfio = env_dir / "bin" / "kvmvfio"
         check_cli(kvmvfio, python, work)
         check_hook(kvmvfio, python, site, work)
-        check_agent_unit(kvmvfio, python, work)
+        check_agent_unit(kvmvfio, python, site, work)
+        check_checkout_pinned(python, src, work)
     except CheckFailed as err:
         print(f"package-check: FAILED: {err}", file=sys.stderr)
         return 1

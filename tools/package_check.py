@@ -175,6 +175,13 @@ def check_contents(sdist: Path, wheel: Path) -> None:
 
 def make_venv(where: Path, wheel: Path) -> Path:
     """Create a venv at ``where`` with ``wheel`` installed (not editable); return its python."""
+    try:
+        import ensurepip  # noqa: F401, PLC0415 (only to say what is missing)
+    except ImportError:
+        raise CheckFailed(
+            f"{sys.executable} has no ensurepip, so its venvs have no pip "
+            "(Debian's python3: apt-get install python3-venv)"
+        ) from None
     venv.EnvBuilder(with_pip=True, clear=True).create(where)
     python = where / "bin" / "python"
     env = dict(CLEAN_ENV)

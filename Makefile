@@ -13,9 +13,9 @@ demo: deps
 	$(PYTHON) -m kvmvfio lab demo
 
 test: deps
-	KVMVFIO_REQUIRE_HEADERS=1 $(PYTHON) -m tox run -e lint,types,unit,docs,lab
+	KVMVFIO_REQUIRE_HEADERS=1 $(PYTHON) -m tox run -e lint,types,unit,docs,package,lab
 
-unit lint types docs lab: deps
+unit lint types docs package lab: deps
 	$(PYTHON) -m tox run -e $@
 
 # Benchmarks: figures go to docs/BENCHMARKS.md by hand, with these commands.

@@ -40,9 +40,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="write HOOKS_DIR/qemu.d/kvmvfio (atomically; replaces an older kvmvfio hook)",
         description=(
             "Check that the interpreter imports kvmvfio's hook (and cffi, qemu.qmp) as "
-            "libvirt will run it, then write the hook front to HOOKS_DIR/qemu.d/kvmvfio, mode "
-            "0755, atomically. An older kvmvfio hook is replaced; any other file there is left "
-            "alone unless --force. "
+            "libvirt will run it, from this kvmvfio's folder (warning when that folder is a "
+            "source checkout rather than an installed package), then write the hook front to "
+            "HOOKS_DIR/qemu.d/kvmvfio, mode 0755, atomically. An older kvmvfio hook is "
+            "replaced; any other file there is left alone unless --force. "
             "Exit status: 0 installed, 1 refused, 2 bad arguments."
         ),
     )
@@ -84,9 +85,14 @@ def _python(parser: argparse.ArgumentParser) -> None:
 
 
 def _install(args: argparse.Namespace) -> int:
-    from kvmvfio.libvirt.install import check_imports, install  # noqa: PLC0415 (see the top)
+    from kvmvfio.libvirt.install import (  # noqa: PLC0415 (see the top)
+        check_imports,
+        checkout_warning,
+        install,
+        is_source_checkout,
+    )
 
-    check_imports(args.python)  # before anything is written
+    found = check_imports(args.python)  # before anything is written
     res = install(args.hooks_dir, args.python, force=args.force)
     if res.replaced:
         what = f"replaced the kvmvfio hook {res.path}"
@@ -101,7 +107,12 @@ def _install(args: argparse.Namespace) -> int:
         )
     else:
         print(what)
-    print(f"  runs {res.python} -m kvmvfio.libvirt.hook with PYTHONPATH={res.pythonpath}")
+    print(
+        f"  runs {res.python} (Python {found.python_version}) -m kvmvfio.libvirt.hook "
+        f"with PYTHONPATH={res.pythonpath}"
+    )
+    if is_source_checkout(res.pythonpath):
+        print(f"kvmvfio: warning: {checkout_warning(res.pythonpath, 'the hook')}", file=sys.stderr)
     return 0
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
+import kvmvfio
 from kvmvfio.cli.args import path_text
 from kvmvfio.cli.qemu_cmds import positive_seconds_arg, seconds_arg
 from kvmvfio.prepare.journal import DEFAULT_ROOT
@@ -49,13 +51,47 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from kvmvfio.libvirt.agent import Agent, unit_text  # noqa: PLC0415 (imported on use)
+    from kvmvfio.libvirt.agent import Agent  # noqa: PLC0415 (imported on use)
 
     if args.unit:
-        sys.stdout.write(unit_text(sys.executable))
+        sys.stdout.write(_unit())
         return 0
     agent = Agent(args.uri, root=args.root, resync=args.resync, detach_timeout=args.detach_timeout)
     # Decisions are the agent's output: log them even without -v.
     logging.getLogger("kvmvfio").setLevel(logging.INFO)
     asyncio.run(agent.run())
     return 0
+
+
+def _unit() -> str:
+    """Return the agent's unit for this interpreter, checked as systemd will run it.
+
+    systemd starts the unit without ``PYTHONPATH``: when this interpreter does
+    not import this kvmvfio so (it runs from a checkout by ``PYTHONPATH``),
+    the unit sets it. Warns when the kvmvfio pinned is a source checkout.
+    """
+    from kvmvfio.libvirt.agent import unit_text  # noqa: PLC0415 (imported on use)
+    from kvmvfio.libvirt.install import (  # noqa: PLC0415 (imported on use)
+        checkout_warning,
+        default_pythonpath,
+        is_source_checkout,
+        probe,
+    )
+
+    folder = default_pythonpath()
+    python = sys.executable
+    who, what = "the agent's interpreter", "kvmvfio"
+    found = probe(python, None, ("kvmvfio",), who=who, what=what)
+    pythonpath = None
+    if os.path.realpath(found.package_dir) != os.path.realpath(folder):
+        pythonpath = folder
+        found = probe(python, folder, ("kvmvfio",), who=who, what=what)
+    if is_source_checkout(found.package_dir):
+        print(
+            f"kvmvfio: warning: {checkout_warning(found.package_dir, 'the unit')}", file=sys.stderr
+        )
+    about = (
+        f"kvmvfio {kvmvfio.__version__} from {found.package_dir}, "
+        f"Python {found.python_version}: checked by `kvmvfio agent --unit`"
+    )
+    return unit_text(python, pythonpath, about)

@@ -73,13 +73,13 @@ EVENT_METADATA_CHANGE = 23
 _LIFECYCLE_STARTED, _LIFECYCLE_RESUMED, _LIFECYCLE_STOPPED, _LIFECYCLE_CRASHED = 2, 4, 5, 8
 
 UNIT = """\
-[Unit]
+{header}[Unit]
 Description=kvmvfio agent: hand PCI devices to libvirt domains by file descriptor
 After=libvirtd.service virtqemud.service
 Wants=libvirtd.service
 
 [Service]
-ExecStart={python} -m kvmvfio agent
+{environment}ExecStart={python} -m kvmvfio agent
 Restart=on-failure
 RestartSec=2s
 
@@ -441,6 +441,17 @@ class Agent:
         self.store.remove(name)
 
 
-def unit_text(python: str) -> str:
-    """The systemd unit of the agent, for ``python``."""
-    return UNIT.format(python=python)
+def unit_text(python: str, pythonpath: str | None = None, about: str = "") -> str:
+    """The systemd unit of the agent, for ``python``.
+
+    With ``pythonpath``, the unit sets ``PYTHONPATH`` (for an interpreter
+    that does not import kvmvfio by itself); ``about`` is a comment line on
+    top (which kvmvfio and Python the unit was checked with).
+    """
+    environment = ""
+    if pythonpath is not None:
+        # systemd's quoting: C escapes inside double quotes, % doubled (specifiers).
+        quoted = pythonpath.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+        environment = f'Environment="PYTHONPATH={quoted}"\n'
+    header = f"# {about}\n" if about else ""
+    return UNIT.format(python=python, environment=environment, header=header)

@@ -50,4 +50,12 @@ esac
 python=@PYTHON@
 PYTHONPATH=@PYTHONPATH@
 export PYTHONPATH
+# A venv removed, a checkout moved: say what to do rather than let Python fail
+# on a module it cannot find (test is a builtin: no fork, and only kvmvfio's
+# domains get this far). printf, not echo: dash's echo
+# would expand a backslash in a path.
+if [ ! -x "$python" ] || [ ! -d "$PYTHONPATH/kvmvfio" ]; then
+    printf 'kvmvfio: this hook runs %s with kvmvfio from %s, and one of them is gone (moved or removed since the hook was installed); run `kvmvfio hook install` again with the kvmvfio to use\n' "$python" "$PYTHONPATH" >&2
+    exit 1
+fi
 printf '%s' "$xml" | exec "$python" -m kvmvfio.libvirt.hook "$@"

@@ -105,33 +105,104 @@ def check_python(python: str) -> str:
 
 #: What the hook imports when it runs (kvmvfio's hook, and what it needs).
 HOOK_IMPORTS = ("kvmvfio.libvirt.hook", "cffi", "qemu.qmp")
+#: libvirt's and systemd's environment for what they start: PATH, nothing of ours.
+_CLEAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+_REPORT = "import kvmvfio, platform; print(kvmvfio.__file__); print(platform.python_version())"
 
 
-def check_imports(python: str, pythonpath: str | None = None) -> None:
-    """Run ``python`` as libvirt will run the hook, and check it imports what the hook needs.
+@dataclass(frozen=True)
+class Interpreter:
+    """An interpreter as libvirt or systemd will run it, and the kvmvfio it imports."""
 
-    Raises :class:`UsageError` naming the interpreter and Python's own words
-    (``No module named 'cffi'``) when it cannot: a hook installed with such
-    an interpreter would fail every domain start that asks for kvmvfio.
+    #: The interpreter's path, and its version (``3.11.7``).
+    python: str
+    python_version: str
+    #: The ``PYTHONPATH`` it was run with (None: unset).
+    pythonpath: str | None
+    #: The folder holding the ``kvmvfio`` package it imported.
+    package_dir: str
+
+
+def probe(
+    python: str,
+    pythonpath: str | None,
+    imports: tuple[str, ...] = HOOK_IMPORTS,
+    *,
+    who: str = "the interpreter",
+    what: str = "kvmvfio's hook",
+) -> Interpreter:
+    """Run ``python`` in a minimal environment, import ``imports``, and say which kvmvfio it got.
+
+    ``PYTHONPATH`` is ``pythonpath``, or unset if None; the working folder is
+    ``/`` (libvirt's and systemd's), so a checkout in the current folder is
+    not found by accident. Raises :class:`UsageError` naming the interpreter
+    and Python's own words (``No module named 'cffi'``) when it cannot
+    (``who`` and ``what`` name the interpreter and the imports there).
     """
     check_python(python)
-    if pythonpath is None:
-        pythonpath = default_pythonpath()
-    code = "import " + ", ".join(HOOK_IMPORTS)
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": pythonpath}
+    code = "import " + ", ".join(imports) + "; " + _REPORT
+    env = {"PATH": _CLEAN_PATH}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
     try:
         proc = subprocess.run(
-            [python, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
+            [python, "-c", code],
+            env=env,
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as err:
-        raise UsageError(f"the hook's interpreter {python} could not be run: {err}") from None
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        why = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise UsageError(f"{who} {python} could not be run: {err}") from None
+    lines = proc.stdout.splitlines()
+    if proc.returncode != 0 or len(lines) < 2:
+        errs = [line for line in proc.stderr.splitlines() if line.strip()]
+        why = errs[-1] if errs else f"exit status {proc.returncode}"
+        pp = "unset" if pythonpath is None else pythonpath
+        raise UsageError(f"{who} {python} cannot import {what} (PYTHONPATH={pp}): {why}")
+    return Interpreter(python, lines[-1], pythonpath, str(Path(lines[-2]).parent.parent))
+
+
+def check_imports(python: str, pythonpath: str | None = None) -> Interpreter:
+    """Run ``python`` as libvirt will run the hook; check it imports the hook from ``pythonpath``.
+
+    ``pythonpath`` defaults to :func:`default_pythonpath`. Raises
+    :class:`UsageError` naming the interpreter and Python's own words
+    (``No module named 'cffi'``) when it cannot import what the hook needs,
+    or when the kvmvfio it imports is not the one in ``pythonpath``: a hook
+    installed so would fail, or run other code than the user checked.
+    """
+    if pythonpath is None:
+        pythonpath = default_pythonpath()
+    found = probe(python, pythonpath, who="the hook's interpreter")
+    if os.path.realpath(found.package_dir) != os.path.realpath(pythonpath):
         raise UsageError(
-            f"the hook's interpreter {python} cannot import kvmvfio's hook "
-            f"(PYTHONPATH={pythonpath}): {why}"
+            f"the hook's interpreter {python} imports kvmvfio from {found.package_dir}, "
+            f"not from its PYTHONPATH {pythonpath}"
         )
+    return found
+
+
+def is_source_checkout(folder: str) -> bool:
+    """Say whether ``folder`` is a kvmvfio source checkout rather than an installed package.
+
+    A checkout has ``pyproject.toml`` beside ``kvmvfio/`` and no
+    ``kvmvfio-*.dist-info`` (an editable install pins its checkout so).
+    A hook or unit pinned to one stops working when it is moved or deleted.
+    """
+    path = Path(folder)
+    return (path / "pyproject.toml").is_file() and not any(path.glob("kvmvfio-*.dist-info"))
+
+
+def checkout_warning(folder: str, what: str) -> str:
+    """The sentence that says ``what`` runs kvmvfio from the source checkout ``folder``."""
+    return (
+        f"{what} runs kvmvfio from the source checkout {folder}, not from an installed "
+        "package: it stops working if the checkout is moved or deleted (install the wheel, "
+        "docs/quickstart-operators.md#installing, and run this again from it)"
+    )
 
 
 def default_pythonpath() -> str:

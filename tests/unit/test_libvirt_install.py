@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -105,6 +106,8 @@ def make_fake_python(
         f"printf '%s\\0' \"$@\" > {rec}/argv\n"
         f'if [ "${{PYTHONPATH+set}}" ]; then printf %s "$PYTHONPATH" > {rec}/pythonpath; fi\n'
         f"cat > {rec}/stdin\n"
+        # As `kvmvfio hook install` runs it (-c): say where kvmvfio came from, like Python.
+        'if [ "$1" = -c ]; then printf \'%s/kvmvfio/__init__.py\\n3.11.0\\n\' "$PYTHONPATH"; fi\n'
         f"printf %s {shlex.quote(stderr)} >&2\n"
         f"exit {exit_code}\n"
     )
@@ -125,7 +128,7 @@ def hooks(tmp_path: Path) -> Path:
 @pytest.fixture
 def pypath(tmp_path: Path) -> str:
     p = tmp_path / "site"
-    p.mkdir()
+    (p / "kvmvfio").mkdir(parents=True)  # the front checks it is there
     return str(p)
 
 
@@ -381,7 +384,7 @@ WEIRD = 'it\'s a "dir" with $HOME, `x`, \\ and\nnewline'
 def test_paths_with_spaces_and_quotes(shell: list[str], hooks: Path, tmp_path: Path) -> None:
     fake = make_fake_python(tmp_path / WEIRD, name="py thon'3")
     pythonpath = tmp_path / f"site {WEIRD}"
-    pythonpath.mkdir()
+    (pythonpath / "kvmvfio").mkdir(parents=True)
     hooks.parent.mkdir(parents=True)
     front = install(hooks, str(fake.path), pythonpath=str(pythonpath)).path
     xml = domain_xml()
@@ -390,6 +393,34 @@ def test_paths_with_spaces_and_quotes(shell: list[str], hooks: Path, tmp_path: P
     assert fake.argv() == ["-m", "kvmvfio.libvirt.hook", *ARGV_TAIL]
     assert fake.stdin() == xml.rstrip(b"\n")
     assert fake.pythonpath() == str(pythonpath)
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("gone", ["python", "kvmvfio"])
+def test_front_says_to_reinstall_when_its_python_or_kvmvfio_is_gone(
+    shell: list[str], gone: str, hooks: Path, tmp_path: Path
+) -> None:
+    fake = make_fake_python(tmp_path / WEIRD, name="py thon'3")
+    pythonpath = tmp_path / f"site {WEIRD}"
+    (pythonpath / "kvmvfio").mkdir(parents=True)
+    hooks.parent.mkdir(parents=True)
+    front = install(hooks, str(fake.path), pythonpath=str(pythonpath)).path
+    if gone == "python":
+        fake.path.unlink()  # a venv removed
+    else:
+        (pythonpath / "kvmvfio").rmdir()  # a checkout moved
+    proc = run_front(shell, front, ARGV_TAIL, stdin=domain_xml())
+    assert proc.returncode == 1
+    said = proc.stderr.decode()
+    assert said == (
+        f"kvmvfio: this hook runs {fake.path} with kvmvfio from {pythonpath}, and one of them "
+        "is gone (moved or removed since the hook was installed); run `kvmvfio hook install` "
+        "again with the kvmvfio to use\n"
+    )
+    assert not fake.ran
+    # Other domains' events still pass, without a word.
+    other = run_front(shell, front, ARGV_TAIL, stdin=domain_xml(namespace=None))
+    assert (other.returncode, other.stdout, other.stderr) == (0, b"", b"")
 
 
 # -- install --------------------------------------------------------------------
@@ -647,7 +678,10 @@ def test_cli_install_uninstall(
     args = ["hook", "install", "--hooks-dir", str(hooks), "--python", str(fake.path)]
     target = hooks / "qemu.d" / "kvmvfio"
     code, out, err = _cli(args, capsys)
-    assert (code, err) == (0, "")
+    # The tests run kvmvfio from its checkout: install says what that means.
+    assert (code, err) == (0, f"kvmvfio: warning: {inst.checkout_warning(str(REPO), 'the hook')}\n")
+    assert "the checkout is moved or deleted" in err
+    assert f"runs {fake.path} (Python 3.11.0) -m kvmvfio.libvirt.hook" in out
     assert out.splitlines()[0].startswith(
         f"installed {target}; restart libvirtd (or virtqemud) so that libvirt notices its "
         "first qemu hook"
@@ -693,7 +727,56 @@ def test_cli_show(fake: FakePython, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_this_interpreter_imports_the_hook() -> None:
-    inst.check_imports(sys.executable)  # what `kvmvfio hook install` checks by default
+    found = inst.check_imports(sys.executable)  # what `kvmvfio hook install` checks by default
+    assert found.package_dir == str(REPO)
+    assert found.python_version == platform.python_version()
+    assert found.pythonpath == str(REPO)
+
+
+def test_an_interpreter_importing_another_kvmvfio_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "python3"
+    other.write_text("#!/bin/sh\nprintf '/elsewhere/kvmvfio/__init__.py\\n3.11.0\\n'\n")
+    other.chmod(0o755)
+    with pytest.raises(UsageError) as refused:
+        inst.check_imports(str(other), str(tmp_path))
+    assert str(refused.value) == (
+        f"the hook's interpreter {other} imports kvmvfio from /elsewhere, "
+        f"not from its PYTHONPATH {tmp_path}"
+    )
+
+
+def test_a_checkout_is_told_from_an_installed_package(tmp_path: Path) -> None:
+    assert inst.is_source_checkout(str(REPO))
+    site = tmp_path / "site-packages"
+    (site / "kvmvfio").mkdir(parents=True)
+    (site / "kvmvfio-0.1.0.dist-info").mkdir()
+    assert not inst.is_source_checkout(str(site))
+    # An editable install's checkout keeps its dist-info elsewhere: still a checkout.
+    (tmp_path / "pyproject.toml").write_text("")
+    assert inst.is_source_checkout(str(tmp_path))
+
+
+def test_agent_unit_records_and_checks_its_kvmvfio(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _cli(["agent", "--unit"], capsys)
+    assert code == 0
+    # Whichever way this interpreter finds the checkout (an editable install, or
+    # PYTHONPATH that the unit then sets), the unit runs this kvmvfio.
+    assert out.splitlines()[0] == (
+        f"# kvmvfio {kvmvfio.__version__} from {REPO}, Python {platform.python_version()}: "
+        "checked by `kvmvfio agent --unit`"
+    )
+    assert f"ExecStart={sys.executable} -m kvmvfio agent" in out.splitlines()
+    assert err == f"kvmvfio: warning: {inst.checkout_warning(str(REPO), 'the unit')}\n"
+
+
+def test_agent_unit_text_quotes_its_pythonpath() -> None:
+    from kvmvfio.libvirt.agent import unit_text  # noqa: PLC0415 (as the CLI imports it)
+
+    text = unit_text("/venv/bin/python", '/a b/"c"\\d%e', "kvmvfio 0.1.0")
+    lines = text.splitlines()
+    assert lines[0] == "# kvmvfio 0.1.0"
+    assert 'Environment="PYTHONPATH=/a b/\\"c\\"\\\\d%%e"' in lines
+    assert not any(line.startswith(("#", "Environment")) for line in unit_text("/p").splitlines())
 
 
 def test_an_interpreter_without_the_hooks_imports_is_refused_by_name(tmp_path: Path) -> None:
@@ -708,7 +791,8 @@ def test_an_interpreter_without_the_hooks_imports_is_refused_by_name(tmp_path: P
     said = str(refused.value)
     assert f"the hook's interpreter {bad.path} cannot import kvmvfio's hook" in said
     assert said.endswith("No module named 'cffi'")
-    assert bad.argv() == ["-c", "import kvmvfio.libvirt.hook, cffi, qemu.qmp"]
+    assert bad.argv()[0] == "-c"
+    assert bad.argv()[1].startswith("import kvmvfio.libvirt.hook, cffi, qemu.qmp; ")
     assert bad.pythonpath() == str(tmp_path)
 
 

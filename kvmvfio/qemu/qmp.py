@@ -269,6 +269,7 @@ class Qemu(Monitor):
         # listened for where they are awaited; the default one takes none.
         self.client.events.event_filter = _no_event
         self._connected = False
+        self._sock: socket.socket | None = None
         # An fd and the getfd that names it travel together: no other command between.
         self._fd_lock = asyncio.Lock()
 
@@ -343,6 +344,7 @@ class Qemu(Monitor):
             await self._abandon(sock)
             raise
         self._connected = True
+        self._sock = sock
         log.info("connected to QEMU pid %d (uid %d) at %s", self.pid, self.uid, self._where)
         return self
 
@@ -382,6 +384,12 @@ class Qemu(Monitor):
         except Exception as err:  # QEMU died first, or sent what ended the session
             log.debug("QMP disconnect from pid %d: %r", self.pid, err)
             return err
+        finally:
+            # qemu.qmp's transport closes it, but not on every path where QEMU died
+            # first (the lab saw it left to the garbage collector): close it here too.
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
         return None
 
     async def close(self) -> None:

@@ -257,11 +257,9 @@ async def test_no_free_port_is_said_plainly(edus: tuple[str, str]) -> None:
 
 # The QMP commands of one fd attach, in order; QEMU is killed before each.
 _STEPS = [
+    "qom-list",  # /machine/peripheral: QEMU's VFIO devices (their backend) and ports, once
+    "qom-list",  # /machine/peripheral-anon
     "qom-list-types",
-    "qom-list",  # /machine/peripheral: QEMU's VFIO devices' backend, for the plan
-    "qom-list",  # /machine/peripheral-anon
-    "qom-list",  # /machine/peripheral: the backend again, and the ports
-    "qom-list",  # /machine/peripheral-anon
     "query-memory-size-summary",
     "qom-list",  # /objects: is the iommufd object there?
     "getfd",

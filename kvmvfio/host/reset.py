@@ -178,6 +178,10 @@ def reset_scope(
     return ResetScope(dev.address, dev.reset_methods, bridge, tuple(affected))
 
 
+#: How much of the config header is read: IDs, command/status, revision and class.
+_HEADER = 12
+
+
 @dataclass(frozen=True, slots=True)
 class Liveness:
     """What a function's config space and power state said when read."""
@@ -187,11 +191,18 @@ class Liveness:
     vendor: int | None
     #: ``power_state`` (D0, D3hot, D3cold, unknown...); None when absent.
     power_state: str | None
+    #: The first bytes of the header as read (empty when not readable).
+    header: bytes = b""
 
     @property
     def dead(self) -> bool:
-        """Config space reads all ones (or zeros): nothing answers at this address."""
-        return self.vendor in (0xFFFF, 0x0000)
+        """The header reads all ones: nothing answers at this address.
+
+        Not the vendor ID alone: an SR-IOV virtual function reads 0xffff
+        there by the PCI spec (the kernel takes its PF's), while its class
+        code and status are real.
+        """
+        return len(self.header) == _HEADER and self.header == b"\xff" * _HEADER
 
     def describe(self) -> str:
         state = f", power state {self.power_state}" if self.power_state else ""
@@ -211,6 +222,7 @@ def answers(sysfs: str | Path, address: str) -> Liveness:
     """
     folder = Path(sysfs) / "bus" / "pci" / "devices" / address
     vendor: int | None = None
+    raw = b""
     try:
         fd = os.open(folder / "config", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
@@ -218,11 +230,11 @@ def answers(sysfs: str | Path, address: str) -> Liveness:
             raise KernelError(err.errno or errno.EIO, "open", str(folder / "config")) from err
     else:
         try:
-            raw = os.pread(fd, 2, 0)
-            if len(raw) == 2:
-                vendor = int.from_bytes(raw, "little")
+            raw = os.pread(fd, _HEADER, 0)
+            if len(raw) >= 2:
+                vendor = int.from_bytes(raw[:2], "little")
         except OSError:
-            vendor = None  # EIO on a read of a device the kernel gave up on
+            raw = b""  # EIO on a read of a device the kernel gave up on
         finally:
             os.close(fd)
     power: str | None = None
@@ -231,4 +243,4 @@ def answers(sysfs: str | Path, address: str) -> Liveness:
         power = text or None
     except OSError:
         power = None
-    return Liveness(address, vendor, power)
+    return Liveness(address, vendor, power, raw)

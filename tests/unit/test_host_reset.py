@@ -180,3 +180,11 @@ def test_inventory_notes_name_a_missing_reset_only_where_a_vm_could_get_it(host:
     assert rows["0000:01:00.0"].endswith("bus reset only")
     assert "reset" not in rows["0000:04:00.0"]  # pm, bus: its own
     assert "reset" not in rows["0000:00:01.0"]  # a bridge: no VM gets it
+
+
+def test_a_virtual_function_reading_ffff_as_its_vendor_is_alive(host: Host) -> None:
+    # By the SR-IOV spec a VF's vendor and device IDs read 0xffff; the rest is real.
+    config = host.sysfs / "bus" / "pci" / "devices" / "0000:00:05.0" / "config"
+    config.write_bytes(b"\xff\xff\xff\xff\x06\x04\x10\x00\x00\x00\x08\x01" + bytes(52))
+    alive = answers(host.sysfs, "0000:00:05.0")
+    assert (alive.vendor, alive.dead) == (0xFFFF, False)

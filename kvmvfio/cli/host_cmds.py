@@ -36,7 +36,7 @@ from kvmvfio.host import (
 from kvmvfio.host.console import ConsoleUse, console_use
 from kvmvfio.host.mdev import is_uuid, read_mdev
 from kvmvfio.host.mdev import mdev as mdev_of
-from kvmvfio.host.reset import ResetScope, reset_scope
+from kvmvfio.host.reset import ResetScope, reset_scopes
 from kvmvfio.host.rom import RomReport, report_rom
 
 #: Version of the ``--json`` schema; bumped only when a field changes
@@ -208,7 +208,7 @@ Resets = Mapping[str, ResetScope]
 
 def resets_of(host: Host, devices: Sequence[PciDevice], every: Sequence[PciDevice]) -> Resets:
     """The reset scope of each of ``devices``; ``every``: the host's functions."""
-    return {str(d.address): reset_scope(host.sysfs, d, every) for d in devices}
+    return reset_scopes(host.sysfs, devices, every)
 
 
 def rom_json(report: RomReport | None) -> JsonObject | None:

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +54,7 @@ from kvmvfio.errors import KernelError
 from kvmvfio.host.address import PciAddress
 from kvmvfio.host.pci import PciDevice
 
-__all__ = ["Affected", "Liveness", "ResetScope", "answers", "reset_scope"]
+__all__ = ["Affected", "Liveness", "ResetScope", "answers", "reset_scope", "reset_scopes"]
 
 #: The kernel's own reset methods that reset the function alone.
 FUNCTION_RESETS = ("device_specific", "acpi", "flr", "af_flr", "pm", "bus", "cxl_bus")
@@ -147,35 +147,47 @@ def _real(path: Path) -> str | None:
         return None
 
 
-def reset_scope(
-    sysfs: str | Path, dev: PciDevice, others: Sequence[PciDevice] | Mapping[str, PciDevice]
-) -> ResetScope:
-    """The reset scope of ``dev``; ``others``: the host's functions (to find the affected).
+def _bridge_of(own: str | None) -> PciAddress | None:
+    """The bridge whose folder holds the function's folder ``own``; None on a root bus."""
+    if own is None:
+        return None
+    try:
+        return PciAddress.parse(os.path.basename(os.path.dirname(own)))
+    except ValueError:
+        return None  # pci0000:00: a root bus
+
+
+def reset_scopes(
+    sysfs: str | Path, devices: Sequence[PciDevice], others: Sequence[PciDevice]
+) -> dict[str, ResetScope]:
+    """The reset scope of each of ``devices`` by address; ``others``: the host's functions.
 
     The bridge above is the parent folder of the function's folder under
     ``/sys/devices`` when that is a PCI function; a function is affected when
-    its folder lies below that bridge's.
+    its folder lies below that bridge's. Each function's folder is resolved
+    once, however many scopes it is looked for in.
     """
     base = Path(sysfs) / "bus" / "pci" / "devices"
-    own = _real(base / str(dev.address))
-    bridge: PciAddress | None = None
-    if own is not None:
-        try:
-            bridge = PciAddress.parse(os.path.basename(os.path.dirname(own)))
-        except ValueError:
-            bridge = None  # pci0000:00: a root bus
-    affected: list[Affected] = []
-    if bridge is not None and own is not None:
-        below = os.path.dirname(own) + os.sep
-        pool = others.values() if isinstance(others, Mapping) else others
-        for other in pool:
-            if other.address == dev.address:
-                continue
-            path = _real(base / str(other.address))
-            if path is not None and path.startswith(below):
-                affected.append(Affected(other.address, other.driver))
-    affected.sort(key=lambda a: str(a.address))
-    return ResetScope(dev.address, dev.reset_methods, bridge, tuple(affected))
+    folders = {d.address: _real(base / str(d.address)) for d in (*devices, *others)}
+    out: dict[str, ResetScope] = {}
+    for dev in devices:
+        own = folders[dev.address]
+        bridge = _bridge_of(own)
+        affected: list[Affected] = []
+        if bridge is not None and own is not None:
+            below = os.path.dirname(own) + os.sep
+            for other in others:
+                path = folders[other.address]
+                if other.address != dev.address and path is not None and path.startswith(below):
+                    affected.append(Affected(other.address, other.driver))
+        affected.sort(key=lambda a: str(a.address))
+        out[str(dev.address)] = ResetScope(dev.address, dev.reset_methods, bridge, tuple(affected))
+    return out
+
+
+def reset_scope(sysfs: str | Path, dev: PciDevice, others: Sequence[PciDevice]) -> ResetScope:
+    """The reset scope of ``dev`` (:func:`reset_scopes` for one function)."""
+    return reset_scopes(sysfs, [dev], others)[str(dev.address)]
 
 
 #: How much of the config header is read: IDs, command/status, revision and class.

@@ -59,7 +59,7 @@ from kvmvfio.errors import (
 from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice, is_vfio_driver
 from kvmvfio.host.mdev import Mdev, canonical_name, is_uuid, read_mdev
 from kvmvfio.host.mdev import mdev as mdev_of
-from kvmvfio.host.reset import reset_scope
+from kvmvfio.host.reset import reset_scopes
 from kvmvfio.vfio.policy import Coherency, VfioPath, apply_coherency
 
 if TYPE_CHECKING:
@@ -613,6 +613,7 @@ def make_plan(
             accepted.append(f"{subject}: no enforced DMA cache coherency (policy {policy.value})")
             for addr in members:
                 notes[addr].append(note)
+    resets = _reset_notes(host, devices)
     plans = []
     for dev in devices:
         addr = str(dev.address)
@@ -628,7 +629,7 @@ def make_plan(
                 notes=tuple(notes[addr]),
                 vf_token=addr in tokened,
                 mdev=isinstance(dev, Mdev),
-                reset=_reset_note(host, dev) if isinstance(dev, PciDevice) else None,
+                reset=resets.get(addr),
             )
         )
     return Plan(
@@ -645,13 +646,15 @@ def make_plan(
     )
 
 
-def _reset_note(host: Host, dev: PciDevice) -> str | None:
-    """What a user should know of ``dev``'s reset: only when it has none of its own."""
-    scope = reset_scope(host.sysfs, dev, ())
-    if scope.bus_reset and (not scope.own or "bus" in scope.methods):
-        # Who else a bus reset hits (and whether `bus` still works): read the host's functions.
-        scope = reset_scope(host.sysfs, dev, host.devices())
-    return None if scope.own else scope.summary().removeprefix("reset: ")
+def _reset_notes(host: Host, devices: Sequence[Target]) -> dict[str, str]:
+    """What a user should know of each PCI device's reset: only where it has none of its own."""
+    pci = [d for d in devices if isinstance(d, PciDevice)]
+    scopes = reset_scopes(host.sysfs, pci, ())
+    if any(s.bus_reset and (not s.own or "bus" in s.methods) for s in scopes.values()):
+        # Who else a bus reset hits (and whether `bus` still works): the host's functions,
+        # read once for all the devices.
+        scopes = reset_scopes(host.sysfs, pci, host.devices())
+    return {a: s.summary().removeprefix("reset: ") for a, s in scopes.items() if not s.own}
 
 
 def _token(value: uuid.UUID | str | None) -> uuid.UUID | None:

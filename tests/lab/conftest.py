@@ -7,6 +7,7 @@ booted topology are skipped too.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -42,6 +43,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 #: leak is found, an unraisable warning in the lab is printed in the summary instead
 #: of failing; the unit tiers, which drive the same QMP code on fakes, keep it fatal.
 _LAB_UNRAISABLE = pytest.mark.filterwarnings("default::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_lab_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Collect at each lab test's teardown, so a leak's warning names the test that leaked."""
+    yield
+    if request.node.get_closest_marker("lab") is not None:
+        gc.collect()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -55,7 +55,7 @@ The hierarchy (``[module]``: where a leaf lives, under ``kvmvfio.``)::
      |   DeviceNotAnswering                                      [prepare.errors]
      +-- GroupNotViable > UnlistedMembers                        [prepare.members]
      +-- UsageError > InvalidRom; RomUnreadable                  [host.rom]
-     +-- LibvirtError, ForeignHook                               [libvirt.errors]
+     +-- LibvirtError, ForeignHook, StatusFileInvalid            [libvirt.errors]
      +-- LabError                                                [lab.errors]
 
 :class:`~kvmvfio.host.errors.Blocker` (one group member in the way, data
@@ -99,7 +99,13 @@ if TYPE_CHECKING:
         NotAssociated,
     )
     from kvmvfio.lab.errors import LabError
-    from kvmvfio.libvirt.errors import ForeignHook, HookFileError, HooksDirMissing, LibvirtError
+    from kvmvfio.libvirt.errors import (
+        ForeignHook,
+        HookFileError,
+        HooksDirMissing,
+        LibvirtError,
+        StatusFileInvalid,
+    )
     from kvmvfio.libvirt.metadata import MetadataError
     from kvmvfio.prepare.errors import (
         ClaimedBy,
@@ -210,7 +216,13 @@ _LEAVES = {
     ),
     "kvmvfio.prepare.members": ("UnlistedMembers",),
     "kvmvfio.host.rom": ("InvalidRom", "RomUnreadable"),
-    "kvmvfio.libvirt.errors": ("LibvirtError", "HookFileError", "ForeignHook", "HooksDirMissing"),
+    "kvmvfio.libvirt.errors": (
+        "LibvirtError",
+        "HookFileError",
+        "ForeignHook",
+        "HooksDirMissing",
+        "StatusFileInvalid",
+    ),
     "kvmvfio.libvirt.metadata": ("MetadataError",),
     "kvmvfio.lab.errors": ("LabError",),
 }
@@ -288,6 +300,7 @@ __all__ = [  # noqa: RUF022
     "HookFileError",
     "ForeignHook",
     "HooksDirMissing",
+    "StatusFileInvalid",
     "MetadataError",
     "LabError",
 ]

@@ -79,6 +79,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rc.add_argument(
         "--mdevctl-root", default="/etc/mdevctl.d", type=path_text, help=argparse.SUPPRESS
     )
+    rc.add_argument(
+        "--unit",
+        action="store_true",
+        help="print a systemd unit that runs `kvmvfio recover` before libvirtd or virtqemud",
+    )
     rc.set_defaults(handler=_recover)
 
     st = sub.add_parser("status", help="the groups kvmvfio holds and their owners")
@@ -149,6 +154,12 @@ def _recover(args: argparse.Namespace) -> int:
     from kvmvfio.prepare.mdev import recover_mdevs  # noqa: PLC0415 (imported on use)
     from kvmvfio.prepare.sriov import recover_vfs  # noqa: PLC0415
 
+    if args.unit:
+        from kvmvfio.cli.libvirt_cmds import checked_unit  # noqa: PLC0415 (imported on use)
+        from kvmvfio.libvirt.units import RECOVER  # noqa: PLC0415
+
+        sys.stdout.write(checked_unit(RECOVER))
+        return 0
     host = Host(args.sysfs_root, args.dev_root)
     done = recover(host=host, root=Path(args.root))
     # mdevs after groups (a released group no longer holds its mdev) and before VFs

@@ -18,6 +18,10 @@ libvirtd, loses nothing:
   ``/run/kvmvfio/agent/`` before each attach;
 - what was moved between drivers is the journal's (:mod:`kvmvfio.prepare`).
 
+What it did last is written for people, not read back: after each
+reconciliation the agent rewrites its status file
+(:mod:`kvmvfio.libvirt.status`, shown by ``kvmvfio agent status``).
+
 On start, and after every reconnection, the agent reconciles every domain:
 it attaches what is missing, leaves alone what is there, and releases what
 belonged to domains that stopped while it was away. It follows libvirt's
@@ -30,8 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +46,7 @@ from typing import Any
 from kvmvfio.errors import Interface, KvmvfioError, QemuGone, shown, speaking_to
 from kvmvfio.host import Host
 from kvmvfio.host.mdev import canonical_name, is_uuid
+from kvmvfio.libvirt import units
 from kvmvfio.libvirt.hook import refuse_unlisted
 from kvmvfio.libvirt.metadata import (
     NAMESPACE,
@@ -58,6 +65,15 @@ from kvmvfio.libvirt.monitor import (
     call_libvirt,
     lookup_domain,
 )
+from kvmvfio.libvirt.status import (
+    Action,
+    AgentStatus,
+    DeviceStatus,
+    DomainStatus,
+    Refusal,
+    StatusFile,
+    own_process,
+)
 from kvmvfio.prepare import prepare, release, release_owner
 from kvmvfio.prepare.journal import DEFAULT_ROOT, Journal
 from kvmvfio.prepare.rundir import RunFolder
@@ -71,21 +87,6 @@ EVENT_LIFECYCLE = 0
 EVENT_METADATA_CHANGE = 23
 #: Lifecycle events after which a domain's devices may need attention.
 _LIFECYCLE_STARTED, _LIFECYCLE_RESUMED, _LIFECYCLE_STOPPED, _LIFECYCLE_CRASHED = 2, 4, 5, 8
-
-UNIT = """\
-{header}[Unit]
-Description=kvmvfio agent: hand PCI devices to libvirt domains by file descriptor
-After=libvirtd.service virtqemud.service
-Wants=libvirtd.service
-
-[Service]
-{environment}ExecStart={python} -m kvmvfio agent
-Restart=on-failure
-RestartSec=2s
-
-[Install]
-WantedBy=multi-user.target
-"""
 
 
 @dataclass
@@ -200,7 +201,13 @@ class Agent:
         self.resync = resync
         self.detach_timeout = detach_timeout
         self.store = StateStore(root)
+        self.status_file = StatusFile(root)
         self._connect = connect
+        self._me = own_process()
+        self._started = time.time()
+        self._connected = False
+        self._next_resync: float | None = None
+        self._domains: dict[str, DomainStatus] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         #: Set after the first full reconciliation of each connection (for tests and logs).
@@ -235,9 +242,12 @@ class Agent:
                 continue
             backoff = 1.0
             log.info("connected to libvirt at %s", self.uri)
+            self._connected = True
             try:
                 await self._serve(conn)
             finally:
+                self._connected = False
+                self._publish()
                 self.ready.clear()
                 with contextlib.suppress(Exception):
                     conn.close()
@@ -267,6 +277,7 @@ class Agent:
             await self.reconcile_all(conn)
             self.ready.set()
             while not closed.is_set():
+                self._next_resync = time.time() + self.resync
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(closed.wait(), self.resync)
                 if not closed.is_set():
@@ -284,12 +295,18 @@ class Agent:
         task.add_done_callback(self._tasks.discard)
 
     async def _reconcile_logged(self, conn: Any, name: str) -> None:
+        refusal = None
         try:
             await self.reconcile(conn, name)
         except KvmvfioError as err:
             log.error("domain %s: %s", name, err)
-        except Exception:
+            refusal = self._refusal(err)
+        except Exception as err:
             log.exception("domain %s: reconciling failed", name)
+            refusal = self._refusal(err, f"reconciling failed: {err}")
+        if name in self._domains or refusal is not None:
+            self._set_domain(name, refusal=refusal)
+        self._publish()
 
     # -- reconciling ---------------------------------------------------------------------
 
@@ -299,8 +316,13 @@ class Agent:
         names = {d.name() for d in domains}
         held = {r.owner[len(OWNER_PREFIX) :] for r in Journal(self.root).records()}
         held = {n for n in held if n}
-        for name in sorted(names | held | set(self.store.names())):
+        every = names | held | set(self.store.names())
+        for name in sorted(every):
             await self._reconcile_logged(conn, name)
+        # A domain libvirt no longer knows, with nothing left to release, leaves the status.
+        for name in set(self._domains) - every:
+            del self._domains[name]
+        self._publish()
 
     async def reconcile(self, conn: Any, name: str) -> None:
         """Bring one domain's QEMU to what its metadata asks; release a stopped one's devices."""
@@ -314,6 +336,8 @@ class Agent:
             dom = await call_libvirt(lookup_domain, conn, name)
             if dom is None or not await call_libvirt(dom.isActive):
                 self._release_stopped(name)
+                if name in self._domains:
+                    self._set_domain(name, running=False)
                 return
             xml = await call_libvirt(dom.XMLDesc, 0)
             request = parse_domain(xml)
@@ -328,8 +352,13 @@ class Agent:
                 state = None
             if state is None:
                 if not wanted:
+                    if name in self._domains:
+                        self._set_domain(name, uuid=uuid, running=True)
+                        for addr in self._domains[name].devices:
+                            self._note(name, addr.address, wanted=False, held=False)
                     return
                 state = DomainState(name, uuid)
+            self._set_domain(name, uuid=uuid, running=True)
             try:
                 await self._converge(dom, state, request, wanted)
             except QemuGone as err:
@@ -354,13 +383,16 @@ class Agent:
                 self._release_addresses(name, [addr], state.devices[addr], wanted)
                 del state.devices[addr]
                 self.store.write(state)
+                self._note(name, addr, Action.RELEASED, wanted=False, held=False)
             # Adopt what is there already (a restart of ours between attach and record).
             for addr, dev in wanted.items():
                 if qdev_id(addr) in present and addr not in state.devices:
                     state.devices[addr] = dev.reset
                     self.store.write(state)
+                    self._note(name, addr, Action.ADOPTED, dev=dev, held=True)
             for addr, dev in wanted.items():
                 if qdev_id(addr) in present:
+                    self._note(name, addr, Action.UNCHANGED, dev=dev, held=True, keep=True)
                     continue
                 assert request is not None  # it lists addr
                 try:
@@ -376,6 +408,11 @@ class Agent:
                         addr,
                         err,
                     )
+                    self._note(
+                        name, addr, Action.REFUSED, dev=dev, held=False, refusal=self._refusal(err)
+                    )
+                else:
+                    self._note(name, addr, Action.ATTACHED, dev=dev, held=True)
         if not state.devices:
             self.store.remove(name)
 
@@ -439,19 +476,81 @@ class Agent:
         for r in release_owner(_owner_of(name), reset=reset, host=self._host(), root=self.root):
             log.info("domain %s (stopped): %s back on %s", name, r.address, r.driver or "no driver")
         self.store.remove(name)
+        if state is not None and state.devices:
+            self._set_domain(name, uuid=state.uuid, running=False)
+            for addr in state.devices:
+                self._note(name, addr, Action.RELEASED, wanted=False, held=False)
+
+    # -- the status file (for people: never read back) -----------------------------------
+
+    def _refusal(self, err: BaseException, message: str | None = None) -> Refusal:
+        now = time.time()
+        retry = self._next_resync if self._next_resync and self._next_resync > now else None
+        text = str(err) if message is None else message
+        return Refusal(text, type(err).__name__, now, retry or now + self.resync)
+
+    def _set_domain(self, name: str, **changes: Any) -> None:
+        now = time.time()
+        old = self._domains.get(name) or DomainStatus(name, None, True, now)
+        self._domains[name] = dataclasses.replace(old, checked=now, **changes)
+
+    def _note(
+        self,
+        name: str,
+        addr: str,
+        action: Action | None = None,
+        *,
+        dev: DeviceRequest | None = None,
+        held: bool,
+        wanted: bool = True,
+        refusal: Refusal | None = None,
+        keep: bool = False,
+    ) -> None:
+        """Record what was done with device ``addr`` of domain ``name`` (``keep``: if nothing yet).
+
+        Without ``action``, the last action stays and only what was seen changes.
+        """
+        domain = self._domains.get(name) or DomainStatus(name, None, True, time.time())
+        devices = {d.address: d for d in domain.devices}
+        old = devices.get(addr)
+        now = time.time()
+        if old is not None and (action is None or (keep and old.action != Action.REFUSED)):
+            new = dataclasses.replace(old, held=held, wanted=wanted)
+        else:
+            new = DeviceStatus(
+                address=addr,
+                handoff=(dev.handoff if dev else Handoff.AGENT).value,
+                path=VfioPath.CDEV.value,
+                wanted=wanted,
+                held=held,
+                action=action or Action.UNCHANGED,
+                at=now,
+                refusal=refusal,
+            )
+        devices[addr] = new
+        ordered = tuple(devices[a] for a in sorted(devices))
+        self._domains[name] = dataclasses.replace(domain, devices=ordered)
+
+    def status(self) -> AgentStatus:
+        """What the agent knows now, as its status file says it."""
+        return AgentStatus(
+            pid=self._me.pid,
+            pid_start=self._me.start,
+            started=self._started,
+            updated=time.time(),
+            uri=self.uri,
+            connected=self._connected,
+            resync=self.resync,
+            domains=tuple(self._domains[n] for n in sorted(self._domains)),
+        )
+
+    def _publish(self) -> None:
+        try:
+            self.status_file.write(self.status())
+        except KvmvfioError as err:  # only a report: the agent's work goes on
+            log.warning("agent status not written: %s", err)
 
 
 def unit_text(python: str, pythonpath: str | None = None, about: str = "") -> str:
-    """The systemd unit of the agent, for ``python``.
-
-    With ``pythonpath``, the unit sets ``PYTHONPATH`` (for an interpreter
-    that does not import kvmvfio by itself); ``about`` is a comment line on
-    top (which kvmvfio and Python the unit was checked with).
-    """
-    environment = ""
-    if pythonpath is not None:
-        # systemd's quoting: C escapes inside double quotes, % doubled (specifiers).
-        quoted = pythonpath.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
-        environment = f'Environment="PYTHONPATH={quoted}"\n'
-    header = f"# {about}\n" if about else ""
-    return UNIT.format(python=python, environment=environment, header=header)
+    """The systemd unit of the agent, for ``python`` (:func:`kvmvfio.libvirt.units.unit_text`)."""
+    return units.unit_text(units.AGENT, python, pythonpath, about)

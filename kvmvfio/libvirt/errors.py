@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from kvmvfio.errors import KernelError, KvmvfioError, UsageError
 
-__all__ = ["ForeignHook", "HookFileError", "HooksDirMissing", "LibvirtError"]
+__all__ = ["ForeignHook", "HookFileError", "HooksDirMissing", "LibvirtError", "StatusFileInvalid"]
 
 
 class LibvirtError(KvmvfioError):
@@ -61,4 +61,16 @@ class HooksDirMissing(UsageError):
         super().__init__(
             f"cannot create {hooks_dir}: {hooks_dir.parent} does not exist (is libvirt "
             "installed? name libvirt's hooks folder with --hooks-dir)"
+        )
+
+
+class StatusFileInvalid(KvmvfioError):
+    """The agent's status file holds something the agent never writes; nothing was shown from it."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        self.path = path
+        self.why = why
+        super().__init__(
+            f"{path} is not a status the kvmvfio agent writes: {why}. The agent rewrites it at "
+            "its next reconcile; if none runs, remove the file"
         )

@@ -6,6 +6,7 @@ lab (tests/lab/test_libvirt.py).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +19,7 @@ from kvmvfio.errors import CoherencyRefused, KvmvfioError
 from kvmvfio.host import Host
 from kvmvfio.libvirt.agent import Agent, DomainState, StateStore
 from kvmvfio.libvirt.metadata import NAMESPACE
+from kvmvfio.libvirt.status import StatusFile
 from kvmvfio.prepare import status
 from kvmvfio.prepare.journal import Journal, Record
 
@@ -173,3 +175,104 @@ async def test_one_refused_device_does_not_keep_the_others_from_the_domain(
     state = agent.store.read("vm1")
     assert state is not None
     assert sorted(state.devices) == ["0000:00:03.0", "0000:00:04.0"]
+
+
+# -- the status file ------------------------------------------------------------------------
+
+
+async def test_the_status_file_says_what_was_attached_refused_and_released(
+    agent: Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    present: list[str] = []
+
+    async def in_qemu(monitor: object) -> list[str]:
+        return list(present)
+
+    async def fake_attach(monitor: object, addrs: list[str], **kw: object) -> list[object]:
+        if addrs == ["0000:00:03.0"]:
+            raise CoherencyRefused("device 0000:00:03.0", addrs)
+        present.append("kvmvfio-0000-00-04-0")
+        return [SimpleNamespace(qdev_id="kvmvfio-0000-00-04-0", bus="rp1")]
+
+    monkeypatch.setattr(agent_mod, "DomainMonitor", FakeMonitor)
+    monkeypatch.setattr(agent_mod, "kvmvfio_devices", in_qemu)
+    monkeypatch.setattr(agent_mod, "attach", fake_attach)
+    monkeypatch.setattr(agent_mod, "prepare", lambda *a, **kw: None)
+    meta = (
+        f'<k:devices xmlns:k="{NAMESPACE}">'
+        '<k:device address="00:03.0" handoff="agent" coherency="require"/>'
+        '<k:device address="00:04.0" handoff="agent"/></k:devices>'
+    )
+    dom = FakeDomain("vm1", meta=meta)
+    conn = FakeConn(dom, FakeDomain("plain"))  # "plain" asks nothing: not listed
+    await agent.reconcile_all(conn)
+    st = StatusFile(agent.root).read()
+    assert st is not None
+    assert (st.pid, st.uri, st.connected) == (os.getpid(), "qemu:///system", False)
+    assert st.pid_start is not None
+    (vm1,) = st.domains
+    assert (vm1.name, vm1.uuid, vm1.running, vm1.refusal) == ("vm1", "u-1", True, None)
+    refused, attached = vm1.devices
+    assert (refused.address, refused.action, refused.held) == ("0000:00:03.0", "refused", False)
+    assert refused.refusal is not None
+    assert refused.refusal.error == "CoherencyRefused"
+    assert "0000:00:03.0" in refused.refusal.message
+    assert refused.refusal.retry_at is not None
+    assert refused.refusal.retry_at >= refused.refusal.at
+    assert (attached.address, attached.action, attached.held) == ("0000:00:04.0", "attached", True)
+    assert (attached.handoff, attached.path, attached.wanted) == ("agent", "cdev", True)
+
+    # The next reconcile finds it in QEMU: nothing to do, the last action stays.
+    await agent.reconcile_all(conn)
+    st = StatusFile(agent.root).read()
+    assert st is not None
+    assert [(d.address, d.action) for d in st.domains[0].devices] == [
+        ("0000:00:03.0", "refused"),
+        ("0000:00:04.0", "attached"),
+    ]
+
+    # The domain stops: what the agent held is released, the domain is listed as stopped.
+    monkeypatch.setattr(agent_mod, "release_owner", lambda *a, **kw: [])
+    dom.active = False
+    await agent.reconcile_all(conn)
+    st = StatusFile(agent.root).read()
+    assert st is not None
+    (vm1,) = st.domains
+    assert not vm1.running
+    assert [(d.address, d.action, d.held, d.wanted) for d in vm1.devices] == [
+        ("0000:00:03.0", "released", False, False),
+        ("0000:00:04.0", "released", False, False),
+    ]
+    # Gone from libvirt with nothing left: gone from the status too.
+    await agent.reconcile_all(FakeConn())
+    st = StatusFile(agent.root).read()
+    assert st is not None
+    assert st.domains == ()
+
+
+async def test_a_domain_refused_whole_is_in_the_status_until_it_is_fixed(agent: Agent) -> None:
+    bad = f'<k:devices xmlns:k="{NAMESPACE}"><k:device address="zz"/></k:devices>'
+    dom = FakeDomain("bad", meta=bad)
+    await agent.reconcile_all(FakeConn(dom))
+    st = StatusFile(agent.root).read()
+    assert st is not None
+    (entry,) = st.domains
+    assert entry.refusal is not None
+    assert entry.refusal.error == "MetadataError"
+    assert "<kvmvfio:device address='zz'>" in entry.refusal.message
+    dom.meta = ""
+    await agent.reconcile_all(FakeConn(dom))
+    st = StatusFile(agent.root).read()
+    assert st is not None
+    assert [(d.name, d.refusal) for d in st.domains] == [("bad", None)]
+
+
+async def test_a_status_file_that_cannot_be_written_does_not_stop_the_agent(
+    agent: Agent, caplog: pytest.LogCaptureFixture
+) -> None:
+    (agent.root / "status").mkdir(parents=True)
+    (agent.root / "status").chmod(0o755)  # not kvmvfio's: refused, the work goes on
+    _claim(agent, 1, "libvirt:gone")
+    await agent.reconcile_all(FakeConn())
+    assert status(root=agent.root) == []
+    assert "agent status not written:" in caplog.text

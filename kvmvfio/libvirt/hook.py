@@ -69,6 +69,10 @@ log = logging.getLogger("kvmvfio.libvirt.hook")
 PREPARE = ("prepare", "begin")
 RELEASE = ("release", "end")
 LOG_FILE = Path("/var/log/kvmvfio/hook.log")
+#: The hook's syslog identifier (``journalctl -t kvmvfio-hook``), also in each line of LOG_FILE.
+LOG_IDENTIFIER = "kvmvfio-hook"
+#: syslog's socket (journald's, on a systemd host).
+SYSLOG_SOCKET = "/dev/log"
 
 _STRICTNESS = {Coherency.IGNORE: 0, Coherency.WARN: 1, Coherency.REQUIRE: 2}
 
@@ -237,9 +241,12 @@ def _setup_logging() -> None:
     root.setLevel(logging.INFO)
     handler: logging.Handler
     try:
-        if stat.S_ISSOCK(os.stat("/dev/log").st_mode):
-            handler = logging.handlers.SysLogHandler("/dev/log")
-            handler.ident = "kvmvfio-hook: "
+        if stat.S_ISSOCK(os.stat(SYSLOG_SOCKET).st_mode):
+            handler = logging.handlers.SysLogHandler(SYSLOG_SOCKET)
+            # syslog's tag: journald files it as SYSLOG_IDENTIFIER (journalctl -t kvmvfio-hook)
+            # and stamps the time itself.
+            handler.ident = f"{LOG_IDENTIFIER}[{os.getpid()}]: "
+            handler.setFormatter(logging.Formatter("%(message)s"))
         else:
             raise FileNotFoundError
     except OSError:
@@ -248,7 +255,9 @@ def _setup_logging() -> None:
             handler = logging.FileHandler(LOG_FILE)
         except OSError:
             return  # no place to log: the decisions still show in the outcome
-    handler.setFormatter(logging.Formatter("%(asctime)s kvmvfio-hook[%(process)d]: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {LOG_IDENTIFIER}[%(process)d]: %(message)s")
+        )
     root.addHandler(handler)
 
 

@@ -376,3 +376,35 @@ def test_recover_unit_is_checked_like_the_agents(capsys: pytest.CaptureFixture[s
     assert code == 0
     assert out.splitlines()[0].endswith("checked by `kvmvfio recover --unit`")
     assert f"ExecStart={sys.executable} -m kvmvfio recover" in out.splitlines()
+
+
+# -- the hook's log identifier ----------------------------------------------------------------
+
+
+def test_the_hook_logs_to_syslog_under_its_identifier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    from kvmvfio.libvirt import hook  # noqa: PLC0415
+
+    path = tmp_path / "log"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    monkeypatch.setattr(hook, "SYSLOG_SOCKET", str(path))
+    root = logging.getLogger("kvmvfio")
+    before, level = list(root.handlers), root.level
+    try:
+        hook._setup_logging()
+        assert len([h for h in root.handlers if h not in before]) == 1
+        logging.getLogger("kvmvfio.libvirt.hook").info("domain vm1: a decision")
+        got = server.recv(4096)
+    finally:
+        for h in [h for h in root.handlers if h not in before]:
+            root.removeHandler(h)
+            h.close()
+        root.setLevel(level)
+        server.close()
+    # <14>: facility user, level info; the tag journald files as SYSLOG_IDENTIFIER.
+    assert got == f"<14>kvmvfio-hook[{os.getpid()}]: domain vm1: a decision\x00".encode()

@@ -47,6 +47,7 @@ __all__ = [
     "Refusal",
     "StatusFile",
     "agent_report",
+    "own_process",
     "parse_status",
 ]
 

@@ -24,8 +24,9 @@ What it checks, in order:
    starts that interpreter, which imports kvmvfio from the venv only
    (``PYTHONVERBOSE`` lists the files it loads) and refuses a domain whose
    kvmvfio metadata is malformed, with kvmvfio's sentence and exit 1.
-5. ``kvmvfio agent --unit`` names the venv's interpreter in ``ExecStart``,
-   records the venv's kvmvfio in its first line and sets no ``PYTHONPATH``.
+5. ``kvmvfio agent --unit`` and ``recover --unit`` name the venv's interpreter in
+   ``ExecStart``, record the venv's kvmvfio in their first line and set no
+   ``PYTHONPATH``.
 6. ``hook install`` run from a checkout (``PYTHONPATH``, a copy of it here)
    warns that the hook depends on the checkout, and once the checkout is
    moved, the front refuses kvmvfio's domains saying to run ``kvmvfio hook
@@ -333,20 +334,21 @@ def check_checkout_pinned(python: Path, src: Path, work: Path) -> None:
 
 
 def check_agent_unit(kvmvfio: Path, python: Path, site: Path, work: Path) -> None:
-    """Check ``kvmvfio agent --unit`` names the venv's interpreter."""
-    proc = _run([str(kvmvfio), "agent", "--unit"], cwd=work)
-    if proc.stderr:
-        raise CheckFailed(f"kvmvfio agent --unit warned from the venv: {proc.stderr}")
-    unit = proc.stdout
+    """Check ``kvmvfio agent --unit`` and ``recover --unit`` name the venv's interpreter."""
     version = _run([str(kvmvfio), "--version"], cwd=work).stdout.split()[-1]
-    execs = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
-    if execs != [f"ExecStart={python} -m kvmvfio agent"]:
-        raise CheckFailed(f"the agent's unit does not start {python}: {execs}")
-    if str(REPO) in unit or "PYTHONPATH" in unit:
-        raise CheckFailed(f"the agent's unit names the checkout or a PYTHONPATH:\n{unit}")
-    if not unit.startswith(f"# kvmvfio {version} from {site}, Python "):
-        raise CheckFailed(f"the agent's unit does not record the venv's kvmvfio:\n{unit}")
-    _say(f"kvmvfio agent --unit: {execs[0]}")
+    for kind in ("agent", "recover"):
+        proc = _run([str(kvmvfio), kind, "--unit"], cwd=work)
+        if proc.stderr:
+            raise CheckFailed(f"kvmvfio {kind} --unit warned from the venv: {proc.stderr}")
+        unit = proc.stdout
+        execs = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+        if execs != [f"ExecStart={python} -m kvmvfio {kind}"]:
+            raise CheckFailed(f"the {kind} unit does not start {python}: {execs}")
+        if str(REPO) in unit or "PYTHONPATH" in unit:
+            raise CheckFailed(f"the {kind} unit names the checkout or a PYTHONPATH:\n{unit}")
+        if not unit.startswith(f"# kvmvfio {version} from {site}, Python "):
+            raise CheckFailed(f"the {kind} unit does not record the venv's kvmvfio:\n{unit}")
+        _say(f"kvmvfio {kind} --unit: {execs[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from libvirtkit import HOOKS, AgentProcess, create, destroy, metadata, qemu_fds, wait_for
@@ -261,6 +262,36 @@ def test_recover_leaves_a_running_domain_alone_and_restores_a_killed_one(
 # -- the agent and the API ----------------------------------------------------------------
 
 
+def agent_status() -> tuple[int, dict[str, Any]]:
+    """``kvmvfio agent status --json``: its exit status and document."""
+    out = subprocess.run(
+        [sys.executable, "-m", "kvmvfio", "agent", "status", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "Traceback" not in out.stderr
+    assert out.returncode in (0, 3), out.stderr
+    return out.returncode, json.loads(out.stdout)
+
+
+def agent_action(domain: str, address: str) -> str | None:
+    """The last action `agent status` gives for ``address`` in ``domain``."""
+    seen = agent_device(domain, address)
+    return None if seen is None else str(seen["action"])
+
+
+def agent_device(domain: str, address: str) -> dict[str, Any] | None:
+    """What the running agent's status says of ``address`` in ``domain`` (None: not running)."""
+    code, doc = agent_status()
+    if code != 0:
+        return None
+    for dom in doc["agent"]["domains"]:
+        if dom["name"] == domain:
+            return next((d for d in dom["devices"] if d["address"] == address), None)
+    return None
+
+
 def set_live(name: str, *devices: DeviceRequest) -> None:
     """What a user does to change a running domain's devices: ``virsh metadata --live``."""
     xml = to_xml(devices, naked=True)
@@ -288,13 +319,28 @@ def test_agent_hands_a_device_by_fd_and_takes_it_back_across_restarts(
     assert os.stat(cdev).st_uid == 0
     assert os.stat(cdev).st_mode & 0o077 == 0
     assert driver(edu0) == "vfio-pci"
+    # `agent status` says so: handed over, QEMU holds it, nothing refused.
+    wait_for(lambda: agent_action("byfd", edu0) == "attached", 30, "edu0 attached in status")
+    seen = agent_device("byfd", edu0)
+    assert seen is not None
+    assert (seen["action"], seen["held"], seen["wanted"]) == ("attached", True, True)
+    assert (seen["handoff"], seen["path"], seen["refusal"]) == ("agent", "cdev", None)
 
     # The agent dies and comes back: nothing attached twice, nothing lost.
+    dead = agent.proc.pid if agent.proc else 0
     agent.kill()
+    code, doc = agent_status()
+    assert (code, doc["running"]) == (3, False)
+    assert doc["why"] == f"process {dead} has exited"
+    assert doc["agent"]["pid"] == dead  # its last status is still shown
     agent.start()
     wait_for(lambda: agent.text().count("connected to libvirt") >= 2, 120, "agent back")
     time.sleep(8)  # more than one resync
     assert qemu_fds(pid).count(cdev) == 1
+    # The new agent found it in QEMU, already recorded: nothing to do.
+    seen = agent_device("byfd", edu0)
+    assert seen is not None
+    assert (seen["action"], seen["held"]) == ("unchanged", True)
     # libvirtd restarts: the agent reconnects; QEMU still holds the device.
     libvirtd.restart()
     wait_for(lambda: agent.text().count("connected to libvirt") >= 3, 120, "agent reconnected")
@@ -308,6 +354,10 @@ def test_agent_hands_a_device_by_fd_and_takes_it_back_across_restarts(
     wait_for(lambda: driver(edu0) is None, 30, "edu0 back on no driver")
     # The record goes last, after the driver is back: wait for it too.
     wait_for(lambda: status() == [], 30, "the record of edu0 gone")
+    wait_for(lambda: agent_action("byfd", edu0) == "released", 30, "edu0 released in status")
+    seen = agent_device("byfd", edu0)
+    assert seen is not None
+    assert (seen["action"], seen["held"], seen["wanted"]) == ("released", False, False)
     # ...and back in: attached again at once.
     set_live("byfd", DeviceRequest(edu0, Handoff.AGENT, DevicePath.CDEV))
     wait_for(held, 120, f"QEMU holding {cdev} again")

@@ -208,6 +208,7 @@ class Agent:
         self._connected = False
         self._next_resync: float | None = None
         self._domains: dict[str, DomainStatus] = {}
+        self._status_error: str | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         #: Set after the first full reconciliation of each connection (for tests and logs).
@@ -548,7 +549,11 @@ class Agent:
         try:
             self.status_file.write(self.status())
         except KvmvfioError as err:  # only a report: the agent's work goes on
-            log.warning("agent status not written: %s", err)
+            if str(err) != self._status_error:  # once, not at every reconcile
+                log.warning("agent status not written: %s", err)
+            self._status_error = str(err)
+        else:
+            self._status_error = None
 
 
 def unit_text(python: str, pythonpath: str | None = None, about: str = "") -> str:

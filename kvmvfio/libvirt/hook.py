@@ -21,7 +21,8 @@ original drivers, resetting those marked ``reset="yes"``.
 
 libvirt's hook rules hold: the hook never calls back into libvirt, and
 its stdout and stderr carry nothing but the error sentence. Decisions are
-logged, one line each, to syslog when ``/dev/log`` exists, else to
+logged, one line each, to syslog when ``/dev/log`` exists (identifier
+``kvmvfio-hook``: ``journalctl -t kvmvfio-hook``), else to
 ``/var/log/kvmvfio/hook.log``.
 """
 

@@ -1,6 +1,8 @@
 """The libvirt quick start (docs/quickstart-libvirt.md), followed verbatim on a real libvirtd.
 
-Every ``sh`` block of the page is run as written, in order, in a folder
+Every ``sh`` block of the page is run as written (the blocks read by
+tests/docpages.py, which the unit tier also uses to check every guide's
+commands against the CLI's parser), in order, in a folder
 holding the page's files (``xml title="..."`` blocks); the only thing the
 test adds is what a host has already: libvirtd running (started after the
 hook is installed, as the page's "restart libvirt once" says). After each
@@ -9,13 +11,13 @@ step, what the page promises is checked on the kernel and in libvirt.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from docpages import blocks
 from vfiokit import driver
 
 from kvmvfio.lab.libvirtd import Libvirtd, virsh
@@ -26,16 +28,6 @@ from kvmvfio.prepare import recover
 pytestmark = [pytest.mark.lab, pytest.mark.topology("default")]
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "quickstart-libvirt.md"
-_BLOCK = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```$", re.S | re.M)
-
-
-def blocks(page: Path = PAGE) -> list[tuple[str, str, str]]:
-    """(language, title, body) of each fenced block of ``page``."""
-    out = []
-    for lang, info, body in _BLOCK.findall(page.read_text()):
-        title = re.search(r'title="([^"]+)"', info)
-        out.append((lang, title.group(1) if title else "", body))
-    return out
 
 
 @pytest.fixture
@@ -63,10 +55,10 @@ def test_the_libvirt_quick_start_works_as_written(
     nic = topology.guest_address("nic0")
     assert nic in PAGE.read_text(), "the page's example device is the lab's NIC"
     assert driver(nic) == "e1000e"
-    for _lang, title, body in blocks():
+    for _lang, title, body in blocks(PAGE):
         if title:
             (tmp_path / title).write_text(body)
-    scripts = [body for lang, _, body in blocks() if lang == "sh"]
+    scripts = [body for lang, _, body in blocks(PAGE) if lang == "sh"]
     assert len(scripts) == 5, "the test follows the page's five steps"
     assert scripts[0].strip().splitlines()[-1].startswith("kvmvfio group")
     find, hook, define, start, stop = scripts
@@ -74,7 +66,7 @@ def test_the_libvirt_quick_start_works_as_written(
     # `kvmvfio group` exits 1 while the group is not viable, as the page says.
     out = run_block(find, tmp_path, status=1)
     assert f"{nic}  8086:10d3  Ethernet controller   e1000e" in out
-    shown = next(body for lang, _, body in blocks() if lang == "text")
+    shown = next(body for lang, _, body in blocks(PAGE) if lang == "text")
     assert shown.strip().splitlines()[-1] in out  # the page shows what the user sees
     assert "1 member(s) keep the group from VFIO" in out
     run_block(hook, tmp_path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import re
 import shlex
 import sys
 import types
@@ -128,3 +129,34 @@ def test_every_python_snippet_compiles_and_names_what_kvmvfio_has(
                 assert hasattr(owner, node.attr) or importlib.util.find_spec(
                     f"{owner.__name__}.{node.attr}"
                 ), f"{where}: {node.value.id}.{node.attr}: {owner.__name__} has no {node.attr}"
+
+
+_SINCE = re.compile(r"\*[Ss]ince\s+(Linux|QEMU|libvirt)\s+([0-9][0-9.]*[0-9])\*")
+
+
+def _since_marks() -> list[object]:
+    return [
+        pytest.param(page.name, project, version, id=f"{page.name}-{project} {version}")
+        for page in guides()
+        if page.name != "requirements.md"
+        for project, version in _SINCE.findall(page.read_text())
+    ]
+
+
+def test_the_guides_mark_versions_with_since() -> None:
+    # libvirt's way ("Since 6.5.0"), not ">= 9" or "9+": the versions live in requirements.md.
+    assert len(_since_marks()) >= 10
+    for page in guides():
+        if page.name != "requirements.md":
+            text = page.read_text()
+            assert not re.search(r"(QEMU|libvirt|Linux) ?(>=|[0-9.]+\+)", text), page.name
+
+
+@pytest.mark.parametrize(("page", "project", "version"), _since_marks())
+def test_every_since_mark_is_a_version_requirements_md_gives(
+    page: str, project: str, version: str
+) -> None:
+    table = (DOCS / "requirements.md").read_text()
+    assert re.search(rf"{project} {re.escape(version)}(?![0-9.])", table), (
+        f"{page}: *since {project} {version}* is not a version docs/requirements.md gives"
+    )

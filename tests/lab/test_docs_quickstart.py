@@ -1,4 +1,4 @@
-"""The libvirt quick start (docs/quickstart-libvirt.md), followed verbatim on a real libvirtd.
+"""The quick starts (docs/quickstart-*.md) and docs/undo.md's hook removal, followed verbatim.
 
 Every ``sh`` block of the page is run as written (the blocks read by
 tests/docpages.py, which the unit tier also uses to check every guide's
@@ -7,6 +7,9 @@ holding the page's files (``xml title="..."`` blocks); the only thing the
 test adds is what a host has already: libvirtd running (started after the
 hook is installed, as the page's "restart libvirt once" says). After each
 step, what the page promises is checked on the kernel and in libvirt.
+docs/undo.md's hook removal starts from the libvirt quick start's running
+vm1 and adds only the domain's stop (`virsh destroy`) and a `kvmvfio
+status` to see what the page says happens in between.
 """
 
 from __future__ import annotations
@@ -81,6 +84,49 @@ def test_the_libvirt_quick_start_works_as_written(
     out = run_block(stop, tmp_path)
     assert "kvmvfio holds no IOMMU group" in out
     assert driver(nic) == "e1000e"
+
+
+UNDO_PAGE = PAGE.with_name("undo.md")
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("give_back", ["recover", "release"])
+def test_removing_the_hook_while_the_domain_runs_works_as_written(
+    topology: Topology, host_with_libvirt: Libvirtd, tmp_path: Path, give_back: str
+) -> None:
+    """docs/undo.md: the hook goes while vm1 runs; at its stop nothing gives the NIC back
+    (no hook, no agent) until the page's `recover`, or its `release`, does."""
+    nic = topology.guest_address("nic0")
+    undo = [body for lang, _, body in blocks(UNDO_PAGE) if lang == "sh"]
+    uninstall, recover_block, release_block = undo[:3]
+    assert uninstall.split() == ["kvmvfio", "hook", "uninstall", "kvmvfio", "status"]
+    assert recover_block.strip() == "kvmvfio recover"
+    assert nic in release_block, "the page's example device is the lab's NIC"
+    # The libvirt quick start's steps 2 to 4: the hook, vm1 defined and started.
+    for _lang, title, body in blocks(PAGE):
+        if title:
+            (tmp_path / title).write_text(body)
+    _find, hook, define, start, _stop = [body for lang, _, body in blocks(PAGE) if lang == "sh"]
+    run_block(hook, tmp_path)
+    host_with_libvirt.start()
+    run_block(define, tmp_path)
+    run_block(start, tmp_path)
+    assert driver(nic) == "vfio-pci"
+
+    out = run_block(uninstall, tmp_path)
+    assert "removed /etc/libvirt/hooks/qemu.d/kvmvfio" in out
+    assert "claimed by libvirt:vm1; owner alive: pid " in out
+    assert "holds its VFIO files open" in out
+    # libvirt lists qemu.d at each hook call: no restart, and no hook at release end.
+    virsh("destroy", "vm1")
+    assert driver(nic) == "vfio-pci"
+    out = run_block("kvmvfio status", tmp_path)
+    assert "claimed by libvirt:vm1; owner gone: libvirt domain vm1 is not running" in out
+
+    out = run_block(recover_block if give_back == "recover" else release_block, tmp_path)
+    assert f"{give_back}: {nic} back on e1000e" in out
+    assert driver(nic) == "e1000e"
+    assert "kvmvfio holds no IOMMU group" in run_block("kvmvfio status", tmp_path)
 
 
 PYTHON_PAGE = PAGE.with_name("quickstart-python.md")

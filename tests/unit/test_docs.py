@@ -57,7 +57,7 @@ def test_the_command_reader_finds_the_commands_of_every_kind_of_block() -> None:
     assert ("gpu.md", "reset --info 0000:01:01.0") in found  # ```console, after `$ `
     assert ("prepare.md", "recover") in found  # ```ini, ExecStart=
     assert ("prepare.md", "release --owner vm1 0000:03:00.0") in found  # [--reset] left out
-    assert ("undo.md", "release --owner libvirt:vm1 --reset 0000:03:00.0") in found
+    assert ("undo.md", "release --owner libvirt:vm1 --reset 0000:00:05.0") in found
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,10 @@
 The task: a libvirt domain of type kvm gets the lab's e1000e NIC when it
 starts and the host gets it back when it stops. Three ways:
 
-``kvmvfio``   kvmvfio's hook, the domain's kvmvfio metadata, ``<hostdev managed='no'>``
+``kvmvfio``   kvmvfio's hook, the domain's kvmvfio metadata, ``<hostdev managed='no'>``;
+              the hook runs a copy of the package with its bytecode compiled, as
+              pip installs it (L1's checkout is read-only and has none, so a hook
+              run from it would compile every module at every start)
 ``libvirt``   ``<hostdev managed='yes'>``: libvirt detaches and reattaches itself
 ``hook.sh``   the hook script people write (below): driver_override, unbind,
               drivers_probe at ``prepare begin``, the reverse at ``release end``
@@ -21,8 +24,10 @@ writes JSON to /mnt/job/compare.json.
 
 from __future__ import annotations
 
+import compileall
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -33,6 +38,7 @@ from pathlib import Path
 
 from labkit import driver, lab_topology
 
+import kvmvfio
 from kvmvfio.lab.libvirtd import Libvirtd, domain_xml, virsh
 from kvmvfio.libvirt import install
 from kvmvfio.libvirt.metadata import NAMESPACE
@@ -87,6 +93,20 @@ def wait(check: Callable[[], bool], timeout: float) -> bool:
     return False
 
 
+def installed_copy() -> Path:
+    """kvmvfio as pip leaves it installed: the package with its bytecode compiled."""
+    site = WORK / "site"
+    if not (site / "kvmvfio").is_dir():
+        shutil.copytree(
+            Path(kvmvfio.__file__).parent,
+            site / "kvmvfio",
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        if not compileall.compile_dir(site / "kvmvfio", quiet=1):
+            raise SystemExit(f"compileall failed on {site}")
+    return site
+
+
 class Way:
     def __init__(self, name: str, nic: str) -> None:
         self.name, self.nic = name, nic
@@ -94,7 +114,7 @@ class Way:
     def install(self) -> None:
         (HOOKS / "qemu.d").mkdir(parents=True, exist_ok=True)
         if self.name == "kvmvfio":
-            install.install(HOOKS, python=sys.executable)
+            install.install(HOOKS, python=sys.executable, pythonpath=str(installed_copy()))
         elif self.name == "hook.sh":
             path = HOOKS / "qemu.d" / "passthrough"
             path.write_text(HAND_HOOK.replace("@DEV@", self.nic))

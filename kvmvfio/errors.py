@@ -28,6 +28,8 @@ The hierarchy (``[module]``: where a leaf lives, under ``kvmvfio.``)::
      |    +-- InvalidAddress, InvalidGroup (also ValueError)     [host.errors]
      |    +-- UnsafeSysfsName, NotAnMdevParent, UnknownMdevType  [prepare.errors]
      |    +-- InvalidMdevUuid (also ValueError)                  [host.errors]
+     |    +-- NotSriovCapable                                    [prepare.sriov]
+     |    +-- VfTokenNeeded                                      [vfio.plan]
      |    +-- HooksDirMissing                                    [libvirt.errors]
      |    +-- MetadataError                                      [libvirt.metadata]
      +-- NotFound
@@ -44,15 +46,17 @@ The hierarchy (``[module]``: where a leaf lives, under ``kvmvfio.``)::
      |    +-- KvmClosed                                          [kvm_errors]
      +-- NoIommuGroup, SysfsError, KernelUnsupported             [host.errors]
      +-- GroupNotViable, NotADeviceOfGroup, DeviceNotBoundToVfio,
-     |   NoIommuRefused, CoherencyRefused, HotResetBlocked       [vfio.errors]
+     |   NoIommuRefused, CoherencyRefused, HotResetBlocked,
+     |   MdevNotReady                                            [vfio.errors]
      +-- FdClosed                                                [_closing; vfio.errors]
      +-- QemuError                                               [qemu.errors]
      |    +-- QemuRefused, QemuGone, QemuNoAnswer, QemuReplyInvalid,
      |        QemuPeerMismatch, NoHotplugPort, DetachTimeout,
-     |        NotAttached, MemlockTooLow                         [qemu.errors]
+     |        NotAttached, MemlockTooLow, MixedVfioBackends      [qemu.errors]
      +-- ClaimedBy, UnsafeToUnbind, JournalError, UntrustedFile,
      |   MdevExists, NoMdevInstances, MdevInUse, MdevClaimed,
      |   DeviceNotAnswering                                      [prepare.errors]
+     +-- VfsInUse, PfHasVfs, PfClaimed, PfInUse, NotEnoughVfs    [prepare.sriov]
      +-- GroupNotViable > UnlistedMembers                        [prepare.members]
      +-- UsageError > InvalidRom; RomUnreadable                  [host.rom]
      +-- LibvirtError, ForeignHook, StatusFileInvalid            [libvirt.errors]

@@ -42,7 +42,7 @@ from kvmvfio.lab.topology import BOOTED_ENV, Topology
 #: the way of topology devices (which may ask for any slot below 0x10).
 _INFRA_SLOTS = {"root": "0x10", "src": "0x11", "job": "0x12", "console": "0x13"}
 _GUEST_SRC = "/mnt/src"
-_GUEST_JOB = "/mnt/job"
+GUEST_JOB = "/mnt/job"
 
 
 @dataclass(frozen=True)
@@ -135,9 +135,9 @@ def job_script(run: LabRun) -> str:
         "PYTHONUNBUFFERED": "1",
         "HOME": "/root",
         BOOTED_ENV: guest_topology(run.topology),
-        "KVMVFIO_LAB_JOB": _GUEST_JOB,
+        "KVMVFIO_LAB_JOB": GUEST_JOB,
         # L1's own kernel, for the L2 guests the QEMU handoff tests boot.
-        "KVMVFIO_LAB_KERNEL": f"{_GUEST_JOB}/bzImage",
+        "KVMVFIO_LAB_KERNEL": f"{GUEST_JOB}/bzImage",
         **dict(run.env),
     }
     lines = ["#!/bin/sh", "# Written by kvmvfio lab; run by L1's init."]
@@ -154,7 +154,7 @@ def guest_topology(topology: Topology) -> str:
     """
     if topology.file is None:
         return topology.name
-    return f"{_GUEST_JOB}/topology/{topology.file.name}"
+    return f"{GUEST_JOB}/topology/{topology.file.name}"
 
 
 def _share_topology(topology: Topology, job_dir: Path) -> None:

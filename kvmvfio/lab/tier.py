@@ -9,6 +9,7 @@ up the results of all topologies into one closing line.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
@@ -18,8 +19,9 @@ from pathlib import Path
 
 from kvmvfio.errors import LabError
 from kvmvfio.lab.images import LabImages
-from kvmvfio.lab.runner import LabRun, run_in_lab
+from kvmvfio.lab.runner import GUEST_JOB, LabRun, run_in_lab
 from kvmvfio.lab.topology import Topology
+from kvmvfio.lab.wheel import WHEEL_ENV, build_wheel
 
 
 @dataclass(frozen=True)
@@ -70,28 +72,60 @@ async def run_tier(
     pytest_args: Sequence[str] = (),
     timeout: float = 1800.0,
 ) -> list[TierResult]:
-    """Run the lab tests once per topology; return one result per topology."""
+    """Run the lab tests once per topology; return one result per topology.
+
+    kvmvfio's wheel is built once, here, and shared with each topology's job
+    folder (L1 cannot build it: :mod:`kvmvfio.lab.wheel`).
+    """
     results = []
-    for topo in topologies:
-        print(f"lab: === topology {topo.name}: {topo.description}", file=sys.stderr, flush=True)
-        with tempfile.TemporaryDirectory(prefix=f"kvmvfio-tier-{topo.name}-") as tmp:
-            job = Path(tmp)
-            command = (
-                "python3", "-m", "pytest", "tests/lab", "-m", "lab",
-                "-p", "no:cacheprovider", "--junitxml=/mnt/job/junit.xml",
-                f"--lab-topology={topo.name}", *pytest_args,
-            )  # fmt: skip
-            run = LabRun(
-                topology=topo, images=images, checkout=checkout, command=command, timeout=timeout
+    with tempfile.TemporaryDirectory(prefix="kvmvfio-tier-wheel-") as built:
+        wheel = build_wheel(checkout, Path(built))
+        for topo in topologies:
+            results.append(
+                await _run_topology(
+                    topo,
+                    images,
+                    checkout=checkout,
+                    pytest_args=pytest_args,
+                    timeout=timeout,
+                    wheel=wheel,
+                )
             )
-            try:
-                code = await run_in_lab(run, job_dir=job)
-            except LabError as err:
-                print(f"lab: topology {topo.name}: {err}", file=sys.stderr, flush=True)
-                results.append(TierResult(topo.name, -1, errors=1))
-                continue
-            results.append(read_junit(job / "junit.xml", topo.name, code))
     return results
+
+
+async def _run_topology(
+    topo: Topology,
+    images: LabImages,
+    *,
+    checkout: Path,
+    pytest_args: Sequence[str],
+    timeout: float,
+    wheel: Path,
+) -> TierResult:
+    print(f"lab: === topology {topo.name}: {topo.description}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix=f"kvmvfio-tier-{topo.name}-") as tmp:
+        job = Path(tmp)
+        shutil.copy2(wheel, job / wheel.name)
+        command = (
+            "python3", "-m", "pytest", "tests/lab", "-m", "lab",
+            "-p", "no:cacheprovider", "--junitxml=/mnt/job/junit.xml",
+            f"--lab-topology={topo.name}", *pytest_args,
+        )  # fmt: skip
+        run = LabRun(
+            topology=topo,
+            images=images,
+            checkout=checkout,
+            command=command,
+            env=((WHEEL_ENV, f"{GUEST_JOB}/{wheel.name}"),),
+            timeout=timeout,
+        )
+        try:
+            code = await run_in_lab(run, job_dir=job)
+        except LabError as err:
+            print(f"lab: topology {topo.name}: {err}", file=sys.stderr, flush=True)
+            return TierResult(topo.name, -1, errors=1)
+        return read_junit(job / "junit.xml", topo.name, code)
 
 
 def summary(results: Sequence[TierResult]) -> str:

@@ -63,12 +63,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import html
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.parsers import expat
-from xml.sax.saxutils import quoteattr
 
 from kvmvfio.errors import InvalidAddress, InvalidMdevUuid, UsageError
 from kvmvfio.host import Host
@@ -559,6 +559,17 @@ def validate(request: DomainRequest) -> None:
             )
 
 
+def _quoted(value: str) -> str:
+    """``value`` as a double-quoted XML attribute value, whitespace kept.
+
+    Not ``xml.sax.saxutils.quoteattr``: importing it imports ``urllib.request``
+    and with it ``http.client``, ``email`` and ``ssl``, which cost the hook's
+    every Python start about a third of kvmvfio's import time.
+    """
+    escaped = html.escape(value, quote=True)
+    return '"' + escaped.replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;") + '"'
+
+
 def _attributes(d: DeviceRequest) -> list[str]:
     """The attributes of ``d`` that differ from their defaults, address aside."""
     default = _device({"address": d.address, "handoff": d.handoff.value})
@@ -574,7 +585,7 @@ def _attributes(d: DeviceRequest) -> list[str]:
     if d.accept:
         attrs.append(f'accept="{" ".join(d.accept)}"')
     if d.romfile is not None:
-        attrs.append(f"romfile={quoteattr(d.romfile)}")
+        attrs.append(f"romfile={_quoted(d.romfile)}")
     if not d.rombar:
         attrs.append('rombar="no"')
     return attrs

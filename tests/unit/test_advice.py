@@ -2,43 +2,28 @@
 
 Each error docs/troubleshooting.md explains is built under each interface
 (kvmvfio.errors.speaking_to); what it tells the user to run or write is
-then handed to the thing that would take it: the CLI parser, the domain
-metadata parser, or the Python API's own validation.
+then handed to the thing that would take it: the CLI parser (through
+tests/docpages.py's ``cli_refusal``, which checks the guides' commands
+too), the domain metadata parser, or the Python API's own validation.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
-import shlex
 from pathlib import Path
 
 import pytest
+from docpages import PLACEHOLDERS, cli_refusal
 from troubleshooting_cases import build
 
-from kvmvfio.cli import make_parser
 from kvmvfio.errors import CoherencyRefused, DeviceNotBoundToVfio, Interface, speaking_to
 from kvmvfio.libvirt.metadata import NAMESPACE, Handoff, MetadataError, parse_domain
 from kvmvfio.prepare import safety
 from kvmvfio.prepare.safety import UnsafeToUnbind
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-ADDR = "0000:03:00.0"
-_PLACEHOLDERS = {"NAME": "vm1", "ADDR": ADDR, "OWNER": "vm1"}
+ADDR = PLACEHOLDERS["ADDR"]
 _COMMAND = re.compile(r"[`(](kvmvfio [^`()]+)[`)]")
-
-
-def _cli_accepts(command: str) -> str:
-    """'' when the kvmvfio parser takes ``command``, else its complaint."""
-    words = [_PLACEHOLDERS.get(w, w) for w in shlex.split(command)[1:]]
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            make_parser().parse_args(words)
-        except SystemExit as exit_:
-            return err.getvalue() or f"exit {exit_.code}"
-    return ""
 
 
 def _domain(device_attrs: str, *, hostdev: bool) -> str:
@@ -69,15 +54,15 @@ def _all_cases() -> list[tuple[Interface, str, str]]:
 @pytest.mark.parametrize(("where", "case", "message"), _all_cases())
 def test_every_suggested_command_is_accepted(where: Interface, case: str, message: str) -> None:
     for command in _COMMAND.findall(message):
-        assert _cli_accepts(command) == "", f"{case} ({where.value}) suggests `{command}`"
+        assert cli_refusal(command) == "", f"{case} ({where.value}) suggests `{command}`"
     flag = re.search(r"Pass (--force \S+) to accept", message)
     if flag:
         assert where is Interface.CLI
-        assert _cli_accepts(f"kvmvfio prepare --owner vm1 {flag[1]} {ADDR}") == ""
+        assert cli_refusal(f"kvmvfio prepare --owner vm1 {flag[1]} {ADDR}") == ""
     coherency = re.search(r"Use (--coherency=\S+) to accept", message)
     if coherency:
         assert where is Interface.CLI
-        assert _cli_accepts(f"kvmvfio check {coherency[1]} {ADDR}") == ""
+        assert cli_refusal(f"kvmvfio check {coherency[1]} {ADDR}") == ""
     attribute = re.search(r"(?:Add|Set) (\w+)='([^']+)' (?:to|on) the device", message)
     if attribute:
         assert where is Interface.METADATA

@@ -5,12 +5,15 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import pkgutil
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 
+import kvmvfio
 import kvmvfio.errors
 from kvmvfio import uapi
 from kvmvfio.errors import Busy, KernelError, KvmvfioError
@@ -144,6 +147,38 @@ def test_every_leaf_derives_from_the_base() -> None:
         obj = getattr(kvmvfio.errors, name)
         if name != "Blocker":
             assert issubclass(obj, KvmvfioError), name
+
+
+def _every_error_class() -> Iterator[type[KvmvfioError]]:
+    """Every KvmvfioError subclass kvmvfio defines, every module of it imported."""
+    for found in pkgutil.walk_packages(kvmvfio.__path__, "kvmvfio."):
+        if not found.name.endswith("__main__"):
+            importlib.import_module(found.name)
+    todo = [KvmvfioError]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls.__module__.startswith("kvmvfio."):
+            yield cls
+
+
+def test_the_map_names_every_error_with_its_module() -> None:
+    """The hierarchy in kvmvfio.errors' docstring lists each class under its module's tag."""
+    lines = (kvmvfio.errors.__doc__ or "").splitlines()
+    missing = []
+    for cls in _every_error_class():
+        module = cls.__module__.removeprefix("kvmvfio.")
+        tags = (f"[{module}]", f"[{module};")  # FdClosed: [_closing; vfio.errors]
+        # A line names classes and, on its last line of a block, their module.
+        at = [i for i, ln in enumerate(lines) if re.search(rf"\b{cls.__name__}\b", ln)]
+        tagged = any(
+            any(t in ln for t in tags) or cls.__module__ == "kvmvfio.errors"
+            for i in at
+            for ln in lines[i : i + 4]
+        )
+        if not tagged:
+            missing.append(f"{cls.__name__} [{module}]")
+    assert missing == [], "classes the map in kvmvfio/errors.py lacks"
 
 
 def test_kernel_error_subclasses_share_one_constructor() -> None:

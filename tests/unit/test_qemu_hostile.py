@@ -39,6 +39,7 @@ import gc
 import io
 import json
 import os
+import random
 import resource
 import signal
 import threading
@@ -300,74 +301,122 @@ def _huge(valid: object) -> object:
     return valid
 
 
-@st.composite
-def _mutated(draw: st.DrawFn, valid: object) -> object:
-    """``valid`` with one thing wrong: a member gone or of another type, wrapped, or one more."""
+def _mutated(valid: object, rnd: random.Random, junk: object, key: str) -> object:
+    """``valid`` with one thing wrong: a member gone or of another type, wrapped, or one more.
+
+    The choices come from ``rnd`` and the junk was drawn beforehand, so the
+    same script mutates the same way whenever its reply is asked for.
+    """
     if isinstance(valid, list) and valid:
-        i = draw(st.integers(0, len(valid) - 1))
-        return [*valid[:i], draw(_mutated(valid[i])), *valid[i + 1 :]]
+        i = rnd.randrange(len(valid))
+        return [*valid[:i], _mutated(valid[i], rnd, junk, key), *valid[i + 1 :]]
     if isinstance(valid, dict) and valid:
-        key = draw(st.sampled_from(sorted(valid)))
-        how = draw(st.sampled_from(["drop", "junk", "extra", "wrap"]))
+        member = rnd.choice(sorted(valid))
+        how = rnd.choice(["drop", "junk", "extra", "wrap"])
         if how == "drop":
-            return {k: v for k, v in valid.items() if k != key}
+            return {k: v for k, v in valid.items() if k != member}
         if how == "junk":
-            return {**valid, key: draw(JSON)}
+            return {**valid, member: junk}
         if how == "extra":
-            return {**valid, draw(_KEYS): draw(JSON)}
+            return {**valid, key: junk}
         return [valid]
-    return draw(JSON)
+    return junk
 
 
 #: In a hundred replies, about this many are not what QEMU would say.
 HOSTILE_PERCENT = 12
 _KINDS = ["junk", "mutated", "refused", "envelope", "raw", "huge", "hangup", "silent"]
+#: Replies (and events after them) drawn per case, before the case runs; the
+#: commands past them (no flow sends this many) get QEMU's own answer.
+SCRIPT_LENGTH = 24
 
 
-def _hostile(data: st.DataObject, label: str, valid: Callable[[], object]) -> tuple[str, object]:
-    """What kind of reply to send, and the reply: mostly what QEMU would, else not."""
+@dataclass(frozen=True)
+class Slot:
+    """What the peer does for the Nth command it gets, drawn before the case runs.
+
+    Drawn up front, not as commands arrive: on a loaded machine a command's
+    timeout may fire or not, and a script drawn as it goes would then draw
+    differently when hypothesis replays a case (FlakyStrategyDefinition).
+    """
+
+    kind: str = "valid"
+    #: the reply when it does not depend on QEMU's own answer; junk for "mutated"
+    payload: object = None
+    key: str = ""
+    seed: int = 0
+    #: how DEVICE_DELETED comes after a device_del (see :func:`_events`)
+    deleted: str = "valid"
+    deleted_junk: object = None
+    #: a junk event after the reply, or None
+    junk_event: Raw | None = None
+
+
+@st.composite
+def _slots(draw: st.DrawFn) -> Slot:
     kind = "valid"
-    if data.draw(st.integers(0, 99), label=f"{label}: hostile?") < HOSTILE_PERCENT:
-        kind = data.draw(st.sampled_from(_KINDS), label=f"{label}: kind")
-    event(f"reply: {kind}")
+    if draw(st.integers(0, 99), label="hostile?") < HOSTILE_PERCENT:
+        kind = draw(st.sampled_from(_KINDS), label="kind")
+    payload: object = None
     if kind == "refused":
-        return kind, data.draw(REFUSALS, label=label)
-    if kind == "envelope":
-        return kind, data.draw(ENVELOPES, label=label)
-    if kind == "raw":
-        return kind, data.draw(RAW, label=label)
+        payload = draw(REFUSALS)
+    elif kind == "envelope":
+        payload = draw(ENVELOPES)
+    elif kind == "raw":
+        payload = draw(RAW)
+    elif kind in ("junk", "mutated"):
+        payload = draw(JSON)
+    key = draw(_KEYS) if kind == "mutated" else ""
+    seed = draw(st.integers(0, 2**32 - 1)) if kind == "mutated" else 0
+    deleted = draw(
+        st.sampled_from(["valid"] * 6 + ["none", "junk data", "other first", "raw", "odd name"]),
+        label="DEVICE_DELETED",
+    )
+    deleted_junk: object = None
+    if deleted == "junk data":
+        deleted_junk = draw(JSON)
+    elif deleted == "raw":
+        deleted_junk = draw(RAW)
+    junk_event = None
+    if draw(st.integers(0, 19), label="junk event") == 0:
+        junk_event = Raw(json.dumps({"event": draw(JSON), "data": draw(JSON)}).encode())
+    return Slot(kind, payload, key, seed, deleted, deleted_junk, junk_event)
+
+
+def _reply(slot: Slot, valid: Callable[[], object]) -> tuple[str, object]:
+    """The kind of reply and the reply: mostly what QEMU would say, else not."""
+    kind = slot.kind
+    event(f"reply: {kind}")
+    if kind in ("refused", "envelope", "raw"):
+        return kind, slot.payload
     if kind in ("silent", "hangup"):
         return kind, SILENT if kind == "silent" else HANGUP
     good = valid()  # QEMU did what was asked; only its answer is wrong
     if kind == "valid" or isinstance(good, Error):
         return "valid", good
     if kind == "junk":
-        return kind, data.draw(JSON, label=label)
+        return kind, slot.payload
     if kind == "huge":
         return kind, _huge(good)
-    return kind, data.draw(_mutated(good), label=label)
+    return kind, _mutated(good, random.Random(slot.seed), slot.payload, slot.key)
 
 
 def _events(
-    data: st.DataObject, model: Model, command: str, args: dict[str, object]
+    slot: Slot, model: Model, command: str, args: dict[str, object]
 ) -> list[dict[str, object] | Raw]:
     """Events after a reply: DEVICE_DELETED when a device was asked to go, now and then junk."""
     out: list[dict[str, object] | Raw] = []
     if command == "device_del" and args.get("id") in model.devices:
-        how = data.draw(
-            st.sampled_from(
-                ["valid"] * 6 + ["none", "junk data", "other first", "raw", "odd name"]
-            ),
-            label="DEVICE_DELETED",
-        )
+        how = slot.deleted
         event(f"DEVICE_DELETED: {how}")
         ident = str(args["id"])
         if how == "junk data":
             out.append(
-                Raw(json.dumps({"event": "DEVICE_DELETED", "data": data.draw(JSON)}).encode())
+                Raw(json.dumps({"event": "DEVICE_DELETED", "data": slot.deleted_junk}).encode())
             )
         elif how == "raw":
-            out.append(data.draw(RAW))
+            assert isinstance(slot.deleted_junk, Raw)
+            out.append(slot.deleted_junk)
         elif how == "odd name":
             out.append(
                 Raw(json.dumps({"event": ["DEVICE_DELETED"], "data": {"device": ident}}).encode())
@@ -376,9 +425,8 @@ def _events(
             out.append({"event": "DEVICE_DELETED", "data": {"device": "other", "path": "/x"}})
         if how not in ("none", "raw"):
             out.append(model.unplug(ident))
-    if data.draw(st.integers(0, 19), label="junk event") == 0:
-        junk = {"event": data.draw(JSON), "data": data.draw(JSON)}
-        out.append(Raw(json.dumps(junk).encode()))
+    if slot.junk_event is not None:
+        out.append(slot.junk_event)
     return out
 
 
@@ -394,6 +442,8 @@ class Case:
     refused: list[tuple[str, dict[str, object]]] = field(default_factory=list)
     #: the peer closed the connection, or sent what ends it
     broken: bool = False
+    #: commands the peer has answered (the next one gets script[asked])
+    asked: int = 0
 
 
 _COMMANDS = ("qmp_capabilities", "qom-list-types", "qom-list", "qom-get",
@@ -402,13 +452,20 @@ _COMMANDS = ("qmp_capabilities", "qom-list-types", "qom-list", "qom-get",
 
 
 def _peer(data: st.DataObject, fake: FakeQmp, case: Case) -> None:
-    """Make ``fake`` the hostile QEMU of this case."""
+    """Make ``fake`` the hostile QEMU of this case, its whole script drawn now."""
+    script = data.draw(
+        st.lists(_slots(), min_size=SCRIPT_LENGTH, max_size=SCRIPT_LENGTH), label="script"
+    )
+    turn: list[Slot] = []  # the slot of the command being answered
 
     def respond(command: str) -> Callable[[dict[str, object]], object]:
         def reply(args: dict[str, object]) -> object:
             if case.broken:
                 return SILENT
-            kind, out = _hostile(data, command, lambda: case.model.answer(command, args))
+            slot = script[case.asked] if case.asked < len(script) else Slot()
+            case.asked += 1
+            turn[:] = [slot]
+            kind, out = _reply(slot, lambda: case.model.answer(command, args))
             if kind in ("raw", "hangup"):
                 case.broken = True
             elif isinstance(out, Error):
@@ -421,7 +478,7 @@ def _peer(data: st.DataObject, fake: FakeQmp, case: Case) -> None:
 
     fake.replies = {c: respond(c) for c in _COMMANDS}
     fake.after = lambda command, args: (
-        [] if case.broken else _events(data, case.model, command, args)
+        [] if case.broken or not turn else _events(turn[0], case.model, command, args)
     )
     greeting = "QEMU"
     if data.draw(st.integers(0, 99), label="greeting hostile?") < 3:
@@ -509,9 +566,8 @@ _FLOWS = st.sampled_from(["attach", "attach two", "attach legacy", "detach", "de
 
 @settings(
     max_examples=CASES,
-    # Hypothesis re-runs a case that overran its deadline to see whether it is flaky; the
-    # fake's replies are drawn as commands arrive, so a loaded machine's replay draws
-    # differently (FlakyStrategyDefinition). A hang is caught in the case instead.
+    # Hypothesis re-runs a case that overran its deadline to see whether it is flaky, and
+    # a loaded machine overruns one now and then: a hang is caught in the case instead.
     deadline=None,
     suppress_health_check=[
         HealthCheck.function_scoped_fixture,

@@ -158,12 +158,13 @@ def _folder(bus: str, address: PciAddress) -> str | None:
 
 def _bridge_of(own: str | None) -> PciAddress | None:
     """The bridge whose folder holds the function's folder ``own``; None on a root bus."""
-    if own is None:
-        return None
+    parent = None if own is None else os.path.basename(os.path.dirname(own))
+    if parent is None or parent.startswith("pci"):
+        return None  # pci0000:00: a root bus (asked without building an error)
     try:
-        return PciAddress.parse(os.path.basename(os.path.dirname(own)))
+        return PciAddress.parse(parent)
     except ValueError:
-        return None  # pci0000:00: a root bus
+        return None
 
 
 def reset_scopes(

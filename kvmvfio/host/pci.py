@@ -417,7 +417,7 @@ class PciDevice:
 
     def cdev_node(self, devfs: str | Path = "/dev") -> Path | None:
         """Its VFIO cdev, ``/dev/vfio/devices/vfioN``; None when the kernel made none."""
-        return None if self.vfio_cdev is None else Path(devfs) / "vfio" / "devices" / self.vfio_cdev
+        return None if self.vfio_cdev is None else Path(f"{devfs}/vfio/devices/{self.vfio_cdev}")
 
     @property
     def is_bridge(self) -> bool:

@@ -292,8 +292,8 @@ class KernelPaths:
     @classmethod
     def of(cls, host: Host, devices: Sequence[Target]) -> KernelPaths:
         return cls(
-            iommufd=os.path.exists(host.devfs / "iommu"),
-            container=os.path.exists(host.devfs / "vfio" / "vfio"),
+            iommufd=os.path.exists(f"{host.devfs}/iommu"),
+            container=os.path.exists(f"{host.devfs}/vfio/vfio"),
             cdevs=all(d.vfio_cdev for d in devices),
         )
 
@@ -618,13 +618,13 @@ def make_plan(
     for dev in devices:
         addr = str(dev.address)
         number = group_of[addr]
-        cdev = dev.cdev_node(host.devfs)
+        cdev = dev.cdev_node(host.devfs) if chosen is VfioPath.CDEV else None
         plans.append(
             DevicePlan(
                 address=addr,
                 group=number,
                 cdev=dev.vfio_cdev,
-                file=cdev if chosen is VfioPath.CDEV and cdev else group_plans[number].node,
+                file=cdev or group_plans[number].node,
                 coherent=answers.get(addr),
                 notes=tuple(notes[addr]),
                 vf_token=addr in tokened,

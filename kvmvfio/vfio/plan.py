@@ -390,6 +390,9 @@ def check_devices(
 ) -> tuple[list[Target], dict[int, IommuGroup], list[str]]:
     """Check from sysfs that each device can be opened; return devices, groups, warnings.
 
+    PCI functions, the devices and their groups' members, are read as far as
+    the checks and a plan need (:attr:`~kvmvfio.host.PciDevice.brief`).
+
     ``addresses`` are PCI addresses or mdev UUIDs, in kvmvfio's spelling
     (:func:`~kvmvfio.host.mdev.canonical_name`). Raises
     :class:`~kvmvfio.errors.DeviceNotBoundToVfio`,
@@ -410,9 +413,10 @@ def check_devices(
             groups[group.number] = group
             devices.append(mdev)
             continue
-        # The group's members are read anyway: take the device from them.
+        # The group's members are read anyway: take the device from them, read
+        # as far as a plan needs.
         try:
-            group = host.group_of(addr)
+            group = host.group_of(addr, brief=True)
         except NoIommuGroup:
             # virtio-iommu gives a device its group only once a driver
             # binds it; say what is wrong with the device first.

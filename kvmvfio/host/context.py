@@ -199,8 +199,11 @@ class Host:
             raise GroupNotFound(str(n), str(self.sysfs))
         return group
 
-    def group_of(self, addr: str | PciAddress) -> IommuGroup:
+    def group_of(self, addr: str | PciAddress, *, brief: bool = False) -> IommuGroup:
         """Read the IOMMU group of the function at ``addr``.
+
+        ``brief``: read each member only as far as VFIO's checks need
+        (:func:`~kvmvfio.host.pci.read_device`'s ``brief``).
 
         Raise :class:`~kvmvfio.errors.DeviceNotFound` when there is no such
         function, :class:`~kvmvfio.errors.NoIommuGroup` when it is in no
@@ -221,12 +224,14 @@ class Host:
             # error says only that it had none.
             raise NoIommuGroup(str(address), self.no_group(address)) from None
         number = group_from_link(target, f"{path}/iommu_group")
-        group = self._read_group(number, {})
+        group = self._read_group(number, {}, brief=brief)
         if group is None:  # the group went away with its last device
             raise DeviceNotFound(str(address), str(self.sysfs))
         return group
 
-    def _read_group(self, number: int, known: dict[PciAddress, PciDevice]) -> IommuGroup | None:
+    def _read_group(
+        self, number: int, known: dict[PciAddress, PciDevice], *, brief: bool = False
+    ) -> IommuGroup | None:
         base = f"{self._groups}/{number}"
         names = _listdir(f"{base}/devices")
         if names is None:
@@ -243,7 +248,7 @@ class Host:
                 continue
             dev = known.get(addr)
             if dev is None:
-                dev = read_device(f"{base}/devices/{name}", addr)
+                dev = read_device(f"{base}/devices/{name}", addr, brief=brief)
             if dev is not None:
                 members.append(dev)
         members.sort(key=_DEVICE_KEY)

@@ -149,7 +149,7 @@ class IommuGroup:
 
         It exists once a member is bound to a VFIO driver.
         """
-        return Path(devfs) / "vfio" / self.node_name
+        return Path(f"{devfs}/vfio/{self.node_name}")
 
 
 # -- the IOMMUs themselves, and functions in no group ------------------------

@@ -142,7 +142,7 @@ class Mdev:
 
     def cdev_node(self, devfs: str | Path = "/dev") -> Path | None:
         """``/dev/vfio/devices/vfioN``, or None without a cdev."""
-        return None if self.cdev is None else Path(devfs) / "vfio" / "devices" / self.cdev
+        return None if self.cdev is None else Path(f"{devfs}/vfio/devices/{self.cdev}")
 
     def group_node(self, devfs: str | Path = "/dev") -> Path | None:
         """``/dev/vfio/N``, or None when it has no group (no VFIO driver)."""

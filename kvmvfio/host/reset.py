@@ -140,21 +140,31 @@ class ResetScope:
         )
 
 
-def _real(path: Path) -> str | None:
+def _folder(bus: str, address: PciAddress) -> str | None:
+    """The function's folder under ``/sys/devices``; None when it is gone.
+
+    ``/sys/bus/pci/devices/<address>`` is the kernel's relative link
+    (``../../../devices/pci0000:00/...``) out of folders that are no links
+    themselves, so the link's target joined to its folder is the real path:
+    one readlink, where resolving it component by component takes one per
+    folder on the way.
+    """
     try:
-        return os.path.realpath(path, strict=True)
+        target = os.readlink(f"{bus}/{address}")
     except OSError:
         return None
+    return os.path.normpath(os.path.join(bus, target))
 
 
 def _bridge_of(own: str | None) -> PciAddress | None:
     """The bridge whose folder holds the function's folder ``own``; None on a root bus."""
-    if own is None:
-        return None
+    parent = None if own is None else os.path.basename(os.path.dirname(own))
+    if parent is None or parent.startswith("pci"):
+        return None  # pci0000:00: a root bus (asked without building an error)
     try:
-        return PciAddress.parse(os.path.basename(os.path.dirname(own)))
+        return PciAddress.parse(parent)
     except ValueError:
-        return None  # pci0000:00: a root bus
+        return None
 
 
 def reset_scopes(
@@ -167,8 +177,8 @@ def reset_scopes(
     its folder lies below that bridge's. Each function's folder is resolved
     once, however many scopes it is looked for in.
     """
-    base = Path(sysfs) / "bus" / "pci" / "devices"
-    folders = {d.address: _real(base / str(d.address)) for d in (*devices, *others)}
+    bus = f"{sysfs}/bus/pci/devices"
+    folders = {d.address: _folder(bus, d.address) for d in (*devices, *others)}
     out: dict[str, ResetScope] = {}
     for dev in devices:
         own = folders[dev.address]

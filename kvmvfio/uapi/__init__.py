@@ -39,10 +39,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from kvmvfio.errors import Busy, KernelError, PermissionDenied
 from kvmvfio.uapi import _cdef
@@ -496,20 +497,33 @@ def new(struct: str, *, trailing: int = 0, **fields: int) -> CData:
     if struct not in SIZES:
         raise ValueError(f"struct {struct} is not declared in kvmvfio.uapi")
     cdecl = f"struct {struct}"
-    members = _ffi.typeof(cdecl).fields
+    ctype, size_field = _layout(cdecl)
     init: dict[str, int] | None = None
     if trailing:
-        last, cfield = members[-1]
+        last, cfield = ctype.fields[-1]
         if cfield.type.kind != "array" or cfield.type.length is not None:
             raise ValueError(f"struct {struct} has no trailing flexible array")
         init = {last: trailing}
     ptr: CData = _ffi.new(f"{cdecl} *", init)
-    first = members[0][0]
-    if first in ("argsz", "size"):
-        setattr(ptr, first, _ffi.sizeof(ptr[0]))
+    if size_field is not None:
+        setattr(ptr, size_field, _ffi.sizeof(ptr[0]) if trailing else SIZES[struct])
     for name, value in fields.items():
         setattr(ptr, name, value)
     return ptr
+
+
+@functools.cache
+def _layout(cdecl: str) -> tuple[Any, str | None]:  # cffi's CType has no stubs
+    """The cffi type ``cdecl`` names, and the struct's size field (``argsz``, ``size``) if any.
+
+    Asked at every :func:`new` and :func:`ioctl`; the declarations never
+    change, so each type is looked into once.
+    """
+    ctype = _ffi.typeof(cdecl)
+    if ctype.kind != "struct":
+        return ctype, None
+    first = ctype.fields[0][0]
+    return ctype, first if first in ("argsz", "size") else None
 
 
 #: What :func:`ioctl` calls to make the system call: ``backend(fd, op, arg)``
@@ -611,22 +625,21 @@ def _check_arg(op: Ioctl, arg: CData | int) -> None:
     if isinstance(arg, int):
         raise TypeError(f"{op.name} takes a pointer to {op.arg}, not an integer")
     given = _ffi.typeof(arg)
-    if given.kind not in ("pointer", "array") or given.item is not _ffi.typeof(op.arg):
+    expected, size_field = _layout(op.arg)
+    if given.kind not in ("pointer", "array") or given.item is not expected:
         raise TypeError(f"{op.name} takes a pointer to {op.arg}, not {given.cname}")
-    if op.struct is not None:
+    if size_field is not None:
         # The kernel writes up to argsz (VFIO) or size (iommufd) bytes; more
         # than was allocated would land past the struct, in Python's memory.
         # (After a first VFIO_DEVICE_GET_REGION_INFO the kernel raises argsz
         # to what the capability chain needs: reusing that struct is the
         # classic way to get here.)
-        first = given.item.fields[0][0]
-        if first in ("argsz", "size"):
-            claimed, allocated = getattr(arg, first), len(_ffi.buffer(arg))
-            if claimed > allocated:
-                raise ValueError(
-                    f"{op.name}: {op.struct}.{first} is {claimed} but only {allocated} bytes "
-                    "are allocated; the kernel would write past them"
-                )
+        claimed, allocated = getattr(arg, size_field), len(_ffi.buffer(arg))
+        if claimed > allocated:
+            raise ValueError(
+                f"{op.name}: {op.struct}.{size_field} is {claimed} but only {allocated} bytes "
+                "are allocated; the kernel would write past them"
+            )
 
 
 def ioctl(

@@ -28,9 +28,8 @@ class Container(FdObject):
         Raises :class:`KernelUnsupported` when the kernel has no container
         (``CONFIG_VFIO_CONTAINER``) or speaks another VFIO API version.
         """
-        path = Path(devfs) / "vfio" / "vfio"
         try:
-            fd = open_node(path, "the VFIO container")
+            fd = open_node(f"{devfs}/vfio/vfio", "the VFIO container")
         except KernelError as err:
             if err.errno == errno.ENOENT:
                 raise KernelUnsupported(

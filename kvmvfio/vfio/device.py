@@ -165,9 +165,8 @@ class Device(FdObject):
         ``related`` names the group node, whose holder (the kernel's EBUSY
         when someone has the group open) is named in :class:`Busy`.
         """
-        path = Path(devfs) / "vfio" / "devices" / cdev
         fd = open_node(
-            path,
+            f"{devfs}/vfio/devices/{cdev}",
             f"device {address} ({cdev})",
             missing_hint="the device is not bound to vfio-pci",
             related=related,

@@ -42,7 +42,7 @@ class Group(FdObject):
         """
         node = f"noiommu-{number}" if noiommu else str(number)
         fd = open_node(
-            Path(devfs) / "vfio" / node,
+            f"{devfs}/vfio/{node}",
             f"IOMMU group {number}",
             missing_hint="no device of the group is bound to vfio-pci",
             related=related,

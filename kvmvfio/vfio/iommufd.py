@@ -150,9 +150,8 @@ class Iommufd(FdObject):
 
     def __init__(self, devfs: str | Path = "/dev") -> None:
         """Open ``/dev/iommu``; :class:`KernelUnsupported` without CONFIG_IOMMUFD."""
-        path = Path(devfs) / "iommu"
         try:
-            fd = open_node(path, "iommufd")
+            fd = open_node(f"{devfs}/iommu", "iommufd")
         except KernelError as err:
             if err.errno == errno.ENOENT:
                 raise KernelUnsupported(

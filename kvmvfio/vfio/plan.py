@@ -292,8 +292,8 @@ class KernelPaths:
     @classmethod
     def of(cls, host: Host, devices: Sequence[Target]) -> KernelPaths:
         return cls(
-            iommufd=os.path.exists(host.devfs / "iommu"),
-            container=os.path.exists(host.devfs / "vfio" / "vfio"),
+            iommufd=os.path.exists(f"{host.devfs}/iommu"),
+            container=os.path.exists(f"{host.devfs}/vfio/vfio"),
             cdevs=all(d.vfio_cdev for d in devices),
         )
 
@@ -390,6 +390,9 @@ def check_devices(
 ) -> tuple[list[Target], dict[int, IommuGroup], list[str]]:
     """Check from sysfs that each device can be opened; return devices, groups, warnings.
 
+    PCI functions, the devices and their groups' members, are read as far as
+    the checks and a plan need (:attr:`~kvmvfio.host.PciDevice.brief`).
+
     ``addresses`` are PCI addresses or mdev UUIDs, in kvmvfio's spelling
     (:func:`~kvmvfio.host.mdev.canonical_name`). Raises
     :class:`~kvmvfio.errors.DeviceNotBoundToVfio`,
@@ -410,9 +413,10 @@ def check_devices(
             groups[group.number] = group
             devices.append(mdev)
             continue
-        # The group's members are read anyway: take the device from them.
+        # The group's members are read anyway: take the device from them, read
+        # as far as a plan needs.
         try:
-            group = host.group_of(addr)
+            group = host.group_of(addr, brief=True)
         except NoIommuGroup:
             # virtio-iommu gives a device its group only once a driver
             # binds it; say what is wrong with the device first.
@@ -618,13 +622,13 @@ def make_plan(
     for dev in devices:
         addr = str(dev.address)
         number = group_of[addr]
-        cdev = dev.cdev_node(host.devfs)
+        cdev = dev.cdev_node(host.devfs) if chosen is VfioPath.CDEV else None
         plans.append(
             DevicePlan(
                 address=addr,
                 group=number,
                 cdev=dev.vfio_cdev,
-                file=cdev if chosen is VfioPath.CDEV and cdev else group_plans[number].node,
+                file=cdev or group_plans[number].node,
                 coherent=answers.get(addr),
                 notes=tuple(notes[addr]),
                 vf_token=addr in tokened,

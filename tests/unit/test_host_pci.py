@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,41 @@ def test_vfs_being_changed_are_listed_from_the_links_present(build_host: BuildHo
     # sriov_numvfs already says 3 but virtfn1 is not there (yet, or any more).
     os.unlink(device_dir(host.sysfs, "0000:05:00.0") / "virtfn1")
     assert host.device("0000:05:00.0").virtfns == (A("0000:05:00.1"), A("0000:05:00.3"))
+
+
+def test_a_brief_read_leaves_out_only_what_vfio_never_asks(build_host: BuildHost) -> None:
+    host = build_host(
+        Topology(
+            devices=[
+                Dev("0000:00:02.0", cls=0x030000, boot_vga=True, driver="vfio-pci", group=2),
+                Dev(
+                    "0000:05:00.0",
+                    vfs=2,
+                    vf_offset=1,
+                    driver="vfio-pci",
+                    group=5,
+                    vf_group=6,
+                    vf_driver="vfio-pci",
+                ),
+            ]
+        )
+    )
+    unread = {
+        "driver_override": None,
+        "numa_node": None,
+        "sriov_numvfs": None,
+        "virtfns": (),
+        "boot_vga": None,
+        "brief": True,
+    }
+    for addr in ("0000:00:02.0", "0000:05:00.0", "0000:05:00.1"):
+        full = host.device(addr)
+        group = host.group_of(addr, brief=True)
+        (brief,) = (m for m in group.members if m.address == full.address)
+        assert brief == replace(full, **unread)
+        assert brief.vfio_cdev is not None
+        assert brief.vfio_cdev == full.vfio_cdev
+    assert host.group_of("0000:05:00.0", brief=True).members[0].is_physfn  # sriov_totalvfs
 
 
 @pytest.mark.parametrize("cdev", [True, False])

@@ -17,7 +17,6 @@ import json
 import os
 import shlex
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,32 +110,36 @@ def test_libvirtd_runs_the_hook_the_wheel_installed(
     wait_for(lambda: status() == [], 30, "the record of edu0 gone")
 
 
-def test_the_agent_starts_from_its_unit(venv: Path, hooked_from_venv: Libvirtd) -> None:
+def test_the_agent_starts_from_its_unit(
+    venv: Path, hooked_from_venv: Libvirtd, tmp_path: Path
+) -> None:
     unit = run(venv / "bin" / "kvmvfio", "agent", "--unit")
     assert unit.returncode == 0, unit.stderr
     (exec_start,) = [ln for ln in unit.stdout.splitlines() if ln.startswith("ExecStart=")]
     argv = shlex.split(exec_start.removeprefix("ExecStart="))
     assert argv[:3] == [str(venv / "bin" / "python"), "-m", "kvmvfio"], argv
     # -v (before the command) for its "connected" line, as the lab's agent runs.
-    with subprocess.Popen(
-        [*argv[:3], "-v", *argv[3:], "--resync", "5"],
-        env=CLEAN_ENV,
-        cwd="/",
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    ) as agent:
+    log = tmp_path / "agent.log"
+    with (
+        open(log, "wb") as out,
+        subprocess.Popen(
+            [*argv[:3], "-v", *argv[3:], "--resync", "5"],
+            env=CLEAN_ENV,
+            cwd="/",
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        ) as agent,
+    ):
         try:
-            assert agent.stdout is not None
-            os.set_blocking(agent.stdout.fileno(), False)
-            seen = ""
-            deadline = time.monotonic() + 60
-            while "connected to libvirt" not in seen and time.monotonic() < deadline:
-                seen += agent.stdout.read() or ""
-                assert agent.poll() is None, f"the agent exited {agent.returncode}: {seen}"
-                time.sleep(0.2)
-            assert "connected to libvirt" in seen, seen
+            wait_for(
+                lambda: "connected to libvirt" in log.read_text() or agent.poll() is not None,
+                60,
+                "the agent connected to libvirt",
+            )
+            assert agent.poll() is None, f"the agent exited {agent.returncode}: {log.read_text()}"
         finally:
             agent.terminate()
             agent.wait(30)
-    assert "Traceback" not in seen + (agent.stdout.read() or "")
+    said = log.read_text()
+    assert "connected to libvirt" in said
+    assert "Traceback" not in said

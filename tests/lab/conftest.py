@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from libvirtkit import HOOKS, AgentProcess, destroy
+from libvirtkit import HOOKS, AgentProcess, destroy, hooked_libvirtd
 from vfiokit import fd_table, kprobe
 
 from kvmvfio.kvm import KvmVfioDevice, KvmVm
@@ -167,14 +167,8 @@ def libvirtd() -> Iterator[Libvirtd]:
     """libvirtd with kvmvfio's hook installed (before the start: libvirt looks for hooks then)."""
     result = install.install(HOOKS, python=sys.executable)
     assert result.path == HOOKS / "qemu.d" / "kvmvfio"
-    daemon = Libvirtd()
-    daemon.start()
-    yield daemon
-    for name in virsh("list", "--name", check=False).stdout.split():
-        destroy(name)
-    daemon.stop()
-    install.uninstall(HOOKS)
-    recover()
+    with hooked_libvirtd() as daemon:
+        yield daemon
 
 
 @pytest.fixture

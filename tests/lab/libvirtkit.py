@@ -12,11 +12,13 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from kvmvfio.lab.libvirtd import domain_xml, virsh
+from kvmvfio.lab.libvirtd import Libvirtd, domain_xml, virsh
+from kvmvfio.libvirt import install
 from kvmvfio.libvirt.metadata import NAMESPACE
+from kvmvfio.prepare import recover
 
 HOOKS = Path("/etc/libvirt/hooks")
 
@@ -61,6 +63,25 @@ def create(
 
 def destroy(name: str) -> None:
     virsh("destroy", name, check=False)
+
+
+@contextlib.contextmanager
+def hooked_libvirtd() -> Iterator[Libvirtd]:
+    """libvirtd started with the hook already in place (libvirt looks for hooks then).
+
+    At the end every domain is destroyed, libvirtd stopped, the hook removed
+    and the journal recovered.
+    """
+    daemon = Libvirtd()
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        for name in virsh("list", "--name", check=False).stdout.split():
+            destroy(name)
+        daemon.stop()
+        install.uninstall(HOOKS)
+        recover()
 
 
 class AgentProcess:

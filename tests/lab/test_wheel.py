@@ -21,15 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from libvirtkit import HOOKS, create, destroy, metadata, qemu_fds, wait_for
+from libvirtkit import HOOKS, create, destroy, hooked_libvirtd, metadata, qemu_fds, wait_for
 from vfiokit import driver, group_of
 
-from kvmvfio.lab.libvirtd import Libvirtd, virsh
+from kvmvfio.lab.libvirtd import Libvirtd
 from kvmvfio.lab.topology import Topology
 from kvmvfio.lab.wheel import WHEEL_ENV
-from kvmvfio.libvirt import install
 from kvmvfio.libvirt.monitor import qemu_pid
-from kvmvfio.prepare import recover, status
+from kvmvfio.prepare import status
 
 pytestmark = [pytest.mark.lab, pytest.mark.topology("default")]
 
@@ -66,14 +65,8 @@ def hooked_from_venv(venv: Path) -> Iterator[Libvirtd]:
     """libvirtd with the hook front written by the venv's kvmvfio."""
     done = run(venv / "bin" / "kvmvfio", "hook", "install")
     assert done.returncode == 0, done.stderr
-    daemon = Libvirtd()
-    daemon.start()
-    yield daemon
-    for name in virsh("list", "--name", check=False).stdout.split():
-        destroy(name)
-    daemon.stop()
-    install.uninstall(HOOKS)
-    recover()
+    with hooked_libvirtd() as daemon:
+        yield daemon
 
 
 def test_the_cli_runs_from_the_venv(topology: Topology, venv: Path) -> None:

@@ -24,6 +24,8 @@ bench: deps
 	$(PYTHON) bench/bench_hook.py
 	$(PYTHON) -m kvmvfio lab run -- python3 bench/bench_vfio_open.py
 	$(PYTHON) -m kvmvfio lab run -- python3 bench/bench_qemu_attach.py
+	$(PYTHON) -m kvmvfio lab run -- python3 bench/bench_prepare.py
+	$(PYTHON) -m kvmvfio lab run --topology sriov -- python3 bench/bench_sriov.py --rounds 5
 	$(PYTHON) -m kvmvfio lab run --topology default -- python3 bench/bench_mdev.py
 
 # The soak: 1000 attach/detach cycles of two devices by fd on a running L2 VM and

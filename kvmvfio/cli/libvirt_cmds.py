@@ -24,7 +24,7 @@ from kvmvfio.errors import shown
 from kvmvfio.prepare.journal import DEFAULT_ROOT
 
 if TYPE_CHECKING:
-    from kvmvfio.libvirt.status import AgentReport, AgentStatus
+    from kvmvfio.libvirt.status import AgentReport, AgentStatus, Refusal
 
 #: The exit status of `agent status` when no agent runs (0: one runs; 1: its file is bad).
 NOT_RUNNING = 3
@@ -160,6 +160,13 @@ def _when(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
+def _refusal_line(subject: str, r: Refusal) -> str:
+    return (
+        f"  {subject}: {shown(r.message)} ({shown(r.error, 64)}, {_when(r.at)}; "
+        f"tried again by {_when(r.retry_at)})"
+    )
+
+
 def status_text(report: AgentReport) -> str:
     """``agent status`` for people: who runs, a table of devices, the refusals waiting."""
     st = report.status
@@ -178,11 +185,7 @@ def status_text(report: AgentReport) -> str:
         name = shown(dom.name, 64)
         state = "running" if dom.running else "stopped"
         if dom.refusal is not None:
-            r = dom.refusal
-            refusals.append(
-                f"  {name}: {shown(r.message)} ({shown(r.error, 64)}, {_when(r.at)}; "
-                f"tried again by {_when(r.retry_at)})"
-            )
+            refusals.append(_refusal_line(name, dom.refusal))
         if not dom.devices:
             rows.append((name, state, "-", "-", "-", "-", "-"))
         for d in dom.devices:
@@ -193,11 +196,7 @@ def status_text(report: AgentReport) -> str:
                 (name, state, d.address, shown(d.handoff, 16), shown(d.path, 16), held, action)
             )
             if d.refusal is not None:
-                r = d.refusal
-                refusals.append(
-                    f"  {name} {d.address}: {shown(r.message)} ({shown(r.error, 64)}, "
-                    f"{_when(r.at)}; tried again by {_when(r.retry_at)})"
-                )
+                refusals.append(_refusal_line(f"{name} {d.address}", d.refusal))
     lines = [head]
     if len(rows) == 1:
         lines.append("no domain has asked the agent for a device")

@@ -46,7 +46,6 @@ from typing import Any
 from kvmvfio.errors import Interface, KvmvfioError, QemuGone, shown, speaking_to
 from kvmvfio.host import Host
 from kvmvfio.host.mdev import canonical_name, is_uuid
-from kvmvfio.libvirt import units
 from kvmvfio.libvirt.hook import refuse_unlisted
 from kvmvfio.libvirt.metadata import (
     NAMESPACE,
@@ -295,7 +294,11 @@ class Agent:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _reconcile_logged(self, conn: Any, name: str) -> None:
+    async def _reconcile_logged(self, conn: Any, name: str, *, publish: bool = True) -> None:
+        """Reconcile ``name``, log what stopped it, and note it in the status.
+
+        ``publish``: write the status file now (a full pass writes it once, at its end).
+        """
         refusal = None
         try:
             await self.reconcile(conn, name)
@@ -307,7 +310,8 @@ class Agent:
             refusal = self._refusal(err, f"reconciling failed: {err}")
         if name in self._domains or refusal is not None:
             self._set_domain(name, refusal=refusal)
-        self._publish()
+        if publish:
+            self._publish()
 
     # -- reconciling ---------------------------------------------------------------------
 
@@ -319,7 +323,7 @@ class Agent:
         held = {n for n in held if n}
         every = names | held | set(self.store.names())
         for name in sorted(every):
-            await self._reconcile_logged(conn, name)
+            await self._reconcile_logged(conn, name, publish=False)
         # A domain libvirt no longer knows, with nothing left to release, leaves the status.
         for name in set(self._domains) - every:
             del self._domains[name]
@@ -554,8 +558,3 @@ class Agent:
             self._status_error = str(err)
         else:
             self._status_error = None
-
-
-def unit_text(python: str, pythonpath: str | None = None, about: str = "") -> str:
-    """The systemd unit of the agent, for ``python`` (:func:`kvmvfio.libvirt.units.unit_text`)."""
-    return units.unit_text(units.AGENT, python, pythonpath, about)

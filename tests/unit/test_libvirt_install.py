@@ -770,13 +770,13 @@ def test_agent_unit_records_and_checks_its_kvmvfio(capsys: pytest.CaptureFixture
 
 
 def test_agent_unit_text_quotes_its_pythonpath() -> None:
-    from kvmvfio.libvirt.agent import unit_text  # noqa: PLC0415 (as the CLI imports it)
+    from kvmvfio.libvirt.units import AGENT, unit_text  # noqa: PLC0415 (as the CLI imports it)
 
-    text = unit_text("/venv/bin/python", '/a b/"c"\\d%e', "kvmvfio 0.1.0")
+    text = unit_text(AGENT, "/venv/bin/python", '/a b/"c"\\d%e', "kvmvfio 0.1.0")
     lines = text.splitlines()
     assert lines[0] == "# kvmvfio 0.1.0"
     assert 'Environment="PYTHONPATH=/a b/\\"c\\"\\\\d%%e"' in lines
-    bare = unit_text("/p").splitlines()
+    bare = unit_text(AGENT, "/p").splitlines()
     assert bare[0] == "[Unit]"  # no header without `about`
     assert not any(line.startswith("Environment") for line in bare)
 

@@ -47,6 +47,7 @@ from kvmvfio.errors import Interface, KvmvfioError, QemuGone, shown, speaking_to
 from kvmvfio.host import Host
 from kvmvfio.host.mdev import canonical_name, is_uuid
 from kvmvfio.libvirt.hook import refuse_unlisted
+from kvmvfio.libvirt.hookserve import HookServer
 from kvmvfio.libvirt.metadata import (
     NAMESPACE,
     OWNER_PREFIX,
@@ -191,6 +192,7 @@ class Agent:
         resync: float = 60.0,
         detach_timeout: float = 60.0,
         connect: Callable[[str], Any] | None = None,
+        serve_hook: bool = True,
     ) -> None:
         self.uri = uri
         self.root = Path(root)
@@ -202,6 +204,8 @@ class Agent:
         self.store = StateStore(root)
         self.status_file = StatusFile(root)
         self._connect = connect
+        #: Serves the hook's front (:mod:`kvmvfio.libvirt.hookserve`) while :meth:`run` runs.
+        self.hook_server = HookServer(root, host=self._host) if serve_hook else None
         self._me = own_process()
         self._started = time.time()
         self._connected = False
@@ -225,6 +229,15 @@ class Agent:
 
         if libvirtaio.getCurrentImpl() is None:
             libvirtaio.virEventRegisterAsyncIOImpl(asyncio.get_running_loop())
+        serving = self.hook_server is not None and await asyncio.to_thread(self.hook_server.start)
+        try:
+            await self._run(libvirt)
+        finally:
+            if serving:
+                assert self.hook_server is not None
+                self.hook_server.stop()
+
+    async def _run(self, libvirt: Any) -> None:
         opener = self._connect or libvirt.open
         backoff = 1.0
         while True:

@@ -58,4 +58,98 @@ if [ ! -x "$python" ] || [ ! -d "$PYTHONPATH/kvmvfio" ]; then
     printf 'kvmvfio: this hook runs %s with kvmvfio from %s, and one of them is gone (moved or removed since the hook was installed); run `kvmvfio hook install` again with the kvmvfio to use\n' "$python" "$PYTHONPATH" >&2
     exit 1
 fi
+
+# A running `kvmvfio agent` serves the request in its warm process: no Python
+# start here. The protocol is in kvmvfio/libvirt/hookserve.py and
+# docs/libvirt.md. The folder is root's (checked here with -O; the agent
+# made it 0700 and checks everything in it), so only root can have put
+# anything there.
+dir=@RUNDIR@/hook
+#: How long a prepare waits for the agent's verdict before refusing the start.
+patience=120
+
+# Whether the agent named by $dir/agent runs: its pid and start time
+# (field 22 of /proc/PID/stat), so that a reused pid does not count. Builtins
+# only.
+agent_runs() {
+    [ -O "$dir" ] && [ -p "$dir/requests" ] && [ -O "$dir/requests" ] \
+        && [ -f "$dir/agent" ] && [ -O "$dir/agent" ] || return 1
+    { read -r apid astart <"$dir/agent"; } 2>/dev/null || return 1
+    case $apid$astart in "" | *[!0-9]*) return 1 ;; esac
+    { read -r st <"/proc/$apid/stat"; } 2>/dev/null || return 1
+    set -f
+    # shellcheck disable=SC2086 # split on purpose: the fields after comm's ")"
+    set -- ${st##*)}
+    set +f
+    [ $# -ge 20 ] && shift 19 && [ "$1" = "$astart" ]
+}
+
+# Hand the request to the agent. Returns 100 when nothing was handed over
+# (then, and only then, Python runs instead: never both); else the exit
+# status. Costs: mkfifo and sleep for a prepare (a fork and an exec each),
+# nothing but builtins for a release.
+hand_over() {
+    req=$dir/req.$$
+    read -r up _ </proc/uptime || return 100
+    deadline=$((${up%.*} + patience))
+    reply=$dir/reply.$$
+    # A leftover of a dead front of the same pid is the agent's to clean up.
+    if [ -e "$req" ] || [ -e "$reply" ]; then return 100; fi
+    umask 077
+    set -C # and never write over a file that appeared meanwhile
+    if ! { printf 'kvmvfio-hook-request-1\000%s\000%s\000%s\000%s\000%s\000' \
+        "$deadline" "$1" "$2" "$3" "$4" && printf '%s' "$xml"; } 2>/dev/null >"$req"; then
+        set +C
+        rm -f "$req"
+        return 100
+    fi
+    set +C
+    if [ "$2" = release ]; then
+        # libvirt ignores the status of release end: no need to wait.
+        { printf '%s\n' "$$" >&3; } 2>/dev/null 3<>"$dir/requests" && return 0
+        rm -f "$req"
+        return 100
+    fi
+    if ! mkfifo -m 600 "$reply" 2>/dev/null; then
+        rm -f "$req"
+        return 100
+    fi
+    # The timer holds the reply's write end until the deadline, so the read
+    # below ends by then whatever the agent does.
+    sleep "$patience" </dev/null 2>/dev/null >"$reply" &
+    timer=$!
+    handed=
+    {
+        if printf '%s\n' "$$" >&3; then
+            handed=1
+            if IFS=' ' read -r status count <&4 && { [ "$status" = 0 ] || [ "$status" = 1 ]; }; then
+                case $count in "" | *[!0-9]*) count=0 status=1 ;; esac
+                while [ "$count" -gt 0 ] && IFS= read -r line <&4; do
+                    printf '%s\n' "$line" >&5
+                    count=$((count - 1))
+                done
+            else
+                status=
+            fi
+        fi
+    } 5>&2 2>/dev/null 3<>"$dir/requests" 4<"$reply"
+    kill "$timer" 2>/dev/null
+    if [ -z "$handed" ]; then
+        rm -f "$req" "$reply"
+        return 100
+    fi
+    if [ -z "$status" ]; then
+        rm -f "$req" "$reply"
+        printf 'kvmvfio: the agent (pid %s) did not answer within %s s; the domain is not started (the hook handed the request to the agent, so it did not act itself: see journalctl -t kvmvfio-agent)\n' "$apid" "$patience" >&2
+        return 1
+    fi
+    return "$status"
+}
+
+if agent_runs; then
+    hand_over "$@"
+    served=$?
+    [ "$served" = 100 ] || exit "$served"
+fi
+
 printf '%s' "$xml" | exec "$python" -m kvmvfio.libvirt.hook "$@"

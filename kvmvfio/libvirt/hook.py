@@ -294,6 +294,29 @@ def main(
     if data is None:
         print(f"kvmvfio hook: no domain XML from libvirt ({reason}); refused", file=err)
         return 1
+    return handle(name, op, subop, data, err, host=host, root=root)
+
+
+def handle(
+    name: str,
+    op: str,
+    subop: str,
+    data: bytes,
+    err: TextIO,
+    *,
+    host: Host | None = None,
+    root: str | Path = DEFAULT_ROOT,
+) -> int:
+    """Act on one hook call of domain ``name`` with its XML ``data``; return the exit status.
+
+    What the hook process does once it has libvirt's input, and what the
+    agent does for a call the hook's front handed to it
+    (:mod:`kvmvfio.libvirt.hookserve`): the same parse (``data`` is bounded
+    by :data:`MAX_XML_BYTES`), the same checks. A refusal is one line
+    ``kvmvfio: SENTENCE`` written to ``err``, and status 1.
+    """
+    if (op, subop) not in (PREPARE, RELEASE):
+        return 0
     try:
         # The devices come from the domain's metadata: advice names its attributes.
         with speaking_to(Interface.METADATA):

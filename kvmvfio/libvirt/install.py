@@ -40,6 +40,7 @@ from pathlib import Path
 import kvmvfio
 from kvmvfio.errors import KvmvfioError, UsageError
 from kvmvfio.libvirt.errors import ForeignHook, HookFileError, HooksDirMissing
+from kvmvfio.prepare.journal import DEFAULT_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ MARKER = "# kvmvfio-hook-front: written by `kvmvfio hook install`"
 #: How far into a file :data:`MARKER` is looked for (it is on line 2).
 _HEADER_BYTES = 4096
 _TEMPLATE = "hook-front.sh"
-_PLACEHOLDER = re.compile(r"@(PYTHON|PYTHONPATH|VERSION)@")
+_PLACEHOLDER = re.compile(r"@(PYTHON|PYTHONPATH|VERSION|RUNDIR)@")
 
 
 @dataclass(frozen=True)
@@ -210,8 +211,11 @@ def default_pythonpath() -> str:
     return str(Path(kvmvfio.__file__).resolve().parents[1])
 
 
-def render(python: str, pythonpath: str | None = None) -> str:
+def render(python: str, pythonpath: str | None = None, run_root: str | Path = DEFAULT_ROOT) -> str:
     """Return the front's text for ``python`` and ``pythonpath`` (checked first).
+
+    ``run_root`` is kvmvfio's state folder, where the front looks for a
+    running agent to hand requests to (:mod:`kvmvfio.libvirt.hookserve`).
 
     ``pythonpath`` defaults to :func:`default_pythonpath`. Raises
     :class:`UsageError` for an interpreter :func:`check_python` refuses, or a
@@ -231,6 +235,7 @@ def render(python: str, pythonpath: str | None = None) -> str:
         "PYTHON": shlex.quote(python),
         "PYTHONPATH": shlex.quote(pythonpath),
         "VERSION": kvmvfio.__version__,
+        "RUNDIR": shlex.quote(str(run_root)),
     }
     template = resources.files("kvmvfio.libvirt").joinpath(_TEMPLATE).read_text(encoding="utf-8")
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
@@ -332,6 +337,7 @@ def install(
     *,
     force: bool = False,
     pythonpath: str | None = None,
+    run_root: str | Path = DEFAULT_ROOT,
 ) -> InstallResult:
     """Write the hook front to ``<hooks_dir>/qemu.d/<name>`` (mode 0755), atomically.
 
@@ -347,7 +353,7 @@ def install(
     _check_name(name)
     if pythonpath is None:
         pythonpath = default_pythonpath()
-    text = render(python, pythonpath)
+    text = render(python, pythonpath, run_root)
     hooks_dir = Path(hooks_dir)
     qemu_d = hooks_dir / "qemu.d"
     target = qemu_d / name

@@ -61,6 +61,57 @@ def test_hook_prepares_the_nic_for_the_domain_and_gives_it_back(
     assert f"domain hooked: {nic} back on e1000e after a reset" in log
 
 
+@pytest.mark.timeout(900)
+def test_the_agent_serves_the_hook_and_without_it_python_does(
+    topology: Topology,
+    agent: AgentProcess,
+    tmp_path: Path,
+    vfio_bind: Callable[..., None],
+) -> None:
+    nic = topology.guest_address("nic0")
+    wait_for(lambda: "serving the libvirt hook" in agent.text(), 120, "the agent serving")
+    hook_log = HOOK_LOG.read_text() if HOOK_LOG.exists() else ""
+    # Served: the agent prepares the NIC, libvirt's QEMU opens its group.
+    done = create(tmp_path, "served", metadata=metadata(f"{nic} reset=yes"), hostdevs=[nic])
+    assert done.returncode == 0, done.stderr
+    assert driver(nic) == "vfio-pci"
+    (held,) = status()
+    assert held.owner == "libvirt:served"
+    assert f"/dev/vfio/{group_of(nic)}" in qemu_fds(qemu_pid("served"))
+    assert "domain served prepare begin served (status 0" in agent.text()
+    destroy("served")
+    wait_for(lambda: driver(nic) == "e1000e", 30, "the NIC back on e1000e")
+    wait_for(lambda: status() == [], 30, "the journal empty")
+    wait_for(lambda: "domain served release end served (status 0" in agent.text(), 30, "release")
+    # The hook's own decisions, logged by the agent; no hook process logged any.
+    assert f"domain served: {nic} back on e1000e after a reset" in agent.text()
+    new = (HOOK_LOG.read_text() if HOOK_LOG.exists() else "")[len(hook_log) :]
+    assert "domain served" not in new
+    # A refusal served by the agent reaches libvirt's error, the host untouched.
+    edu2, edu3 = topology.guest_address("edu2"), topology.guest_address("edu3")
+    vfio_bind(edu3, driver="pci-pf-stub")
+    before = (driver(edu2), driver(edu3))
+    done = create(tmp_path, "greedy", metadata=metadata(f"{edu2} handoff=none"))
+    assert done.returncode != 0
+    assert f"kvmvfio: IOMMU group {group_of(edu2)} is not viable" in done.stderr
+    assert "domain greedy prepare begin served (status 1" in agent.text()
+    assert (driver(edu2), driver(edu3)) == before
+    assert status() == []
+    # The agent killed (its pid file left behind, naming a dead process): Python again.
+    agent.kill()
+    done = create(tmp_path, "fallback", metadata=metadata(nic), hostdevs=[nic])
+    assert done.returncode == 0, done.stderr
+    assert driver(nic) == "vfio-pci"
+    destroy("fallback")
+    wait_for(lambda: driver(nic) == "e1000e", 30, "the NIC back on e1000e after the fallback")
+    wait_for(lambda: status() == [], 30, "the journal empty after the fallback")
+    new = (HOOK_LOG.read_text() if HOOK_LOG.exists() else "")[len(hook_log) :]
+    assert "domain fallback: prepare begin" in new
+    assert f"domain fallback: {nic} back on e1000e" in new
+    assert "domain fallback" not in agent.text()
+    assert "Traceback" not in agent.text()
+
+
 def test_hook_refuses_a_group_with_an_unlisted_member_on_a_host_driver(
     topology: Topology, clean: None, tmp_path: Path, vfio_bind: Callable[..., None]
 ) -> None:

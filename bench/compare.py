@@ -8,7 +8,11 @@ starts and the host gets it back when it stops. Three ways:
 ``kvmvfio``   kvmvfio's hook, the domain's kvmvfio metadata, ``<hostdev managed='no'>``;
               the hook runs a copy of the package with its bytecode compiled, as
               pip installs it (L1's checkout is read-only and has none, so a hook
-              run from it would compile every module at every start)
+              run from it would compile every module at every start); no agent
+              runs, so the hook's front starts Python at each event
+``kvmvfio+agent``  the same, with ``kvmvfio agent`` running (from the same copy): the
+              front hands both events to it and starts no Python (timing only:
+              the checks are the same code, measured in the ``kvmvfio`` column)
 ``libvirt``   ``<hostdev managed='yes'>``: libvirt detaches and reattaches itself
 ``hook.sh``   the hook script people write (below): driver_override, unbind,
               drivers_probe at ``prepare begin``, the reverse at ``release end``
@@ -49,6 +53,9 @@ PCI = Path("/sys/bus/pci/devices")
 HOOKS = Path("/etc/libvirt/hooks")
 WORK = Path("/run/kvmvfio-compare")
 RUNS = 3
+WAYS = ("kvmvfio", "kvmvfio+agent", "libvirt", "hook.sh")
+AGENT_LOG = WORK / "agent.log"
+AGENT_PIDFILE = Path("/run/kvmvfio/hook/agent")
 
 HAND_HOOK = """#!/bin/sh
 # A typical hand-written libvirt hook (the pattern found in passthrough guides).
@@ -107,13 +114,40 @@ def installed_copy() -> Path:
     return site
 
 
+def start_agent() -> subprocess.Popen[bytes]:
+    """``kvmvfio agent`` from the installed copy, as its unit runs it; back once it serves."""
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(installed_copy())}
+    with open(AGENT_LOG, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvmvfio", "agent"], stdout=out, stderr=out, env=env, cwd="/"
+        )
+    if not wait(lambda: "serving the libvirt hook" in AGENT_LOG.read_text(), 120):
+        proc.kill()
+        raise SystemExit(f"the agent did not serve the hook: {AGENT_LOG.read_text()[-2000:]}")
+    return proc
+
+
+def stop_agent(proc: subprocess.Popen[bytes]) -> int:
+    """Stop the agent (SIGINT: it removes its pid file); the hook events it served."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    text = AGENT_LOG.read_text(errors="replace")
+    if "Traceback" in text:
+        print(f"compare: the agent's log has a traceback:\n{text[-4000:]}", flush=True)
+    return text.count(" served (status 0")
+
+
 class Way:
     def __init__(self, name: str, nic: str) -> None:
         self.name, self.nic = name, nic
 
     def install(self) -> None:
         (HOOKS / "qemu.d").mkdir(parents=True, exist_ok=True)
-        if self.name == "kvmvfio":
+        if self.name.startswith("kvmvfio"):
             install.install(HOOKS, python=sys.executable, pythonpath=str(installed_copy()))
         elif self.name == "hook.sh":
             path = HOOKS / "qemu.d" / "passthrough"
@@ -127,7 +161,7 @@ class Way:
     def xml(self, devices: list[str], coherency: str = "warn") -> str:
         managed = self.name == "libvirt"
         meta = ""
-        if self.name == "kvmvfio":
+        if self.name.startswith("kvmvfio"):
             items = "".join(f'<k:device address="{d}"/>' for d in devices)
             meta = f'<k:devices xmlns:k="{NAMESPACE}" coherency="{coherency}">{items}</k:devices>'
         text = domain_xml("vm", metadata=meta, hostdevs=devices)
@@ -179,7 +213,7 @@ def main() -> int:
     alias.touch()
     daemon = Libvirtd()
     results: dict[str, dict[str, object]] = {}
-    for name in ("kvmvfio", "libvirt", "hook.sh"):
+    for name in WAYS:
         way = Way(name, nic)
         way.install()
         if name == "kvmvfio":
@@ -187,6 +221,7 @@ def main() -> int:
         else:
             daemon.restart()  # libvirt looks for hooks when it starts
         r: dict[str, object] = {}
+        agent = start_agent() if name == "kvmvfio+agent" else None
         # 1. The task, RUNS times.
         starts, stops, fails = [], [], []
         for _ in range(RUNS):
@@ -205,6 +240,12 @@ def main() -> int:
         r["start failures"] = fails
         r["NIC back after stop"] = driver(nic) == original
         reset_host(daemon, nic, original)
+        if agent is not None:
+            r["hook events the agent served"] = stop_agent(agent)
+            way.uninstall()
+            results[name] = r
+            print(f"compare: {name}: {json.dumps(r)}", flush=True)
+            continue
         # 2. Checks before acting.
         # a) a group with another member on a host driver
         (PCI / edu3 / "driver_override").write_text("pci-pf-stub")
@@ -289,13 +330,13 @@ def main() -> int:
         results[name] = r
         print(f"compare: {name}: {json.dumps(r)}", flush=True)
     daemon.stop()
-    print("\n| | kvmvfio | libvirt managed='yes' | hand-written hook.sh |")
-    print("| --- | --- | --- | --- |")
+    print("\n| | kvmvfio | kvmvfio+agent | libvirt managed='yes' | hand-written hook.sh |")
+    print("| --- | --- | --- | --- | --- |")
     keys = [k for k in results["kvmvfio"]] + [
-        k for k in results["libvirt"] if k not in results["kvmvfio"]
+        k for n in WAYS for k in results[n] if k not in results["kvmvfio"]
     ]
-    for key in keys:
-        cells = [json.dumps(results[n].get(key, "n/a")) for n in ("kvmvfio", "libvirt", "hook.sh")]
+    for key in dict.fromkeys(keys):
+        cells = [json.dumps(results[n].get(key, "n/a")) for n in WAYS]
         print(f"| {key} | " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     job = Path(os.environ.get("KVMVFIO_LAB_JOB", "/tmp"))
     (job / "compare.json").write_text(json.dumps(results, indent=2))

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import kvmvfio
 from kvmvfio.cli.args import path_text
@@ -90,8 +93,16 @@ def _agent(args: argparse.Namespace) -> int:
     agent = Agent(args.uri, root=args.root, resync=args.resync, detach_timeout=args.detach_timeout)
     # Decisions are the agent's output: log them even without -v.
     logging.getLogger("kvmvfio").setLevel(logging.INFO)
-    asyncio.run(agent.run())
+    with contextlib.suppress(asyncio.CancelledError):
+        asyncio.run(_until_sigterm(agent.run()))
     return 0
+
+
+async def _until_sigterm(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work``, cancelled by SIGTERM (systemd's stop), so that its cleanup runs."""
+    task = asyncio.ensure_future(work)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    await task
 
 
 def checked_unit(kind: str) -> str:

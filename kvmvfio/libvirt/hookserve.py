@@ -261,9 +261,16 @@ class HookServer:
     def _run(self) -> None:
         pending = b""
         assert self._fifo is not None
+        stopping = False
         while True:
-            ready, _, _ = select.select([self._fifo, self._stop_r], [], [])
+            ready, _, _ = select.select([self._fifo, self._stop_r], [], [], 0 if stopping else None)
             if self._stop_r in ready:
+                # The pid file is gone: no new front hands over. Serve what
+                # came before, then stop.
+                stopping = True
+                os.read(self._stop_r, 1)
+                continue
+            if self._fifo not in ready:
                 return
             chunk = os.read(self._fifo, 4096)
             pending += chunk

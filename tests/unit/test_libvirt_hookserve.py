@@ -426,3 +426,33 @@ def test_the_front_is_still_posix(front: Path) -> None:
 
 def test_env_is_what_libvirt_gives() -> None:
     assert set(ENV) == {"PATH"}
+
+
+def test_a_request_that_came_before_the_stop_is_served(run_root: Path, handle: FakeHandle) -> None:
+    srv = HookServer(run_root, host=lambda: None, handle=handle)  # type: ignore[arg-type,return-value]
+    assert srv.start()
+    _write_request(run_root, "41", _request("41", op="release", subop="end"))
+    _send(run_root, b"41\n")
+    srv.stop()
+    assert [c[1] for c in handle.calls] == ["release"]
+    assert not (run_root / "hook" / "agent").exists()
+
+
+def test_sigterm_cancels_the_agent_so_its_cleanup_runs() -> None:
+    import asyncio  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    from kvmvfio.cli.libvirt_cmds import _until_sigterm  # noqa: PLC0415
+
+    cleaned = []
+
+    async def agent() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(30)
+        finally:
+            cleaned.append(True)
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(_until_sigterm(agent()))
+    assert cleaned == [True]

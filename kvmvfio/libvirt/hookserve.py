@@ -105,8 +105,8 @@ class Request:
     xml: bytes
 
 
-class BadRequest(KvmvfioError):
-    """A request line or file that is not what the front writes."""
+class BadRequest(ValueError):
+    """A request file that is not what the front writes (logged and dropped, never raised on)."""
 
 
 def parse_request(rid: str, raw: bytes) -> Request:
@@ -303,7 +303,7 @@ class HookServer:
                 log.info("hook request %s: no file %s (served already); dropped", rid, file)
                 return
             request = parse_request(rid, raw)
-        except KvmvfioError as err:
+        except (KvmvfioError, BadRequest) as err:
             log.error("hook request %s: %s; dropped", rid, err)
             self._remove(file)
             self._remove(f"reply.{rid}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from fakeqmp import HANGUP, SILENT, Envelope, Error, FakeQmp, Raw
 from fakesysfs import Dev, Topology
+from qemu.qmp.message import Message
 
 from kvmvfio.errors import (
     DetachTimeout,
@@ -461,6 +463,30 @@ async def test_qemus_words_are_printed_escaped(fake: FakeQmp) -> None:
     assert "\x1b" not in said
     assert "no\\x1b[2J" in said
     assert len(said) < 400
+
+
+async def test_messages_are_formatted_for_the_log_only_when_it_takes_them(
+    fake: FakeQmp, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """qemu.qmp pretty-prints every message for its debug log; only when someone reads it."""
+    formatted: list[str] = []
+    real = Message.__str__
+
+    def counted(msg: Message) -> str:
+        formatted.append(real(msg))
+        return formatted[-1]
+
+    monkeypatch.setattr(Message, "__str__", counted)
+    fake.replies["query-status"] = {"running": True}
+    async with Qemu(fake.path) as qemu:
+        caplog.set_level(logging.INFO, logger="kvmvfio.qemu.qmp.wire")
+        await qemu.execute("query-status")
+        assert formatted == []
+        caplog.set_level(logging.DEBUG, logger="kvmvfio.qemu.qmp.wire")
+        await qemu.execute("query-status")
+    wire = [r.getMessage() for r in caplog.records if r.name == "kvmvfio.qemu.qmp.wire"]
+    assert any(m.startswith("--> ") and "query-status" in m for m in wire), wire
+    assert any(m.startswith("<-- ") and "running" in m for m in wire), wire
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -1.0, 1e400, 10**9])

@@ -434,6 +434,7 @@ class Qemu(Monitor):
         self._connected = True
         self._sock = sock
         self._ending, self._ended_during = None, ()
+        self._types = None  # a new connection may reach a new QEMU (pid=None takes any)
         log.info("connected to QEMU pid %d (uid %d) at %s", self.pid, self.uid, self._where)
         return self
 

@@ -474,7 +474,7 @@ async def attach(
     # sent, and the first failure in that order is the one raised. One listing of
     # QEMU's devices (and of its vfio-pci devices' backends) serves the plan, the
     # mixed-backend check and the free ports.
-    given = addresses if isinstance(addresses, Plan) else None
+    given = addresses.made_for(Opener.QEMU, "plan_attach") if isinstance(addresses, Plan) else None
     async with qemu.together() as ask:
         lists = [ask(qemu.qom_list(c)) for c in _PERIPHERALS]
         in_qemu = ask(qemu_has_iommufd(qemu)) if given is None else None
@@ -484,7 +484,7 @@ async def attach(
     listing = _peripherals(lists)
     present = await vfio_devices(qemu, listing)
     if isinstance(addresses, Plan):
-        plan = addresses.made_for(Opener.QEMU, "plan_attach")
+        plan = addresses  # checked above: made for QEMU
     else:
         assert in_qemu is not None  # asked above, with no plan given
         plan = await plan_attach(

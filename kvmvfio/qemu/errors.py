@@ -87,15 +87,26 @@ class QemuReplyInvalid(QemuError):
     it: kvmvfio checks every reply it uses against QEMU's schema and acts on
     none that does not fit. ``command`` is the command answered (or the
     event's name, in capitals, or ``greeting``); ``problem`` says what did
-    not fit.
+    not fit. ``among``: the commands QEMU had yet to answer when what it
+    sent ended the session, when there were several (sent together): a
+    message that is not QMP carries no id to tell which one it answered,
+    so all are named, and ``command`` is their names joined.
     """
 
-    def __init__(self, command: str, problem: str, pid: int | None = None) -> None:
-        self.command = command
+    def __init__(
+        self, command: str, problem: str, pid: int | None = None, *, among: Sequence[str] = ()
+    ) -> None:
+        self.among = tuple(among)
+        self.command = ", ".join(self.among) if len(self.among) > 1 else command
         self.problem = problem
         self.pid = pid
         who = f"QEMU pid {pid}" if pid else "QEMU"
-        if command == "greeting":
+        if len(self.among) > 1:
+            what = (
+                f"message while {len(self.among)} commands awaited its answer ("
+                f"{', '.join(self.among)}; which one it answered cannot be told)"
+            )
+        elif command == "greeting":
             what = "QMP greeting"
         elif command.isupper():  # QAPI names events in capitals, commands in lower case
             what = f"{command} event"

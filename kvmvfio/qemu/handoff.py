@@ -73,7 +73,7 @@ from kvmvfio.host.procs import holders
 from kvmvfio.host.rom import check_romfile
 from kvmvfio.qemu.deadline import seconds
 from kvmvfio.qemu.qmp import JsonObject, Monitor
-from kvmvfio.qemu.replies import QomProperty
+from kvmvfio.qemu.replies import MemorySize, QomProperty
 from kvmvfio.vfio.files import open_node
 from kvmvfio.vfio.iommufd import RlimitMode, open_for_vmm
 from kvmvfio.vfio.plan import DevicePlan, KernelPaths, Opener, Plan, make_plan
@@ -149,7 +149,15 @@ Peripherals = list[tuple[str, QomProperty]]
 
 async def peripherals(qemu: Monitor) -> Peripherals:
     """``qom-list`` of ``/machine/peripheral`` and ``-anon``: every device a user added."""
-    return [(c, item) for c in _PERIPHERALS for item in await qemu.qom_list(c)]
+    async with qemu.together() as ask:
+        lists = [ask(qemu.qom_list(c)) for c in _PERIPHERALS]
+    return _peripherals(lists)
+
+
+def _peripherals(lists: Sequence[asyncio.Task[tuple[QomProperty, ...]]]) -> Peripherals:
+    return [
+        (c, item) for c, listed in zip(_PERIPHERALS, lists, strict=True) for item in listed.result()
+    ]
 
 
 async def free_ports(
@@ -162,16 +170,16 @@ async def free_ports(
     :func:`peripherals`, when the caller has it already.
     """
     ports: list[str] = []
-    occupied: set[str] = set()
-    for container, item in listing if listing is not None else await peripherals(qemu):
-        if item.child_type is None:
-            continue
-        if container == _PERIPHERALS[0] and item.child_type in HOTPLUG_PORTS:
-            ports.append(item.name)
-            continue  # ports sit on the root bus: no need to ask where
-        bus = await qemu.qom_link(f"{container}/{item.name}", "parent_bus")
-        if bus:
-            occupied.add(bus.rstrip("/").rpartition("/")[2])
+    async with qemu.together() as ask:  # where each device sits, asked at once
+        buses = []
+        for container, item in listing if listing is not None else await peripherals(qemu):
+            if item.child_type is None:
+                continue
+            if container == _PERIPHERALS[0] and item.child_type in HOTPLUG_PORTS:
+                ports.append(item.name)
+                continue  # ports sit on the root bus: no need to ask where
+            buses.append(ask(qemu.qom_link(f"{container}/{item.name}", "parent_bus")))
+    occupied = {b.result().rstrip("/").rpartition("/")[2] for b in buses if b.result()}
     ports.sort(key=lambda name: (len(name), name))  # rp2 before rp10
     free = [p for p in ports if p not in occupied]
     return free, [p for p in ports if p in occupied]
@@ -186,14 +194,19 @@ def memlock_limit(pid: int) -> int:
     return soft
 
 
-async def ensure_memlock(qemu: Monitor, *, raise_it: bool = True) -> int:
+async def ensure_memlock(
+    qemu: Monitor, *, raise_it: bool = True, memory: MemorySize | None = None
+) -> int:
     """Make sure QEMU may lock its RAM plus :data:`MEMLOCK_MARGIN`; return the limit.
 
     Raises the limit of QEMU's process (as ``prlimit`` does) when
     ``raise_it`` and kvmvfio may; otherwise :class:`MemlockTooLow`, which
-    says exactly what to change.
+    says exactly what to change. ``memory``: QEMU's answer to
+    ``query-memory-size-summary``, when the caller has it.
     """
-    needed = (await qemu.memory_size()).total + MEMLOCK_MARGIN
+    if memory is None:
+        memory = await qemu.memory_size()
+    needed = memory.total + MEMLOCK_MARGIN
     soft, hard = resource.prlimit(qemu.pid, resource.RLIMIT_MEMLOCK)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return soft
@@ -242,16 +255,22 @@ def revoke(node: Path, uid: int) -> None:
 
 
 async def _ensure_iommufd_object(
-    qemu: Monitor, devfs: Path, *, accounting: RlimitMode | None = RlimitMode.PROCESS
+    qemu: Monitor,
+    devfs: Path,
+    *,
+    accounting: RlimitMode | None = RlimitMode.PROCESS,
+    objects: Sequence[QomProperty] | None = None,
 ) -> bool:
     """Create the VM's iommufd object from our /dev/iommu fd; False if it existed.
 
     The fd charges what QEMU pins to QEMU's process, not to its user
     (``accounting``, set before QEMU sees the fd; ``None`` leaves the
     kernel's per-user default, for the lab's record of what that does).
+    ``objects``: QEMU's ``qom-list /objects``, when the caller has it.
     """
-    objects = {o.name for o in await qemu.qom_list("/objects")}
-    if IOMMUFD_OBJECT in objects:
+    if objects is None:
+        objects = await qemu.qom_list("/objects")
+    if IOMMUFD_OBJECT in {o.name for o in objects}:
         return False
     name = f"{IOMMUFD_OBJECT}-fd"
     fd = open_for_vmm(devfs, f"QEMU pid {qemu.pid}", accounting=accounting)
@@ -386,16 +405,18 @@ async def plan_attach(
     vf_token: uuid.UUID | str | None = None,
     host: Host | None = None,
     present: Mapping[str, str] | None = None,
+    qemu_iommufd: bool | None = None,
 ) -> Plan:
     """The plan for attaching ``addresses`` to the QEMU behind ``qemu``; nothing is sent.
 
-    Asks QEMU whether it has the ``iommufd`` object (the cdev path by fd)
-    and which backend its vfio-pci devices use (``present``:
+    Asks QEMU whether it has the ``iommufd`` object (the cdev path by fd;
+    ``qemu_iommufd``: :func:`qemu_has_iommufd`, when the caller has it) and
+    which backend its vfio-pci devices use (``present``:
     :func:`vfio_devices`, when the caller has it), then
     :func:`~kvmvfio.vfio.plan.make_plan` for a running QEMU. Raises what
     that raises.
     """
-    in_qemu = await qemu_has_iommufd(qemu)
+    in_qemu = await qemu_has_iommufd(qemu) if qemu_iommufd is None else qemu_iommufd
     backend = await vfio_backend(qemu, present)
     if backend is not None and VfioPath(path) is VfioPath.AUTO:
         path = backend  # one VM, one VFIO backend (see refuse_mixed_backends)
@@ -448,13 +469,24 @@ async def attach(
     so its user must be able to read it. ``no_rombar`` names devices QEMU
     shows without a ROM BAR (:func:`rom_options`).
     """
-    # One listing of QEMU's devices (and of its vfio-pci devices' backends) serves the
-    # plan, the mixed-backend check and the free ports: QMP round trips cost (issue 19).
-    listing = await peripherals(qemu)
+    # What attach asks QEMU before it changes anything, asked at once: one round
+    # trip's wait instead of one per question (issue 19). QEMU answers in the order
+    # sent, and the first failure in that order is the one raised. One listing of
+    # QEMU's devices (and of its vfio-pci devices' backends) serves the plan, the
+    # mixed-backend check and the free ports.
+    given = addresses.made_for(Opener.QEMU, "plan_attach") if isinstance(addresses, Plan) else None
+    async with qemu.together() as ask:
+        lists = [ask(qemu.qom_list(c)) for c in _PERIPHERALS]
+        in_qemu = ask(qemu_has_iommufd(qemu)) if given is None else None
+        memory = ask(qemu.memory_size())
+        legacy = str(given.path if given else path) in (VfioPath.GROUP, "legacy")
+        objects = None if legacy else ask(qemu.qom_list("/objects"))
+    listing = _peripherals(lists)
     present = await vfio_devices(qemu, listing)
     if isinstance(addresses, Plan):
-        plan = addresses.made_for(Opener.QEMU, "plan_attach")
+        plan = addresses  # checked above: made for QEMU
     else:
+        assert in_qemu is not None  # asked above, with no plan given
         plan = await plan_attach(
             qemu,
             addresses,
@@ -464,6 +496,7 @@ async def attach(
             vf_token=vf_token,
             host=host,
             present=present,
+            qemu_iommufd=in_qemu.result(),
         )
     addrs = list(plan.addresses)
     if buses is not None and len(buses) != len(addrs):
@@ -481,10 +514,12 @@ async def attach(
     else:
         chosen_buses = list(buses)
     # The first change to QEMU's state comes after every read-only check.
-    await ensure_memlock(qemu, raise_it=raise_memlock)
+    await ensure_memlock(qemu, raise_it=raise_memlock, memory=memory.result())
     created_object = False
     if plan.path is VfioPath.CDEV:
-        created_object = await _ensure_iommufd_object(qemu, plan.devfs)
+        created_object = await _ensure_iommufd_object(
+            qemu, plan.devfs, objects=objects.result() if objects is not None else None
+        )
     done: list[Attachment] = []
     try:
         for dev, bus in zip(plan.devices, chosen_buses, strict=True):
@@ -534,12 +569,13 @@ async def vfio_devices(qemu: Monitor, listing: Peripherals | None = None) -> dic
 
     The link is "" for a device on the legacy container (group path).
     """
-    found = {}
-    for container, item in listing if listing is not None else await peripherals(qemu):
-        if item.child_type == "vfio-pci":
-            where = f"{container}/{item.name}"
-            found[where] = await qemu.qom_link(where, "iommufd")
-    return found
+    async with qemu.together() as ask:
+        links = {
+            f"{c}/{item.name}": ask(qemu.qom_link(f"{c}/{item.name}", "iommufd"))
+            for c, item in (listing if listing is not None else await peripherals(qemu))
+            if item.child_type == "vfio-pci"
+        }
+    return {where: link.result() for where, link in links.items()}
 
 
 async def vfio_backend(qemu: Monitor, present: Mapping[str, str] | None = None) -> VfioPath | None:

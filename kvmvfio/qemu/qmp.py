@@ -25,9 +25,10 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import Self, TypeVar
+from types import TracebackType
+from typing import Any, Self, TypeVar
 
 from qemu.qmp import (
     ConnectError,
@@ -39,7 +40,7 @@ from qemu.qmp import (
     StateError,
 )
 from qemu.qmp.error import ProtocolError
-from qemu.qmp.message import DeserializationError, UnexpectedTypeError
+from qemu.qmp.message import DeserializationError, Message, UnexpectedTypeError
 from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
 from kvmvfio.errors import (
@@ -139,6 +140,66 @@ def _misfit(err: BaseException | None) -> str | None:
 DeletedWaiter = Callable[[], Awaitable[None]]
 
 
+class _NotAsked(Exception):
+    """A question of :class:`Together` not asked, since one before it failed."""
+
+
+async def _after(previous: asyncio.Task[Any], question: Coroutine[Any, Any, T]) -> T:
+    """``question``, once ``previous`` has succeeded (one command at a time)."""
+    await asyncio.wait({previous})
+    if previous.cancelled() or previous.exception() is not None:
+        question.close()
+        raise _NotAsked
+    return await question
+
+
+class Together:
+    """Questions to QEMU asked at once (``async with monitor.together() as ask``).
+
+    ``ask(monitor.qom_list(...))`` starts the question and returns its task;
+    on leaving the block every one has been answered, and the first failure
+    *in the order asked* is raised, whatever finished first, so what a
+    caller sees does not depend on timing. Each command keeps its own
+    deadline. QEMU answers one command at a time, in the order sent; what
+    the questions save is the wait between them (one round trip for all,
+    instead of one each). ``at_once=False`` asks one after the other and
+    stops at the first failure, for a carrier that takes one command at a
+    time. Only for questions: a command that changes QEMU is never sent
+    before the answers it depends on are in.
+    """
+
+    def __init__(self, *, at_once: bool) -> None:
+        self.at_once = at_once
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    def __call__(self, question: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        if not self.at_once and self.tasks:
+            question = _after(self.tasks[-1], question)
+        task = asyncio.ensure_future(question)
+        self.tasks.append(task)
+        return task
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None:
+            for task in self.tasks:
+                task.cancel()
+        # return_exceptions: every failure is retrieved here, none left for asyncio to print.
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if exc is not None:
+            return
+        for task in self.tasks:
+            if task.cancelled():
+                raise asyncio.CancelledError
+            err = task.exception()
+            if err is not None:
+                raise err
+
+
 class Monitor:
     """What the handoff needs of a running QEMU, whoever carries the commands.
 
@@ -155,6 +216,12 @@ class Monitor:
 
     pid: int = 0
     uid: int = 0
+    #: QOM types by the interface asked (``qom-list-types``): a QEMU's types do not change.
+    _types: dict[str, tuple[QomType, ...]] | None = None
+
+    def together(self) -> Together:
+        """Questions asked together (:class:`Together`); here one after the other."""
+        return Together(at_once=False)
 
     async def execute(self, command: str, arguments: JsonObject | None = None) -> object:
         """Run a QMP command and return its ``return`` value, unchecked.
@@ -205,8 +272,19 @@ class Monitor:
         return await self.call("qom-get", {"path": path, "property": prop}, replies.qom_path)
 
     async def qom_list_types(self, implements: str) -> tuple[QomType, ...]:
-        """``qom-list-types`` of the types that implement ``implements``."""
-        return await self.call("qom-list-types", {"implements": implements}, replies.qom_list_types)
+        """``qom-list-types`` of the types that implement ``implements``.
+
+        Asked once per monitor: the types of a running QEMU are those of its
+        binary (the command loads every module first), and a monitor speaks
+        to one process. A refusal is not kept.
+        """
+        if self._types is None:
+            self._types = {}
+        if implements not in self._types:
+            self._types[implements] = await self.call(
+                "qom-list-types", {"implements": implements}, replies.qom_list_types
+            )
+        return self._types[implements]
 
     async def memory_size(self) -> MemorySize:
         """``query-memory-size-summary``: the guest's RAM."""
@@ -259,7 +337,7 @@ class Qemu(Monitor):
         self.uid = 0
         self.gid = 0
         # One message (one line) is read whole before it is parsed: bound it.
-        self.client = QMPClient("kvmvfio", readbuflen=MAX_MESSAGE)
+        self.client = _Client("kvmvfio", readbuflen=MAX_MESSAGE)
         # qemu.qmp logs what QEMU sent (an unknown reply id, a message it could
         # not parse) in QEMU's own words: through kvmvfio's logger, escaped.
         self.client.logger = _WIRE_LOG
@@ -272,6 +350,16 @@ class Qemu(Monitor):
         self._sock: socket.socket | None = None
         # An fd and the getfd that names it travel together: no other command between.
         self._fd_lock = asyncio.Lock()
+        # The commands sent and not yet answered, in the order sent (one object each).
+        self._in_flight: list[_Sent] = []
+        # Why the session ended, found out once (by the first to see it), and what
+        # was then waiting for QEMU: every one of those is told the same.
+        self._ending: asyncio.Task[BaseException | None] | None = None
+        self._ended_during: tuple[_Sent, ...] = ()
+
+    def together(self) -> Together:
+        """Questions sent at once (:class:`Together`): one round trip's wait for all."""
+        return Together(at_once=True)
 
     @property
     def _where(self) -> str:
@@ -345,6 +433,8 @@ class Qemu(Monitor):
             raise
         self._connected = True
         self._sock = sock
+        self._ending, self._ended_during = None, ()
+        self._types = None  # a new connection may reach a new QEMU (pid=None takes any)
         log.info("connected to QEMU pid %d (uid %d) at %s", self.pid, self.uid, self._where)
         return self
 
@@ -394,6 +484,8 @@ class Qemu(Monitor):
 
     async def close(self) -> None:
         """Disconnect; safe to call twice."""
+        if self._ending is not None:  # a lost session's hang-up, under way or done
+            await asyncio.shield(self._ending)
         await self._hang_up()
 
     async def __aenter__(self) -> Self:
@@ -402,14 +494,26 @@ class Qemu(Monitor):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _lost(self, step: str, err: BaseException, command: str | None = None) -> QemuError:
+    async def _lost(
+        self, step: str, err: BaseException, command: str | None = None, sent: _Sent | None = None
+    ) -> QemuError:
         """The error for a connection that ended during ``step``: what QEMU sent, or its leaving.
 
-        ``command`` is what QEMU was answering (the step itself, by default).
+        ``command`` is what QEMU was answering (the step itself, by default);
+        ``sent``, the command's own record when it was sent and awaits its
+        answer. When what QEMU sent ended the session, every command then
+        waiting gets the same error, naming them all: a message that is not
+        QMP cannot be matched to the command it answered.
         """
-        problem = _misfit(await self._hang_up())
-        if problem is not None:
-            return self.invalid(command or step, problem)
+        mine = sent or _Sent(command or step)
+        if self._ending is None:
+            waiting = self._in_flight
+            self._ended_during = (*waiting, *(() if mine in waiting else (mine,)))
+            self._ending = asyncio.ensure_future(self._hang_up())
+        problem = _misfit(await asyncio.shield(self._ending))
+        if problem is not None and mine in self._ended_during:
+            names = tuple(dict.fromkeys(s.command for s in self._ended_during))
+            return QemuReplyInvalid(names[0], problem, self.pid, among=names)
         return QemuGone(step, shown(str(err)) or type(err).__name__)
 
     async def execute(self, command: str, arguments: JsonObject | None = None) -> object:
@@ -423,6 +527,8 @@ class Qemu(Monitor):
         ``command_timeout`` seconds (a stuck QEMU must not hang its caller).
         """
         log.debug("qmp %s %s", command, arguments or "")
+        sent = _Sent(command)
+        self._in_flight.append(sent)
         try:
             async with asyncio.timeout(self.command_timeout):
                 return await self.client.execute(command, arguments)
@@ -444,7 +550,9 @@ class Qemu(Monitor):
             OSError,
             asyncio.IncompleteReadError,
         ) as err:
-            raise await self._lost(command, err) from err
+            raise await self._lost(command, err, sent=sent) from err
+        finally:
+            self._in_flight.remove(sent)
 
     async def send_fd(self, fd: OwnedFd, name: str) -> None:
         """Pass ``fd`` to QEMU with SCM_RIGHTS and name it there (``getfd``).
@@ -502,6 +610,36 @@ class Qemu(Monitor):
             yield deleted
 
 
+class _Client(QMPClient):
+    """qemu.qmp's client, formatting a message for its log only when the log takes it.
+
+    qemu.qmp's hooks on every message in and out (``_cb_outbound``,
+    ``_cb_inbound``, there for subclasses) log it pretty-printed, and
+    format it so (``json.dumps`` with an indent: Python's pure-Python
+    encoder) before the logger decides to drop it: the largest cost of
+    kvmvfio's own CPU time in an attach (issue 19's profile).
+    """
+
+    def _cb_outbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            return super()._cb_outbound(msg)
+        return msg
+
+    def _cb_inbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            return super()._cb_inbound(msg)
+        return msg
+
+
+class _Sent:
+    """A command sent and awaiting its answer (compared by identity)."""
+
+    __slots__ = ("command",)
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+
 class _Escaped(logging.Filter):
     """Print what qemu.qmp logs (QEMU's words among it) escaped and bounded."""
 
@@ -522,6 +660,7 @@ __all__ = [
     "Qemu",
     "QomProperty",
     "QomType",
+    "Together",
     "peer_credentials",
     "read_pidfile",
 ]

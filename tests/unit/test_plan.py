@@ -359,7 +359,7 @@ def test_a_token_no_device_takes_is_refused(host: Host, kernel: FakeVfio) -> Non
 async def test_qemu_gets_the_token_on_the_group_path(
     sriov_host: Host, kernel: FakeVfio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def ensure_memlock(qemu: object, *, raise_it: bool = True) -> int:
+    async def ensure_memlock(qemu: object, *, raise_it: bool = True, memory: object = None) -> int:
         return 0
 
     monkeypatch.setattr(handoff, "ensure_memlock", ensure_memlock)
@@ -368,6 +368,7 @@ async def test_qemu_gets_the_token_on_the_group_path(
     peer.replies.update(
         {
             "qom-list-types": [],
+            "query-memory-size-summary": {"base-memory": 1 << 30},
             "qom-list": lambda a: (
                 [{"name": "rp0", "type": "child<pcie-root-port>"}]
                 if a["path"] == "/machine/peripheral"
@@ -398,6 +399,7 @@ async def test_attach_keeps_to_the_backend_qemu_uses(
     """QEMU 10.0 aborts on a VM with legacy and iommufd VFIO devices (the lab saw it)."""
     peer = await FakeQmp(tmp_path / "qmp.sock").start()
     peer.replies["qom-list-types"] = [{"name": "iommufd"}]
+    peer.replies["query-memory-size-summary"] = {"base-memory": 1 << 30}
     peer.replies["qom-list"] = lambda args: (
         [{"name": "hostdev0", "type": "child<vfio-pci>"}]
         if args["path"] == "/machine/peripheral"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from fakeqmp import HANGUP, SILENT, Envelope, Error, FakeQmp, Raw
 from fakesysfs import Dev, Topology
+from qemu.qmp.message import Message
 
 from kvmvfio.errors import (
     DetachTimeout,
@@ -34,7 +36,8 @@ from kvmvfio.errors import (
 )
 from kvmvfio.host import Host
 from kvmvfio.qemu import Qemu, attach, detach, free_ports, qdev_id, read_pidfile
-from kvmvfio.qemu.qmp import Monitor
+from kvmvfio.qemu.handoff import qemu_has_iommufd
+from kvmvfio.qemu.qmp import Monitor, Together
 
 EDU = {"vendor": 0x1234, "device": 0x11E8, "cls": 0x00FF00}
 
@@ -188,6 +191,77 @@ async def test_a_qemu_that_does_not_answer_is_named_not_waited_for_forever(
     assert f"/proc/{os.getpid()}/task/*/stack" in said
 
 
+async def test_attach_asks_its_questions_at_once_in_a_fixed_order(
+    fake: FakeQmp, build_host: Callable[[Topology], Host]
+) -> None:
+    """The read-only questions go out together: one stuck answer does not hold the others back.
+
+    The order is fixed (the lab's test that kills QEMU before each step counts
+    on it), and the first failure in that order is the one raised.
+    """
+    host = build_host(Topology(devices=[Dev("0000:00:03.0", driver="vfio-pci", group=1, **EDU)]))
+    fake.replies.update(
+        {
+            "qom-list-types": SILENT,
+            "qom-list": lambda a: (
+                _peripheral(("rp0", "pcie-root-port")) if a["path"] == "/machine/peripheral" else []
+            ),
+            "query-memory-size-summary": Error("GenericError", "later in the order"),
+        }
+    )
+    async with Qemu(fake.path, pid=os.getpid(), command_timeout=0.3) as qemu:
+        with pytest.raises(QemuNoAnswer, match="did not answer qom-list-types"):
+            await attach(qemu, ["0000:00:03.0"], coherency="ignore", host=host)
+    assert fake.received == [
+        ("qmp_capabilities", {}),
+        ("qom-list", {"path": "/machine/peripheral"}),
+        ("qom-list", {"path": "/machine/peripheral-anon"}),
+        ("qom-list-types", {"implements": "iommufd"}),
+        ("query-memory-size-summary", {}),  # sent before qom-list-types was answered
+        ("qom-list", {"path": "/objects"}),
+    ]
+
+
+async def test_a_message_that_ends_the_session_names_every_command_awaiting_it(
+    fake: FakeQmp,
+) -> None:
+    fake.replies.update({"qom-list": [], "query-memory-size-summary": Raw(b"not json")})
+    async with Qemu(fake.path, pid=os.getpid()) as qemu:
+        with pytest.raises(QemuReplyInvalid) as invalid:  # noqa: PT012
+            async with qemu.together() as ask:
+                ask(qemu.qom_list("/a"))
+                ask(qemu.memory_size())
+                ask(qemu.qom_list("/b"))
+    assert invalid.value.among == ("query-memory-size-summary", "qom-list")
+    assert "while 2 commands awaited its answer (query-memory-size-summary, qom-list;" in str(
+        invalid.value
+    )
+    # A command sent after the end is not said to have been answered by it.
+    with pytest.raises(QemuGone):
+        await qemu.execute("query-status")
+
+
+async def test_qemus_types_are_asked_once_per_connection(fake: FakeQmp) -> None:
+    fake.replies["qom-list-types"] = [{"name": "iommufd"}]
+    async with Qemu(fake.path, pid=os.getpid()) as qemu:
+        assert await qemu_has_iommufd(qemu)
+        assert await qemu_has_iommufd(qemu)
+    async with Qemu(fake.path, pid=os.getpid()) as qemu:
+        assert await qemu_has_iommufd(qemu)
+    assert [c for c, _ in fake.received].count("qom-list-types") == 2
+
+
+async def test_questions_one_at_a_time_stop_at_the_first_failure(fake: FakeQmp) -> None:
+    """A carrier that takes one command at a time (libvirt's) asks in order, and stops."""
+    fake.replies.update({"qom-list": Error("GenericError", "no"), "query-status": {}})
+    async with Qemu(fake.path, pid=os.getpid()) as qemu:
+        with pytest.raises(QemuRefused, match="no"):  # noqa: PT012
+            async with Together(at_once=False) as ask:
+                ask(qemu.qom_list("/a"))
+                ask(qemu.execute("query-status"))
+    assert [c for c, _ in fake.received] == ["qmp_capabilities", "qom-list"]
+
+
 # -- what QEMU says is checked; every step has a deadline --------------------------------------
 
 
@@ -302,8 +376,21 @@ async def test_a_reply_that_does_not_fit_is_named_not_a_traceback(
         async with Qemu(fake.path, pid=os.getpid()) as qemu:
             await attach(qemu, ["0000:00:03.0"], coherency="ignore", host=host)
     assert said in str(invalid.value)
-    assert str(invalid.value).startswith(f"QEMU pid {os.getpid()}'s reply to {command} ")
-    assert invalid.value.command == command
+    if invalid.value.among:
+        # What ended the session (bytes that are no QMP message) carries no id, and attach
+        # asks its questions at once: every command then awaiting an answer is named, in
+        # the order sent; QEMU answers in order, so the first is the one whose turn it was.
+        assert isinstance(reply, Raw)
+        names = invalid.value.among
+        assert names[0] == command
+        assert invalid.value.command == ", ".join(names)
+        assert str(invalid.value).startswith(
+            f"QEMU pid {os.getpid()}'s message while {len(names)} commands awaited its answer "
+            f"({', '.join(names)}; which one it answered cannot be told) does not fit"
+        )
+    else:
+        assert str(invalid.value).startswith(f"QEMU pid {os.getpid()}'s reply to {command} ")
+        assert invalid.value.command == command
     assert "getfd" not in [c for c, _ in fake.received]  # nothing handed over
     assert _open_fds() == before
 
@@ -376,6 +463,30 @@ async def test_qemus_words_are_printed_escaped(fake: FakeQmp) -> None:
     assert "\x1b" not in said
     assert "no\\x1b[2J" in said
     assert len(said) < 400
+
+
+async def test_messages_are_formatted_for_the_log_only_when_it_takes_them(
+    fake: FakeQmp, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """qemu.qmp pretty-prints every message for its debug log; only when someone reads it."""
+    formatted: list[str] = []
+    real = Message.__str__
+
+    def counted(msg: Message) -> str:
+        formatted.append(real(msg))
+        return formatted[-1]
+
+    monkeypatch.setattr(Message, "__str__", counted)
+    fake.replies["query-status"] = {"running": True}
+    async with Qemu(fake.path) as qemu:
+        caplog.set_level(logging.INFO, logger="kvmvfio.qemu.qmp.wire")
+        await qemu.execute("query-status")
+        assert formatted == []
+        caplog.set_level(logging.DEBUG, logger="kvmvfio.qemu.qmp.wire")
+        await qemu.execute("query-status")
+    wire = [r.getMessage() for r in caplog.records if r.name == "kvmvfio.qemu.qmp.wire"]
+    assert any(m.startswith("--> ") and "query-status" in m for m in wire), wire
+    assert any(m.startswith("<-- ") and "running" in m for m in wire), wire
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -1.0, 1e400, 10**9])

@@ -253,6 +253,7 @@ async def fake(tmp_path: Path) -> AsyncIterator[FakeQmp]:
     peer.replies.update(
         {
             "qom-list-types": [{"name": "iommufd"}],
+            "query-memory-size-summary": {"base-memory": 1 << 30},
             "qom-list": lambda a: (
                 [{"name": "rp0", "type": "child<pcie-root-port>"}]
                 if a["path"] == "/machine/peripheral"
@@ -270,7 +271,7 @@ async def fake(tmp_path: Path) -> AsyncIterator[FakeQmp]:
 @pytest.fixture(autouse=True)
 def no_memlock_change(monkeypatch: pytest.MonkeyPatch) -> None:
     # The limit is another test's subject; this process's own must not change.
-    async def ensure_memlock(qemu: object, *, raise_it: bool = True) -> int:
+    async def ensure_memlock(qemu: object, *, raise_it: bool = True, memory: object = None) -> int:
         return 0
 
     monkeypatch.setattr(handoff, "ensure_memlock", ensure_memlock)

@@ -52,7 +52,8 @@ The hierarchy (``[module]``: where a leaf lives, under ``kvmvfio.``)::
      +-- QemuError                                               [qemu.errors]
      |    +-- QemuRefused, QemuGone, QemuNoAnswer, QemuReplyInvalid,
      |        QemuPeerMismatch, NoHotplugPort, DetachTimeout,
-     |        NotAttached, MemlockTooLow, MixedVfioBackends      [qemu.errors]
+     |        NotAttached, MemlockTooLow, MixedVfioBackends,
+     |        QemuConfined                                       [qemu.errors]
      +-- ClaimedBy, UnsafeToUnbind, JournalError, UntrustedFile,
      |   MdevExists, NoMdevInstances, MdevInUse, MdevClaimed,
      |   DeviceNotAnswering                                      [prepare.errors]
@@ -132,6 +133,7 @@ if TYPE_CHECKING:
         MixedVfioBackends,
         NoHotplugPort,
         NotAttached,
+        QemuConfined,
         QemuError,
         QemuGone,
         QemuNoAnswer,
@@ -203,6 +205,7 @@ _LEAVES = {
         "DetachTimeout",
         "NotAttached",
         "MemlockTooLow",
+        "QemuConfined",
     ),
     "kvmvfio.prepare.errors": (
         "ClaimedBy",
@@ -285,6 +288,7 @@ __all__ = [  # noqa: RUF022
     "DetachTimeout",
     "NotAttached",
     "MemlockTooLow",
+    "QemuConfined",
     "ClaimedBy",
     "UnsafeToUnbind",
     "UnsafeSysfsName",

@@ -17,6 +17,7 @@ __all__ = [
     "MemlockTooLow",
     "NoHotplugPort",
     "NotAttached",
+    "QemuConfined",
     "QemuError",
     "QemuGone",
     "QemuNoAnswer",
@@ -147,6 +148,28 @@ class NoHotplugPort(QemuError):
             f"the VM has no free hotpluggable port for {address}{taken}: QEMU's q35 root bus "
             "does not take hotplugged devices; start QEMU with one "
             "`-device pcie-root-port,id=rpN,chassis=N` per device to plug, or name a bus"
+        )
+
+
+class QemuConfined(QemuError):
+    """QEMU's AppArmor profile would refuse a file the handoff needs it to open or receive."""
+
+    def __init__(
+        self, address: str, pid: int, profile: str, paths: Sequence[str], how: str
+    ) -> None:
+        self.address = address
+        self.pid = pid
+        self.profile = profile
+        self.paths = tuple(paths)
+        listed = ", ".join(shown(p) for p in self.paths)
+        rules = " ".join(f"{shown(p)} rw," for p in self.paths)
+        super().__init__(
+            f"QEMU (pid {pid}) runs confined by the AppArmor profile {shown(profile)}, which does "
+            f"not allow {listed}: {how} {address} would be refused by the kernel, so nothing was "
+            "handed over. Use the cdev path (kvmvfio opens and passes the files itself), or add "
+            f"`{rules}` to /etc/apparmor.d/local/abstractions/libvirt-qemu and reload the "
+            f"profile (`apparmor_parser -r /etc/apparmor.d/libvirt/{shown(profile)}`; "
+            "docs/libvirt.md, AppArmor)"
         )
 
 

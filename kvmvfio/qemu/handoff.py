@@ -62,11 +62,13 @@ from kvmvfio.errors import (
     MixedVfioBackends,
     NoHotplugPort,
     NotAttached,
+    QemuConfined,
     QemuError,
     QemuRefused,
     UsageError,
 )
 from kvmvfio.host import Host, PciAddress, PciDevice
+from kvmvfio.host.confinement import PolicyUnreadable, confinement, refused_paths
 from kvmvfio.host.mdev import canonical_name, is_uuid, parse_uuid
 from kvmvfio.host.mdev import mdev as mdev_of
 from kvmvfio.host.procs import holders
@@ -513,6 +515,7 @@ async def attach(
         chosen_buses: list[str | None] = list(free[: len(addrs)])
     else:
         chosen_buses = list(buses)
+    refuse_confined(qemu, plan)
     # The first change to QEMU's state comes after every read-only check.
     await ensure_memlock(qemu, raise_it=raise_memlock, memory=memory.result())
     created_object = False
@@ -552,6 +555,34 @@ async def attach(
             await _drop_object(qemu)
         raise
     return done
+
+
+def refuse_confined(qemu: Monitor, plan: Plan) -> None:
+    """Raise :class:`QemuConfined` when QEMU's AppArmor profile would refuse what ``plan`` needs.
+
+    On the group path QEMU opens the group node (and the container) itself,
+    by path: its profile must allow them. On the cdev path kvmvfio passes
+    the files; the kernel checks a received file against the receiver's
+    profile only when the sender was confined (:mod:`kvmvfio.host.confinement`),
+    so the check runs only for a confined kvmvfio. A policy that cannot be
+    asked is logged and the handoff goes on: QEMU's own error then tells.
+    """
+    try:
+        own = confinement("self")
+        for dev in plan.devices:
+            if plan.path is VfioPath.CDEV:
+                if own is None or not own.confined:
+                    return  # files an unconfined process opened pass to any profile
+                paths, how = [str(dev.file), str(plan.devfs / "iommu")], "passing the files of"
+            else:
+                paths = [str(dev.file), str(plan.devfs / "vfio" / "vfio")]
+                how = "opening the group node of"
+            found = refused_paths(qemu.pid, paths)
+            if found is not None:
+                conf, refused = found
+                raise QemuConfined(dev.address, qemu.pid, conf.label, refused, how)
+    except PolicyUnreadable as err:
+        log.warning("cannot ask AppArmor what QEMU pid %d may open: %s", qemu.pid, err)
 
 
 async def _drop_object(qemu: Monitor) -> None:

@@ -61,6 +61,7 @@ BEFORE = [
     "DetachTimeout",
     "NotAttached",
     "MemlockTooLow",
+    "QemuConfined",
     "LabError",
     "LibvirtError",
 ]

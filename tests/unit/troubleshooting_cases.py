@@ -24,6 +24,7 @@ from kvmvfio.errors import (
     MemlockTooLow,
     NoHotplugPort,
     NoInterruptRemapping,
+    QemuConfined,
     QemuNoAnswer,
     QemuReplyInvalid,
     SysfsError,
@@ -66,6 +67,13 @@ def build() -> dict[str, KvmvfioError]:
             errno.EPERM, "VFIO_SET_IOMMU", "/dev/vfio/vfio", "the container of IOMMU group 14"
         ),
         "no hotplug port": NoHotplugPort("0000:03:00.0", []),
+        "qemu confined": QemuConfined(
+            "0000:03:00.0",
+            4242,
+            "libvirt-6f1c2a3e-8d4b-4e55-9a0e-2b7c1d9e8f10",
+            ["/dev/vfio/14"],
+            "opening the group node of",
+        ),
         "coherency refused": CoherencyRefused("IOMMU group 14", ["0000:03:00.0"]),
         "not on vfio-pci": DeviceNotBoundToVfio("0000:03:00.0", "e1000e"),
         "memlock": MemlockTooLow(

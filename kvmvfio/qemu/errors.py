@@ -163,13 +163,18 @@ class QemuConfined(QemuError):
         self.paths = tuple(paths)
         listed = ", ".join(shown(p) for p in self.paths)
         rules = " ".join(f"{shown(p)} rw," for p in self.paths)
+        if profile.startswith("libvirt-"):  # virt-aa-helper's, per domain
+            where = (
+                "/etc/apparmor.d/local/abstractions/libvirt-qemu, then reload the domain's profile "
+                f"(`apparmor_parser -r /etc/apparmor.d/libvirt/{shown(profile)}`)"
+            )
+        else:
+            where = f"the profile {shown(profile)}, then reload it (`apparmor_parser -r FILE`)"
         super().__init__(
             f"QEMU (pid {pid}) runs confined by the AppArmor profile {shown(profile)}, which does "
             f"not allow {listed}: {how} {address} would be refused by the kernel, so nothing was "
             "handed over. Use the cdev path (kvmvfio opens and passes the files itself), or add "
-            f"`{rules}` to /etc/apparmor.d/local/abstractions/libvirt-qemu and reload the "
-            f"profile (`apparmor_parser -r /etc/apparmor.d/libvirt/{shown(profile)}`; "
-            "docs/libvirt.md, AppArmor)"
+            f"`{rules}` to {where} (docs/qemu.md, AppArmor)"
         )
 
 

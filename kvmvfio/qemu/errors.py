@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvmvfio.errors import KvmvfioError, shown
+from kvmvfio.errors import Interface, KvmvfioError, interface, shown
 
 __all__ = [
     "DetachTimeout",
@@ -173,9 +173,16 @@ class QemuConfined(QemuError):
         super().__init__(
             f"QEMU (pid {pid}) runs confined by the AppArmor profile {shown(profile)}, which does "
             f"not allow {listed}: {how} {address} would be refused by the kernel, so nothing was "
-            "handed over. Use the cdev path (kvmvfio opens and passes the files itself), or add "
-            f"`{rules}` to {where} (docs/qemu.md, AppArmor)"
+            f"handed over. {_CDEV_ADVICE[interface()]} (the files are then opened by kvmvfio "
+            f"and passed), or add `{rules}` to {where} (docs/qemu.md, AppArmor)"
         )
+
+
+_CDEV_ADVICE = {
+    Interface.CLI: "Use --path cdev",
+    Interface.METADATA: "Set path='cdev' on the device in the domain's kvmvfio metadata",
+    Interface.API: "Pass path='cdev'",
+}
 
 
 class DetachTimeout(QemuError):

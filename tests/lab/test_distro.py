@@ -211,7 +211,8 @@ def test_the_group_path_to_a_confined_qemu_is_refused_with_the_rule_then_works_w
             f"runs confined by the AppArmor profile {LAB_PROFILE}, which does not allow {node}"
             in out.stderr
         )
-        assert f"add `{node} rw,` to the profile {LAB_PROFILE}" in out.stderr
+        assert "Use --path cdev (the files are then opened by kvmvfio and passed)" in out.stderr
+        assert f"or add `{node} rw,` to the profile {LAB_PROFILE}, then reload it" in out.stderr
         assert "Traceback" not in out.stderr
         # Nothing was handed over: no grant on the node, nothing in QEMU.
         assert acl_users(node) == []

@@ -97,12 +97,14 @@ def test_one_kind_of_owner() -> None:
 
 #: Modules whose raw ``os.open`` opens a file that is not a device of VFIO,
 #: iommufd or KVM (sysfs attributes, /proc, the journal folder, a pid file,
-#: a block device probed for O_EXCL, an option ROM, config space) and closes it
+#: a block device probed for O_EXCL, an option ROM, config space, AppArmor's query
+#: file) and closes it
 #: in a ``finally`` of the same function: such an fd never outlives the call, and needs no owner.
 #: (hookserve: a reply FIFO, closed so; and the request FIFO, which
 #: HookServer holds from start() to stop() and closes there.)
 OPEN_AND_CLOSE = {
     "kvmvfio/host/blockdev.py",
+    "kvmvfio/host/confinement.py",
     "kvmvfio/host/pci.py",
     "kvmvfio/host/procs.py",
     "kvmvfio/host/reset.py",

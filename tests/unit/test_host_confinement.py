@@ -1,4 +1,4 @@
-"""AppArmor confinement (kvmvfio.host.confinement) and the handoff's refusal before acting.
+"""AppArmor confinement (kvmvfio.host.confinement); the handoff's refusal: test_qemu_qmp.py.
 
 The kernel's side (a confined QEMU refusing a group node, receiving passed
 fds) is shown in the lab's `distro` topology (tests/lab/test_distro.py).
@@ -6,26 +6,12 @@ fds) is shown in the lab's `distro` topology (tests/lab/test_distro.py).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from fakeqmp import FakeQmp
-from fakesysfs import Dev, Topology
 
-from kvmvfio.errors import QemuConfined
-from kvmvfio.host import Host
 from kvmvfio.host import confinement as conf
-from kvmvfio.qemu import Qemu, attach, handoff
-
-EDU = {"vendor": 0x1234, "device": 0x11E8, "cls": 0x00FF00}
-
-
-@pytest.fixture
-async def fake(tmp_path: Path) -> AsyncIterator[FakeQmp]:
-    peer = await FakeQmp(tmp_path / "qmp.sock").start()
-    yield peer
-    await peer.stop()
+from kvmvfio.qemu import handoff
 
 
 def _proc(tmp_path: Path, pid: int, label: str | None) -> Path:
@@ -80,37 +66,6 @@ def test_the_kernels_answer_is_read_bit_by_bit() -> None:
 def test_an_unreachable_policy_is_named(tmp_path: Path) -> None:
     with pytest.raises(conf.PolicyUnreadable, match=r"\.access"):
         conf.allows("libvirt-x", "/dev/iommu", access=tmp_path / ".access")
-
-
-async def test_a_confined_qemu_is_refused_before_anything_is_handed_over(
-    fake: FakeQmp, build_host: Callable[[Topology], Host], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    host = build_host(Topology(devices=[Dev("0000:00:03.0", driver="vfio-pci", group=1, **EDU)]))
-    fake.replies["qom-list-types"] = [{"name": "iommufd"}]
-    fake.replies["query-memory-size-summary"] = {"base-memory": 1 << 20}
-    fake.replies["qom-list"] = lambda a: (
-        [{"name": "rp0", "type": "child<pcie-root-port>"}]
-        if a["path"] == "/machine/peripheral"
-        else []
-    )
-    asked: list[list[str]] = []
-    profile = conf.Confinement("libvirt-abc", "enforce")
-
-    def refused(pid: int, paths: list[str]) -> tuple[conf.Confinement, list[str]]:
-        asked.append(paths)
-        return profile, paths[:1]
-
-    monkeypatch.setattr(handoff, "refused_paths", refused)
-    async with Qemu(fake.path) as qemu:
-        with pytest.raises(QemuConfined) as err:
-            await attach(qemu, ["0000:00:03.0"], path="group", coherency="ignore", host=host)
-    assert asked
-    assert asked[0][0].endswith("/vfio/1")  # QEMU would open the group node itself
-    assert "libvirt-abc" in str(err.value)
-    assert "apparmor_parser -r /etc/apparmor.d/libvirt/libvirt-abc" in str(err.value)
-    sent = [c for c, _ in fake.received]
-    assert "device_add" not in sent
-    assert "getfd" not in sent
 
 
 def test_fds_from_an_unconfined_kvmvfio_are_not_checked(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,6 +26,7 @@ from kvmvfio.errors import (
     DetachTimeout,
     NoHotplugPort,
     NotAttached,
+    QemuConfined,
     QemuError,
     QemuGone,
     QemuNoAnswer,
@@ -35,7 +36,8 @@ from kvmvfio.errors import (
     UsageError,
 )
 from kvmvfio.host import Host
-from kvmvfio.qemu import Qemu, attach, detach, free_ports, qdev_id, read_pidfile
+from kvmvfio.host import confinement as conf
+from kvmvfio.qemu import Qemu, attach, detach, free_ports, handoff, qdev_id, read_pidfile
 from kvmvfio.qemu.handoff import qemu_has_iommufd
 from kvmvfio.qemu.qmp import Monitor, Together
 
@@ -534,3 +536,34 @@ async def test_attach_refuses_a_romfile_before_qemu_is_changed(
     sent = [c for c, _ in fake.received]
     assert not {"getfd", "add-fd", "object-add", "device_add", "qom-set"} & set(sent), sent
     assert fake.fds_received == 0
+
+
+async def test_a_confined_qemu_is_refused_before_anything_is_handed_over(
+    fake: FakeQmp, build_host: Callable[[Topology], Host], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = build_host(Topology(devices=[Dev("0000:00:03.0", driver="vfio-pci", group=1, **EDU)]))
+    fake.replies["qom-list-types"] = [{"name": "iommufd"}]
+    fake.replies["query-memory-size-summary"] = {"base-memory": 1 << 20}
+    fake.replies["qom-list"] = lambda a: (
+        [{"name": "rp0", "type": "child<pcie-root-port>"}]
+        if a["path"] == "/machine/peripheral"
+        else []
+    )
+    asked: list[list[str]] = []
+    profile = conf.Confinement("libvirt-abc", "enforce")
+
+    def refused(pid: int, paths: list[str]) -> tuple[conf.Confinement, list[str]]:
+        asked.append(paths)
+        return profile, paths[:1]
+
+    monkeypatch.setattr(handoff, "refused_paths", refused)
+    async with Qemu(fake.path) as qemu:
+        with pytest.raises(QemuConfined) as err:
+            await attach(qemu, ["0000:00:03.0"], path="group", coherency="ignore", host=host)
+    assert asked
+    assert asked[0][0].endswith("/vfio/1")  # QEMU would open the group node itself
+    assert "libvirt-abc" in str(err.value)
+    assert "apparmor_parser -r /etc/apparmor.d/libvirt/libvirt-abc" in str(err.value)
+    sent = [c for c, _ in fake.received]
+    assert "device_add" not in sent
+    assert "getfd" not in sent

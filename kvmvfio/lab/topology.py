@@ -8,6 +8,7 @@ passing its path. The format::
     kernel-args = ["extra=1"]          # optional, appended to L1's command line
     memory-mb = 2048                   # optional
     smp = 1                            # optional; see below
+    common-tests = true                # optional: false runs only the tests marked for it
 
     [viommu]
     model = "intel-iommu"              # or "virtio-iommu"
@@ -127,6 +128,8 @@ class Topology:
     memory_mb: int = 2048
     smp: int = 1
     disks: tuple[LabDisk, ...] = ()
+    #: Whether the lab tests with no topology marker (every topology's) run on it too.
+    common_tests: bool = True
     source: str = field(default="", compare=False)
 
     @property
@@ -268,7 +271,16 @@ class _Checker:
         self.keys(
             "top level",
             data,
-            {"description", "viommu", "device", "disk", "kernel-args", "memory-mb", "smp"},
+            {
+                "description",
+                "viommu",
+                "device",
+                "disk",
+                "kernel-args",
+                "memory-mb",
+                "smp",
+                "common-tests",
+            },
         )
         description = self.string("description", data.get("description", ""))
         viommu = data.get("viommu")
@@ -312,6 +324,9 @@ class _Checker:
         kernel_args = tuple(
             self.string(f"kernel-args[{i}]", a, _KARG) for i, a in enumerate(raw_args)
         )
+        common = data.get("common-tests", True)
+        if not isinstance(common, bool):
+            raise self.fail("common-tests", "must be true or false")
         return Topology(
             name=name,
             description=description,
@@ -322,6 +337,7 @@ class _Checker:
             memory_mb=self.integer("memory-mb", data.get("memory-mb", 2048), 512, 16384),
             smp=self.integer("smp", data.get("smp", 1), 1, 8),
             disks=disks,
+            common_tests=common,
             source=self.source,
         )
 

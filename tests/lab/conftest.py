@@ -50,6 +50,10 @@ def _collect_garbage_after_each_lab_test(request: pytest.FixtureRequest) -> Iter
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     name = config.getoption("--lab-topology")
+    # The runner's way to the booted topology: a built-in name, or the copy of a file.
+    common = (
+        name is None or topo_mod.load(os.environ.get("KVMVFIO_LAB_TOPOLOGY", name)).common_tests
+    )
     for item in items:
         if item.get_closest_marker("lab") is None:
             continue
@@ -61,6 +65,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         marker = item.get_closest_marker("topology")
         if marker is not None and name not in marker.args:
             item.add_marker(pytest.mark.skip(reason=f"not for topology {name}"))
+        elif marker is None and not common:
+            item.add_marker(pytest.mark.skip(reason=f"topology {name} runs only its own tests"))
 
 
 @pytest.fixture(scope="session")

@@ -78,6 +78,10 @@ def test_unknown_topology_names_the_choices() -> None:
             r"only intel-iommu has snoop-control",
         ),
         ('smp = 0\n[viommu]\nmodel = "intel-iommu"\n', r"smp: must be an integer from 1 to 8"),
+        (
+            'common-tests = "no"\n[viommu]\nmodel = "intel-iommu"\n',
+            r"common-tests: must be true or false",
+        ),
         ("[viommu\n", r"not valid TOML"),
     ],
 )
@@ -87,6 +91,12 @@ def test_bad_topology_files_name_the_field(tmp_path: Path, text: str, message: s
     with pytest.raises(LabError, match=message) as info:
         topo_mod.load(str(path))
     assert str(path) in str(info.value)
+
+
+def test_only_distro_leaves_out_the_common_lab_tests() -> None:
+    # tests/lab/conftest.py skips the unmarked lab tests on such a topology.
+    skipping = [n for n in topo_mod.builtin_names() if not topo_mod.load(n).common_tests]
+    assert skipping == ["distro"]
 
 
 def test_user_topology_file_without_code(tmp_path: Path) -> None:

@@ -69,8 +69,9 @@ from kvmvfio.host import Host
 from kvmvfio.host.procs import start_time
 from kvmvfio.libvirt import hook
 from kvmvfio.libvirt.metadata import MAX_XML_BYTES
+from kvmvfio.prepare.errors import UntrustedFile
 from kvmvfio.prepare.journal import DEFAULT_ROOT
-from kvmvfio.prepare.rundir import RunFolder
+from kvmvfio.prepare.rundir import RunFolder, describe
 
 log = logging.getLogger(__name__)
 
@@ -226,9 +227,6 @@ class HookServer:
             return fd
 
     def _check_fifo(self, path: Path, st: os.stat_result, *, fix_mode: int | None = None) -> None:
-        from kvmvfio.prepare.errors import UntrustedFile  # noqa: PLC0415
-        from kvmvfio.prepare.rundir import describe  # noqa: PLC0415
-
         expected = f"a FIFO owned by uid {self.folder.uid} with mode 0600"
         if not stat.S_ISFIFO(st.st_mode):
             raise UntrustedFile(path, f"is {describe(st)}", expected)

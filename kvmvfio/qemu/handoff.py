@@ -481,7 +481,7 @@ async def attach(
         lists = [ask(qemu.qom_list(c)) for c in _PERIPHERALS]
         in_qemu = ask(qemu_has_iommufd(qemu)) if given is None else None
         memory = ask(qemu.memory_size())
-        legacy = str(given.path if given else path) in (VfioPath.GROUP, "legacy")
+        legacy = VfioPath(given.path if given else path) is VfioPath.GROUP
         objects = None if legacy else ask(qemu.qom_list("/objects"))
     listing = _peripherals(lists)
     present = await vfio_devices(qemu, listing)
@@ -568,11 +568,12 @@ def refuse_confined(qemu: Monitor, plan: Plan) -> None:
     asked is logged and the handoff goes on: QEMU's own error then tells.
     """
     try:
-        own = confinement("self")
+        if plan.path is VfioPath.CDEV:
+            own = confinement("self")
+            if own is None or not own.confined:
+                return  # files an unconfined process opened pass to any profile
         for dev in plan.devices:
             if plan.path is VfioPath.CDEV:
-                if own is None or not own.confined:
-                    return  # files an unconfined process opened pass to any profile
                 paths, how = [str(dev.file), str(plan.devfs / "iommu")], "passing the files of"
             else:
                 paths = [str(dev.file), str(plan.devfs / "vfio" / "vfio")]

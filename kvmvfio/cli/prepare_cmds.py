@@ -56,6 +56,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             + ")"
         ),
     )
+    p.add_argument(
+        "--reset",
+        action="store_true",
+        help=(
+            "reset each device when it leaves vfio-pci again (journaled: every later "
+            "release or recover does it)"
+        ),
+    )
     p.set_defaults(handler=_prepare)
 
     r = sub.add_parser("release", help="put prepared devices back on their original drivers")
@@ -120,6 +128,7 @@ def _prepare(args: argparse.Namespace) -> int:
         force=args.force,
         host=host,
         root=Path(args.root),
+        reset=_addrs(args) if args.reset else (),
     )
     if args.json:
         print_doc({"prepared": [asdict(p) for p in done]})

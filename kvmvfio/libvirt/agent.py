@@ -455,6 +455,7 @@ class Agent:
                 host=host,
                 root=self.root,
                 listed=listed,
+                reset=[addr] if dev.reset else [],
             )
         state.devices[addr] = dev.reset
         self.store.write(state)  # before QEMU has it: a crash now still leads back

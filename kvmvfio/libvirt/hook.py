@@ -223,7 +223,8 @@ def prepare_domain(
     addrs = [d.address for d in request.pci]  # an mdev is on its VFIO driver from birth
     try:
         accept = {d.address: d.accept for d in request.pci if d.accept}
-        done = prepare(addrs, request.owner, accept=accept, host=host, root=root)
+        reset = [d.address for d in request.pci if d.reset]  # journaled: any release honours it
+        done = prepare(addrs, request.owner, accept=accept, host=host, root=root, reset=reset)
         for p in done:
             moved = ", ".join(f"{e.address} (from {e.driver or 'no driver'})" for e in p.moved)
             log.info("domain %s: IOMMU group %d on vfio-pci: %s", request.name, p.group, moved)

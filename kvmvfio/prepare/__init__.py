@@ -207,6 +207,7 @@ def prepare(
     watch: OwnerWatch | None = None,
     uid: int | None = None,
     listed: Collection[str] = (),
+    reset: Collection[str] = (),
 ) -> list[Prepared]:
     """Move the devices and the rest of their groups to vfio-pci, for ``owner``.
 
@@ -221,6 +222,9 @@ def prepare(
     :func:`release` or :func:`recover` puts it back. A journal record of a
     group that is invalid raises :class:`JournalError`; ``uid`` is the owner
     kvmvfio's files under ``root`` must have (default: the effective uid).
+    ``reset`` names the devices to reset when they leave vfio-pci: the wish
+    is journaled, and every release of the group (this owner's, the
+    agent's, ``recover``'s after a crash) honours it.
     """
     if not isinstance(owner, str) or owner_problem(owner) is not None:
         raise UsageError(f"owner {owner!r} must be a short name without spaces (a VM name)")
@@ -237,6 +241,7 @@ def prepare(
     addrs = [str(PciAddress.coerce(a)) for a in addresses]
     groups = groups_of(host, addrs)
     named = {*addrs, *(str(PciAddress.coerce(a)) for a in listed)}
+    resets = {str(PciAddress.coerce(a)) for a in reset}
     for group in groups.values():
         refuse_unlisted(group, named)
     done = []
@@ -253,6 +258,7 @@ def prepare(
                     watch=watch,
                     force=force,
                     accept=per_device,
+                    reset=resets,
                 )
             )
     return done
@@ -269,6 +275,7 @@ def _prepare_group(
     watch: OwnerWatch,
     force: Collection[str],
     accept: Mapping[str, Collection[str]],
+    reset: Collection[str],
 ) -> Prepared:
     number = group.number
     record = _read_checked(host, journal, number)
@@ -296,6 +303,9 @@ def _prepare_group(
         if str(m.address) not in known:
             state = sysfs.state(str(m.address))
             record.devices.append(Entry(str(m.address), state.driver, state.override))
+    for entry in record.devices:
+        if entry.address in reset:
+            entry.reset = True  # a wish once made holds until the group is released
     changes = _Changes(journal, record)
     journal.write(record)  # the claim, and the originals, before any change
     for m in movers:
@@ -416,7 +426,7 @@ def _release_record(
         )
     _refuse_dead(host, record)
     out = [
-        _restore(sysfs, e, reset if isinstance(reset, bool) else e.address in reset)
+        _restore(sysfs, e, e.reset or (reset if isinstance(reset, bool) else e.address in reset))
         for e in reversed(record.devices)
     ]
     journal.remove(record.group)
@@ -437,7 +447,8 @@ def release(
     Idempotent: a group kvmvfio did not prepare is left alone. With
     ``owner``, a group claimed by someone else raises :class:`ClaimedBy`.
     ``reset`` resets each device (the kernel's ``reset``) before it leaves
-    vfio-pci; given addresses instead of True, only those. Raises
+    vfio-pci; given addresses instead of True, only those. A device whose
+    reset was asked at :func:`prepare` is reset whatever ``reset`` says. Raises
     :class:`~kvmvfio.errors.Busy` naming the process that still has a
     device open (unbinding then would hang), and :class:`JournalError` or
     :class:`UntrustedFile` for a group whose record kvmvfio will not act on

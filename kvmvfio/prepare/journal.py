@@ -69,6 +69,8 @@ _REQUIRED = ("version", "group", "owner", "pid", "devices")
 #: ``steps`` and ``pid_start`` are absent from records written by older kvmvfio versions.
 _OPTIONAL = ("steps", "pid_start")
 _ENTRY_KEYS = ("address", "driver", "override")
+#: ``reset`` is written only when true, so a record without one reads as before.
+_ENTRY_OPTIONAL = ("reset",)
 
 
 def owner_problem(owner: str) -> str | None:
@@ -93,11 +95,17 @@ def owner_problem(owner: str) -> str | None:
 
 @dataclass
 class Entry:
-    """One device kvmvfio moved: what it had before."""
+    """One device kvmvfio moved: what it had before, and whether to reset it on the way back.
+
+    ``reset`` is the wish of whoever prepared it (a domain's ``reset="yes"``),
+    kept so that any release honours it: the hook's, the agent's for a
+    stopped domain, ``kvmvfio release`` and ``recover``.
+    """
 
     address: str
     driver: str | None
     override: str | None
+    reset: bool = False
 
 
 @dataclass
@@ -137,7 +145,11 @@ class Journal:
 
     def write(self, record: Record) -> None:
         """Write ``record`` durably (fsync of the file and the folder) before a change."""
-        data = json.dumps({"version": VERSION, **asdict(record)}, indent=1).encode()
+        doc = {"version": VERSION, **asdict(record)}
+        for entry in doc["devices"]:
+            if not entry["reset"]:
+                del entry["reset"]
+        data = json.dumps(doc, indent=1).encode()
         self.folder.write(self.file_name(record.group), data)
 
     def read(self, group: int) -> Record | None:
@@ -279,14 +291,17 @@ def _entries(value: object) -> list[Entry]:
         where = f"devices[{i}]"
         if not isinstance(item, dict):
             raise _Invalid(f"{where} must be an object, not {_shown(item)}")
-        _keys(f"{where} ", item, _ENTRY_KEYS)
+        _keys(f"{where} ", item, _ENTRY_KEYS, _ENTRY_OPTIONAL)
         address = _address(f"{where}.address", item["address"])
         if address in seen:
             raise _Invalid(f"{where}.address {address} appears twice")
         seen.add(address)
         driver = _optional_driver(f"{where}.driver", item["driver"])
         override = _optional_driver(f"{where}.override", item["override"])
-        out.append(Entry(address, driver, override))
+        reset = item.get("reset", False)
+        if type(reset) is not bool:
+            raise _Invalid(f"{where}.reset must be true or false, not {_shown(reset)}")
+        out.append(Entry(address, driver, override, reset))
     return out
 
 

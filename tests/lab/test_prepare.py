@@ -310,3 +310,36 @@ def test_release_can_reset_the_device(topology: Topology, tmp_path: Path) -> Non
     assert restored.reset
     assert snapshot(nic) == before
     assert netdevs(nic) == ifaces
+
+
+def test_a_reset_asked_at_prepare_is_done_by_the_release_that_comes(
+    topology: Topology, tmp_path: Path
+) -> None:
+    """``prepare --reset`` journals the wish; ``recover`` after the owner died
+    (as the agent's release of a stopped domain) resets without being asked."""
+    nic = topology.guest_address("nic0")
+    before = snapshot(nic)
+    ifaces = netdevs(nic)
+    owner = subprocess.Popen(["sleep", "600"])
+    try:
+        got = kvmvfio(
+            "prepare", "--root", str(tmp_path), "--owner", "vm1", "--owner-pid", str(owner.pid),
+            "--reset", nic,
+        )  # fmt: skip
+        assert got.returncode == 0, got.stderr
+        assert driver(nic) == "vfio-pci"
+        (held,) = status(root=tmp_path)
+        assert [(e.address, e.reset) for e in held.devices] == [(nic, True)]
+    finally:
+        owner.kill()
+        owner.wait()
+    got = kvmvfio("recover", "--root", str(tmp_path))
+    assert got.returncode == 0, got.stderr
+    assert f"recover: {nic} back on e1000e, reset" in got.stdout
+    assert snapshot(nic) == before
+    assert netdevs(nic) == ifaces
+    # Without the wish, a release gives it back unreset.
+    prepare([nic], "vm2", root=tmp_path)
+    (restored,) = release([nic], "vm2", root=tmp_path)
+    assert not restored.reset
+    assert snapshot(nic) == before

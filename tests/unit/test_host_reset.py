@@ -7,6 +7,7 @@ functions, nested bridges, a function gone from sysfs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from fakesysfs import Dev, Topology, tree_files
 from kvmvfio.errors import DeviceNotAnswering
 from kvmvfio.host import Host, PciAddress
 from kvmvfio.host.reset import answers, reset_scope
-from kvmvfio.prepare import release
+from kvmvfio.prepare import recover, release, release_owner
 from kvmvfio.prepare.journal import Entry, Journal, Record
 from kvmvfio.vfio.plan import make_plan
 
@@ -188,3 +189,40 @@ def test_a_virtual_function_reading_ffff_as_its_vendor_is_alive(host: Host) -> N
     config.write_bytes(b"\xff\xff\xff\xff\x06\x04\x10\x00\x00\x00\x08\x01" + bytes(52))
     alive = answers(host.sysfs, "0000:00:05.0")
     assert (alive.vendor, alive.dead) == (0xFFFF, False)
+
+
+@pytest.mark.parametrize("how", ["release", "release_owner", "recover"])
+def test_a_reset_asked_at_prepare_is_done_by_every_release(
+    host: Host, tmp_path: Path, how: str
+) -> None:
+    """The wish is the record's: a release that does not ask (the agent's for
+    a stopped domain, ``recover`` after a crash) still resets the device."""
+    root = tmp_path / "run"
+    addr = "0000:00:05.0"
+    journal = Journal(root)
+    journal.write(Record(7, "vm1", GONE_PID, devices=[Entry(addr, "vfio-pci", None, reset=True)]))
+    assert json.loads(journal.path(7).read_text())["devices"][0]["reset"] is True
+    reset_file = host.sysfs / "bus" / "pci" / "devices" / addr / "reset"
+    reset_file.write_text("")
+    if how == "release":
+        (done,) = release([addr], "vm1", host=host, root=root)
+    elif how == "release_owner":
+        (done,) = release_owner("vm1", host=host, root=root)
+    else:
+        (done,) = recover(host=host, root=root).restored
+    assert done.reset
+    assert reset_file.read_text() == "1"
+    assert journal.read(7) is None
+
+
+def test_no_reset_unless_asked(host: Host, tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    addr = "0000:00:05.0"
+    journal = Journal(root)
+    journal.write(Record(7, "vm1", GONE_PID, devices=[Entry(addr, "vfio-pci", None)]))
+    assert "reset" not in json.loads(journal.path(7).read_text())["devices"][0]
+    reset_file = host.sysfs / "bus" / "pci" / "devices" / addr / "reset"
+    reset_file.write_text("")
+    (done,) = release([addr], "vm1", host=host, root=root)
+    assert not done.reset
+    assert reset_file.read_text() == ""

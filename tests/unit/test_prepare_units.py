@@ -107,6 +107,8 @@ _DROP = object()
             'devices[0].override "vfio-pci\\n" is refused: it holds whitespace',
         ),
         (_doc(devices=[_dev(driver=False)]), "devices[0].driver must be text, not false"),
+        (_doc(devices=[_dev(reset="yes")]), 'devices[0].reset must be true or false, not "yes"'),
+        (_doc(devices=[_dev(reset=1)]), "devices[0].reset must be true or false, not 1"),
     ],
 )
 def test_a_damaged_journal_is_named_and_left_alone(

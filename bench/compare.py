@@ -26,7 +26,10 @@ the hook itself killed right after it unbound the NIC. Prints markdown;
 writes JSON to /mnt/job/compare.json. ``--time-only``: the times alone
 (the checks and failures are what the code does, and change less often);
 ``--runs N``: N runs of the task per way (default RUNS); ``--ways A,B``: those
-ways only, in that order (default WAYS).
+ways only, in that order (default WAYS). ``--stamps``: a hook ``00-stamp``
+that only notes when libvirt calls it (first in ``qemu.d``, for every way)
+tells, per stop, how long libvirt took to reach ``stopped end`` and
+``release end``: what no ``release end`` hook can be faster than.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import compileall
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -60,6 +64,15 @@ RUNS = 3
 WAYS = ("kvmvfio", "kvmvfio+agent", "libvirt", "hook.sh")
 AGENT_LOG = WORK / "agent.log"
 AGENT_PIDFILE = Path("/run/kvmvfio/hook/agent")
+STAMP_HOOK = HOOKS / "qemu.d" / "00-stamp"
+STAMPS = WORK / "stamps"
+
+#: Notes "OP SUBOP seconds-since-boot" for every event; reads no input, prints nothing.
+STAMP_SCRIPT = f"""#!/bin/sh
+read -r up _ </proc/uptime
+printf '%s %s %s\\n' "$2" "$3" "$up" >>{STAMPS}
+exit 0
+"""
 
 HAND_HOOK = """#!/bin/sh
 # A typical hand-written libvirt hook (the pattern found in passthrough guides).
@@ -146,6 +159,12 @@ def stop_agent(proc: subprocess.Popen[bytes]) -> int:
     return text.count(" served (status 0")
 
 
+def agent_took(event: str) -> float | None:
+    """The median time the agent's log says it spent serving ``event`` (its own work)."""
+    took = re.findall(rf" {event} served \(status 0, ([0-9.]+) s\)", AGENT_LOG.read_text())
+    return round(statistics.median(float(t) for t in took), 2) if took else None
+
+
 class Way:
     def __init__(self, name: str, nic: str) -> None:
         self.name, self.nic = name, nic
@@ -162,6 +181,7 @@ class Way:
     def uninstall(self) -> None:
         install.uninstall(HOOKS)
         (HOOKS / "qemu.d" / "passthrough").unlink(missing_ok=True)
+        STAMP_HOOK.unlink(missing_ok=True)
 
     def xml(self, devices: list[str], coherency: str = "warn") -> str:
         managed = self.name == "libvirt"
@@ -186,11 +206,26 @@ def start(way: Way, xml: str, timeout: float = 120) -> tuple[bool, float, str]:
     return ok, time.monotonic() - t, said
 
 
-def stop(nic: str, original: str) -> float:
-    t = time.monotonic()
+def boottime() -> float:
+    """The clock of /proc/uptime (the stamp hook's), in seconds."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def stop(nic: str, original: str, stamps: dict[str, list[float]] | None = None) -> float:
+    STAMPS.unlink(missing_ok=True)
+    t, b = time.monotonic(), boottime()
     virsh("destroy", "vm", check=False)
     wait(lambda: driver(nic) == original, 30)
-    return time.monotonic() - t
+    took = time.monotonic() - t
+    if stamps is not None:
+        # /proc/uptime has 10 ms steps; an event not seen within the wait is left out.
+        wait(lambda: STAMPS.exists() and "release end" in STAMPS.read_text(), 10)
+        seen = STAMPS.read_text().splitlines() if STAMPS.exists() else []
+        for line in seen:
+            op, subop, at = line.split()
+            if f"{op} {subop}" in ("stopped end", "release end"):
+                stamps.setdefault(f"destroy to {op} {subop} hook s", []).append(float(at) - b)
+    return took
 
 
 def reset_host(daemon: Libvirtd, nic: str, original: str) -> None:
@@ -210,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     time_only = "--time-only" in args
     runs = int(args[args.index("--runs") + 1]) if "--runs" in args else RUNS
     ways = tuple(args[args.index("--ways") + 1].split(",")) if "--ways" in args else WAYS
+    stamping = "--stamps" in args
     topology = lab_topology()
     nic = topology.guest_address("nic0")
     edu2, edu3 = topology.guest_address("edu2"), topology.guest_address("edu3")
@@ -225,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ways:
         way = Way(name, nic)
         way.install()
+        if stamping:
+            STAMP_HOOK.write_text(STAMP_SCRIPT)
+            STAMP_HOOK.chmod(0o755)
         if name == "kvmvfio":
             daemon.start()
         else:
@@ -233,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         agent = start_agent() if name == "kvmvfio+agent" else None
         # 1. The task, RUNS times.
         starts, stops, fails = [], [], []
+        stamps: dict[str, list[float]] | None = {} if stamping else None
         for _ in range(runs):
             ok, took, said = start(way, way.xml([nic]))
             moved = driver(nic)
@@ -242,15 +282,19 @@ def main(argv: list[str] | None = None) -> int:
                 daemon.restart()
                 continue
             starts.append(took)
-            stops.append(stop(nic, original))
+            stops.append(stop(nic, original, stamps))
             r.setdefault("driver while running", moved)
         r["start s"] = round(statistics.median(starts), 2) if starts else None
         r["stop to NIC back s"] = round(statistics.median(stops), 2) if stops else None
+        for key, values in (stamps or {}).items():
+            r[key] = round(statistics.median(values), 2)
         r["start failures"] = fails
         r["NIC back after stop"] = driver(nic) == original
         reset_host(daemon, nic, original)
         if agent is not None:
             r["hook events the agent served"] = stop_agent(agent)
+            r["agent's own work, prepare begin s"] = agent_took("prepare begin")
+            r["agent's own work, release end s"] = agent_took("release end")
         if agent is not None or time_only:
             way.uninstall()
             results[name] = r

@@ -193,15 +193,30 @@ class Way:
         return text.replace("managed='no'", "managed='yes'") if managed else text
 
 
-def start(way: Way, xml: str, timeout: float = 120) -> tuple[bool, float, str]:
+def note_stamps(
+    what: str, since: float, events: tuple[str, ...], into: dict[str, list[float]]
+) -> None:
+    """Add, for each of ``events`` the stamp hook saw, its time after ``since`` (boot clock)."""
+    for line in STAMPS.read_text().splitlines() if STAMPS.exists() else []:
+        op, subop, at = line.split()
+        if f"{op} {subop}" in events:
+            into.setdefault(f"{what} to {op} {subop} hook s", []).append(float(at) - since)
+
+
+def start(
+    way: Way, xml: str, timeout: float = 120, stamps: dict[str, list[float]] | None = None
+) -> tuple[bool, float, str]:
     path = WORK / "vm.xml"
     path.write_text(xml)
-    t = time.monotonic()
+    STAMPS.unlink(missing_ok=True)
+    t, b = time.monotonic(), boottime()
     try:
         done = virsh("create", str(path), "--paused", check=False, timeout=timeout)
     except subprocess.TimeoutExpired:
         return False, time.monotonic() - t, f"did not start within {timeout:g} s"
     ok = done.returncode == 0
+    if stamps is not None and ok:
+        note_stamps("create", b, ("prepare begin", "start begin", "started begin"), stamps)
     said = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
     return ok, time.monotonic() - t, said
 
@@ -220,11 +235,7 @@ def stop(nic: str, original: str, stamps: dict[str, list[float]] | None = None) 
     if stamps is not None:
         # /proc/uptime has 10 ms steps; an event not seen within the wait is left out.
         wait(lambda: STAMPS.exists() and "release end" in STAMPS.read_text(), 10)
-        seen = STAMPS.read_text().splitlines() if STAMPS.exists() else []
-        for line in seen:
-            op, subop, at = line.split()
-            if f"{op} {subop}" in ("stopped end", "release end"):
-                stamps.setdefault(f"destroy to {op} {subop} hook s", []).append(float(at) - b)
+        note_stamps("destroy", b, ("stopped end", "release end"), stamps)
     return took
 
 
@@ -264,17 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         if stamping:
             STAMP_HOOK.write_text(STAMP_SCRIPT)
             STAMP_HOOK.chmod(0o755)
-        if name == "kvmvfio":
-            daemon.start()
-        else:
-            daemon.restart()  # libvirt looks for hooks when it starts
+        daemon.restart()  # libvirt looks for hooks when it starts (restart starts it too)
         r: dict[str, object] = {}
         agent = start_agent() if name == "kvmvfio+agent" else None
         # 1. The task, RUNS times.
         starts, stops, fails = [], [], []
         stamps: dict[str, list[float]] | None = {} if stamping else None
         for _ in range(runs):
-            ok, took, said = start(way, way.xml([nic]))
+            ok, took, said = start(way, way.xml([nic]), stamps=stamps)
             moved = driver(nic)
             if not ok:
                 fails.append(said)

@@ -30,6 +30,9 @@ ways only, in that order (default WAYS). ``--stamps``: a hook ``00-stamp``
 that only notes when libvirt calls it (first in ``qemu.d``, for every way)
 tells, per stop, how long libvirt took to reach ``stopped end`` and
 ``release end``: what no ``release end`` hook can be faster than.
+``--settle S``: S seconds of rest after each stop, so that what a stop
+leaves running (a hook process's exit, the agent's reconcile of the
+stopped domain) does not overlap the next start.
 """
 
 from __future__ import annotations
@@ -257,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = int(args[args.index("--runs") + 1]) if "--runs" in args else RUNS
     ways = tuple(args[args.index("--ways") + 1].split(",")) if "--ways" in args else WAYS
     stamping = "--stamps" in args
+    settle = float(args[args.index("--settle") + 1]) if "--settle" in args else 0.0
     topology = lab_topology()
     nic = topology.guest_address("nic0")
     edu2, edu3 = topology.guest_address("edu2"), topology.guest_address("edu3")
@@ -291,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             starts.append(took)
             stops.append(stop(nic, original, stamps))
+            time.sleep(settle)  # what the stop left running ends before the next start
             r.setdefault("driver while running", moved)
         r["start s"] = round(statistics.median(starts), 2) if starts else None
         r["stop to NIC back s"] = round(statistics.median(stops), 2) if stops else None

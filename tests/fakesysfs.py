@@ -479,6 +479,7 @@ class _Builder:
         if dev.boot_vga is not None:
             files["boot_vga"] = b"1\n" if dev.boot_vga else b"0\n"
         if self.topo.filler:
+            files.setdefault("enable", b"0\n")  # the kernel's count: nobody enabled it
             for name in _FILLER_FILES:
                 files.setdefault(name, b"")
             for name in _FILLER_DIRS:

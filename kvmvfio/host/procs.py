@@ -119,6 +119,56 @@ def holders(
     return found
 
 
+#: How ``/proc/PID/fd`` shows a device file got through a VFIO group: an
+#: anonymous inode, the same for every device (6.12's fdinfo does not say
+#: which device either).
+VFIO_DEVICE_FILE = "anon_inode:[vfio-device]"
+
+
+def enable_count(sysfs: str | Path, address: str) -> int | None:
+    """The kernel's count of enables of PCI function ``address`` (sysfs ``enable``).
+
+    None when it cannot be read. A VFIO driver enables a function when a
+    user opens it (``vfio_pci_core_enable``) and disables it when the last
+    user closes it, so on vfio-pci a count above zero means a device file is
+    open somewhere, whatever /proc shows.
+    """
+    path = os.path.join(sysfs, "bus", "pci", "devices", address, "enable")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(16).strip()
+    except OSError:
+        return None
+    return int(raw) if raw.isdigit() else None
+
+
+def unnamed_vfio_user(sysfs: str | Path, address: str, proc: str | Path = "/proc") -> str | None:
+    """Who has function ``address`` (on a VFIO driver) open when no node under /dev says so.
+
+    None when the kernel counts no user. A process that closed the group
+    after getting the device's file, or was passed that file, holds an
+    anonymous inode (:data:`VFIO_DEVICE_FILE`) that names no device, and
+    unbinding the driver then waits until that process lets go: the kernel's
+    count (:func:`enable_count`) finds it, and the processes holding any
+    VFIO device file are named as the ones it may be.
+    """
+    count = enable_count(sysfs, address)
+    if not count:
+        return None
+    maybe = holders(VFIO_DEVICE_FILE, proc=proc)
+    who = (
+        f"the processes holding a VFIO device file: {', '.join(maybe)}"
+        if maybe
+        else "no process kvmvfio can see holds one: another PID namespace, or this process"
+    )
+    times = "once" if count == 1 else f"{count} times"
+    return (
+        f"a process that has {address} open by its device file alone (the kernel counts it "
+        f"enabled {times}; /proc does not say which device such a file is; {who}), and "
+        "vfio-pci's unbind would wait until it lets go"
+    )
+
+
 def read_pidfile(path: str | Path) -> int | None:
     """The pid a pid file names; None when it is missing or holds anything else.
 

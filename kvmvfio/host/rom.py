@@ -33,6 +33,7 @@ from pathlib import Path
 
 from kvmvfio.errors import KernelError, KvmvfioError, PermissionDenied, UsageError
 from kvmvfio.host.pci import PciDevice, is_vfio_driver
+from kvmvfio.host.procs import enable_count
 
 __all__ = [
     "MAX_ROM_SIZE",
@@ -463,12 +464,7 @@ class RomReport:
 def _in_use_by_vfio(sysfs: str | Path, dev: PciDevice) -> bool:
     if not is_vfio_driver(dev.driver):
         return False
-    path = os.path.join(os.fspath(sysfs), "bus", "pci", "devices", str(dev.address), "enable")
-    try:
-        with open(path, "rb") as f:
-            return f.read(16).strip() not in (b"", b"0")
-    except OSError:
-        return True  # unknown: leave it alone
+    return enable_count(os.fspath(sysfs), str(dev.address)) != 0  # unknown: leave it alone
 
 
 def report_rom(sysfs: str | Path, dev: PciDevice) -> RomReport | None:

@@ -24,8 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmvfio.errors import Busy, KvmvfioError, UsageError
-from kvmvfio.host import Host, IommuGroup, PciAddress, PciDevice, driver_managed_dma
-from kvmvfio.host.procs import ProcessId, holders
+from kvmvfio.host import (
+    Host,
+    IommuGroup,
+    PciAddress,
+    PciDevice,
+    driver_managed_dma,
+    is_vfio_driver,
+)
+from kvmvfio.host.procs import ProcessId, holders, unnamed_vfio_user
 from kvmvfio.host.reset import answers
 from kvmvfio.prepare import safety
 from kvmvfio.prepare.driver import Sysfs
@@ -364,12 +371,23 @@ def _refuse_vfs_of_claimed_pfs(
 def _vfio_holders(
     host: Host, group: int, entries: Sequence[Entry], proc: str | Path = "/proc"
 ) -> list[str]:
+    """Who has the group or a member open: by the nodes under /dev, else by the kernel's count."""
     nodes = [host.devfs / "vfio" / str(group)]
     for e in entries:
         dev = host.sysfs / "bus" / "pci" / "devices" / e.address / "vfio-dev"
         if dev.is_dir():
             nodes += [host.devfs / "vfio" / "devices" / n for n in os.listdir(dev)]
-    return holders(*nodes, proc=proc)
+    found = holders(*nodes, proc=proc)
+    if found:
+        return found
+    sysfs = Sysfs(host.sysfs)
+    for e in entries:
+        with contextlib.suppress(KvmvfioError):  # a device gone is _refuse_dead's to say
+            if is_vfio_driver(sysfs.driver(e.address)):
+                who = unnamed_vfio_user(host.sysfs, e.address, proc)
+                if who is not None:
+                    found.append(who)
+    return found
 
 
 def _restore(sysfs: Sysfs, entry: Entry, reset: bool) -> Restored:
@@ -414,7 +432,7 @@ def _release_record(
     host: Host, journal: Journal, record: Record, reset: bool | Collection[str]
 ) -> list[Restored]:
     sysfs = Sysfs(host.sysfs)
-    busy = _vfio_holders(host, record.group, record.devices)
+    busy = _vfio_holders(host, record.group, record.devices, host.procfs)
     if busy:
         # Unbinding vfio-pci from a device that is open blocks until it is closed.
         raise Busy(

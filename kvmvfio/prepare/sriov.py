@@ -40,7 +40,7 @@ from pathlib import Path
 
 from kvmvfio.errors import KernelError, KvmvfioError, SysfsError, UsageError, shown
 from kvmvfio.host import Host, PciAddress, PciDevice, is_vfio_driver
-from kvmvfio.host.procs import ProcessId, holders
+from kvmvfio.host.procs import ProcessId, holders, unnamed_vfio_user
 from kvmvfio.prepare.driver import Sysfs, canonical_address
 from kvmvfio.prepare.errors import JournalError
 from kvmvfio.prepare.journal import (
@@ -268,6 +268,10 @@ def _uses_of(host: Host, addr: str, claimed: dict[str, str]) -> list[str]:
     held = holders(*nodes, proc=host.procfs)
     if held:
         why.append(f"is open in {', '.join(held)}")
+    elif is_vfio_driver(dev.driver):
+        unnamed = unnamed_vfio_user(host.sysfs, addr, host.procfs)
+        if unnamed is not None:
+            why.append(f"is open in {unnamed}")
     return why
 
 

@@ -285,6 +285,55 @@ def test_release_refuses_while_a_process_holds_the_device(
     assert snapshot(edu0) == before
 
 
+def test_release_refuses_a_device_file_held_after_its_group_was_closed(
+    topology: Topology, tmp_path: Path
+) -> None:
+    """No node under /dev names such a holder (its fd is an anonymous inode), and
+    vfio-pci's unbind would wait for it: before this check, release hung here
+    until the holder was killed. The kernel's count of enables finds it."""
+    edu0 = topology.guest_address("edu0")
+    before = snapshot(edu0)
+    prepare([edu0], "vm1", root=tmp_path)
+    group = Host().group_of(edu0).number
+    enable = PCI / edu0 / "enable"
+    assert enable.read_text().strip() == "0"  # on vfio-pci, nobody has it open
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, sys\n"
+         "from kvmvfio.vfio.container import Container\n"
+         "from kvmvfio.vfio.group import Group\n"
+         f"c = Container(); g = Group({group}); g.set_container(c.fileno()); c.set_iommu()\n"
+         f"d = g.open_device({edu0!r}); fd = os.dup(d.fileno()); d.close(); g.close(); c.close()\n"
+         "print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "ready"
+        fd_dir = f"/proc/{holder.pid}/fd"
+        fds = [os.readlink(f"{fd_dir}/{n}") for n in os.listdir(fd_dir)]
+        assert f"/dev/vfio/{group}" not in fds
+        assert "anon_inode:[vfio-device]" in fds
+        assert enable.read_text().strip() == "1"  # the kernel's word: open
+        done = subprocess.run(
+            ["kvmvfio", "release", "--root", str(tmp_path), "--owner", "vm1", edu0],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1, done
+        assert "open by its device file alone" in done.stderr
+        assert f"VFIO device file: pid {holder.pid} (python3))" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert driver(edu0) == "vfio-pci"  # untouched, and no hang
+        (held,) = status(root=tmp_path)
+        assert len(held.holders) == 1
+        assert f"pid {holder.pid}" in held.holders[0]
+    finally:
+        holder.communicate("", timeout=30)
+    assert enable.read_text().strip() == "0"
+    release([edu0], "vm1", root=tmp_path)
+    assert snapshot(edu0) == before
+
+
 def test_bad_input_changes_nothing(topology: Topology, tmp_path: Path) -> None:
     nic = topology.guest_address("nic0")
     before = snapshot(nic)

@@ -136,6 +136,17 @@ def test_vfs_in_use_keep_their_count(build_host: BuildHost, root: Path) -> None:
     assert sriov.VfJournal(root).read(PF) is None
 
 
+def test_a_vf_open_by_its_device_file_alone_is_named(build_host: BuildHost, root: Path) -> None:
+    """No node under /dev says so; the kernel's count of enables does."""
+    host = build_host(Topology(devices=[_pf(vf_driver="vfio-pci")]))
+    (host.sysfs / "bus" / "pci" / "devices" / VF1 / "enable").write_bytes(b"1\n")
+    uses = dict(sriov.vf_uses(host, host.device(PF), root=root, uid=None))
+    assert uses[VF0] == "is on vfio-pci"
+    assert uses[VF1].startswith(
+        f"is on vfio-pci and is open in a process that has {VF1} open by its device file alone"
+    )
+
+
 def test_a_live_owners_vfs_are_not_taken(host: Host, root: Path, live: OwnerWatch) -> None:
     sriov.set_vfs(PF, 0, "vm1", owner_pid=os.getpid(), host=host, root=root, watch=live)
     with pytest.raises(sriov.PfClaimed, match="were made for 'vm1'"):

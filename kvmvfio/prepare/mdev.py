@@ -72,7 +72,7 @@ from kvmvfio.host.mdev import (
     parse_uuid,
     read_mdev,
 )
-from kvmvfio.host.procs import ProcessId, holders
+from kvmvfio.host.procs import VFIO_DEVICE_FILE, ProcessId, holders
 from kvmvfio.prepare.driver import driver_name_problem
 from kvmvfio.prepare.errors import (
     JournalError,
@@ -410,18 +410,42 @@ def _claims(root: str | Path, uid: int | None) -> dict[int, str]:
 
 
 def mdev_uses(
-    host: Host, m: Mdev, *, root: str | Path = DEFAULT_ROOT, uid: int | None = None
+    host: Host,
+    m: Mdev,
+    *,
+    root: str | Path = DEFAULT_ROOT,
+    uid: int | None = None,
+    probe: bool = False,
 ) -> tuple[str, ...]:
-    """What uses the mdev now: its VFIO files open in a process, a journal claim on its group."""
+    """What uses the mdev now: its VFIO files open in a process, a journal claim on its group.
+
+    ``probe``: when no process shows either file, also open and close the
+    group node to ask the kernel (:func:`~kvmvfio.vfio.group.group_held`),
+    for a device file kept after its group was closed; the remove would
+    wait for it. Only where kvmvfio is about to remove the mdev: a VM
+    opening the group at that instant would find it busy.
+    """
     uses = []
     if m.group is not None:
         owner = _claims(root, uid).get(m.group)
         if owner is not None:
             uses.append(f"is in IOMMU group {m.group}, which kvmvfio holds for {owner}")
-    nodes = [n for n in (m.group_node(host.devfs), m.cdev_node(host.devfs)) if n is not None]
+    group_node = m.group_node(host.devfs)
+    nodes = [n for n in (group_node, m.cdev_node(host.devfs)) if n is not None]
     held = holders(*nodes, proc=host.procfs) if nodes else []
     if held:
         uses.append(f"is open in {', '.join(held)}")
+    elif probe and group_node is not None:
+        from kvmvfio.vfio.group import group_held  # noqa: PLC0415 (the VFIO layer only here)
+
+        if group_held(group_node):
+            maybe = holders(VFIO_DEVICE_FILE, proc=host.procfs)
+            who = f": {', '.join(maybe)}" if maybe else ", none that kvmvfio can see"
+            uses.append(
+                f"is open by its device file alone, which keeps IOMMU group {m.group} open in "
+                "the kernel (/proc does not say which device such a file is; the processes "
+                f"holding a VFIO device file{who})"
+            )
     return tuple(uses)
 
 
@@ -705,7 +729,7 @@ def remove_mdev(
             if state.alive:
                 raise MdevClaimed(the_uuid, record.owner, state.why)
         if m is not None:
-            uses = mdev_uses(host, m, root=root, uid=uid)
+            uses = mdev_uses(host, m, root=root, uid=uid, probe=True)
             if uses:
                 raise MdevInUse(the_uuid, uses)
         parent = m.parent if m is not None else record.parent  # type: ignore[union-attr]
@@ -801,7 +825,7 @@ def _recover_one(
             f"{record.parent} kvmvfio made for {shown(record.owner)}; its record was dropped"
         )
     if m is not None:
-        uses = mdev_uses(host, m, root=root, uid=uid)
+        uses = mdev_uses(host, m, root=root, uid=uid, probe=True)
         if uses:
             return f"{shown(record.owner)}: it {' and '.join(uses)}"
     if record.state == "created":

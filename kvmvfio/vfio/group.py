@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,3 +114,21 @@ class Group(FdObject):
         if self.container_set:
             with contextlib.suppress(KernelError):
                 self.unset_container()
+
+
+def group_held(node: str | Path) -> bool:
+    """Whether the kernel has the VFIO group ``node`` (``/dev/vfio/N``) open for someone.
+
+    Opens the node and closes it at once (nothing else: no container, no
+    device). A group is open once at a time, and the kernel keeps it open
+    for every device file got through it, also after the process closed the
+    group itself: then /proc shows only an anonymous inode naming no device,
+    and this is how to tell. False when the node is missing or the open
+    fails for another reason (those are the callers' other checks).
+    """
+    try:
+        fd = os.open(node, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as err:
+        return err.errno == errno.EBUSY
+    os.close(fd)
+    return False

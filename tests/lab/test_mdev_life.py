@@ -201,6 +201,67 @@ def test_an_mdev_whose_group_is_open_is_not_removed(run_root: Path) -> None:
     assert pmdev.MdevJournal(run_root).uuids() == []
 
 
+HOLD_DEVICE_ALONE = """
+import os, sys, time
+from kvmvfio.vfio.container import Container
+from kvmvfio.vfio.group import Group
+c = Container(); g = Group(int(sys.argv[1])); g.set_container(c.fileno()); c.set_iommu()
+d = g.open_device(sys.argv[2]); fd = os.dup(d.fileno()); d.close(); g.close(); c.close()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_an_mdev_held_by_its_device_file_alone_is_not_removed(run_root: Path) -> None:
+    """The holder closed the group after getting the device: /proc names no
+    node of the mdev, and the kernel's remove would wait for the holder (the
+    write hangs until it lets go). The kernel keeps the group open for such a
+    file: kvmvfio asks it by opening the group node, and refuses."""
+    done = _kvmvfio("mdev", "create", "mtty", "mtty-1", "--owner", "vm1", "--json",
+                    *_args(run_root))  # fmt: skip
+    created = json.loads(done.stdout)["created"]
+    the_uuid, group = created["uuid"], created["group"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_DEVICE_ALONE, str(group), the_uuid],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        fds = [
+            os.readlink(f"/proc/{holder.pid}/fd/{n}") for n in os.listdir(f"/proc/{holder.pid}/fd")
+        ]
+        assert f"/dev/vfio/{group}" not in fds
+        assert "anon_inode:[vfio-device]" in fds
+        remove = subprocess.Popen(
+            [sys.executable, "-m", "kvmvfio", "mdev", "remove", the_uuid, "--owner", "vm1",
+             *_args(run_root)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            _, err = remove.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            holder.kill()  # what lets the kernel's remove, and so the test, end
+            remove.communicate(timeout=60)
+            pytest.fail("kvmvfio mdev remove waited on the held device instead of refusing")
+        assert remove.returncode == 1, err
+        assert err.startswith(
+            f"kvmvfio: mediated device {the_uuid} is in use: it is open by "
+            f"its device file alone, which keeps IOMMU group {group} open"
+        ), err
+        assert f"VFIO device file: pid {holder.pid} (python3))" in err
+        assert read_mdev(the_uuid) is not None
+        kept = _kvmvfio("recover", "--json", *_args(run_root))
+        assert [s["uuid"] for s in json.loads(kept.stdout)["mdevs"]["skipped"]] == [the_uuid]
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()  # type: ignore[union-attr]
+    gone = _kvmvfio("mdev", "remove", the_uuid, "--owner", "vm1", *_args(run_root))
+    assert gone.returncode == 0, gone.stderr
+    assert read_mdev(the_uuid) is None
+
+
 @pytest.mark.parametrize("persist", [False, True])
 def test_a_kill_at_every_step_is_recovered(run_root: Path, persist: bool) -> None:
     definitions = run_root.parent / "mdevctl.d"

@@ -40,6 +40,7 @@ from kvmvfio.errors import (
 )
 from kvmvfio.host import Host
 from kvmvfio.host.mdev import read_mdev
+from kvmvfio.host.procs import VFIO_DEVICE_FILE
 from kvmvfio.prepare import mdev as pmdev
 from kvmvfio.prepare.journal import Journal, Record
 from kvmvfio.prepare.owners import OwnerWatch
@@ -354,6 +355,55 @@ def test_an_mdev_open_in_a_process_is_not_removed(
     kept = pmdev.recover_mdevs(host=host, root=root, mdevctl_root=defs)
     assert kept.removed == ()
     assert [u for u, _ in kept.skipped] == [U1]
+
+
+def test_an_mdev_held_by_its_device_file_alone_is_not_removed(
+    host: Host, root: Path, defs: Path, core: FakeMdevCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No node names the holder; the kernel's busy group does (the lab shows
+    the real kernel keeping it open, and the remove hanging without this)."""
+    from kvmvfio.vfio import group as vfio_group  # noqa: PLC0415
+
+    _create(host, root, defs)
+    core.hold(Path(VFIO_DEVICE_FILE))
+    asked: list[Path] = []
+    monkeypatch.setattr(vfio_group, "group_held", lambda node: asked.append(node) or True)
+    assert pmdev.mdev_uses(host, read_mdev(U1, host.sysfs), root=root) == ()  # no probe: a read
+    assert asked == []
+    with pytest.raises(MdevInUse) as refused:
+        pmdev.remove_mdev(U1, "vm1", host=host, root=root, mdevctl_root=defs)
+    assert str(refused.value).startswith(
+        f"mediated device {U1} is in use: it is open by its device file alone, which keeps "
+        f"IOMMU group {FIRST_GROUP} open in the kernel (/proc does not say which device such a "
+        "file is; the processes holding a VFIO device file: pid 4242 (qemu-system-x86))"
+    )
+    assert asked == [host.devfs / "vfio" / str(FIRST_GROUP)]
+    kept = pmdev.recover_mdevs(host=host, root=root, mdevctl_root=defs)
+    assert [u for u, _ in kept.skipped] == [U1]
+
+
+def test_the_group_probe_opens_and_closes_and_reads_busy_only_as_held(tmp_path: Path) -> None:
+    from kvmvfio.vfio.group import group_held  # noqa: PLC0415
+
+    node = tmp_path / "7"
+    assert not group_held(node)  # missing: the other checks say so
+    node.write_bytes(b"")
+    fds = sorted(os.listdir("/proc/self/fd"))
+    assert not group_held(node)  # opens: nobody has it
+    assert sorted(os.listdir("/proc/self/fd")) == fds  # and closed again
+
+
+@pytest.mark.parametrize(("code", "held"), [(errno.EBUSY, True), (errno.EACCES, False)])
+def test_only_the_kernels_busy_means_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, held: bool
+) -> None:
+    from kvmvfio.vfio import group as vfio_group  # noqa: PLC0415
+
+    def refuse(*_: object) -> int:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(vfio_group.os, "open", refuse)
+    assert vfio_group.group_held(tmp_path / "7") is held
 
 
 def test_an_mdev_whose_group_is_prepared_is_not_removed(host: Host, root: Path, defs: Path) -> None:

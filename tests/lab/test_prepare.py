@@ -261,6 +261,21 @@ def test_the_default_route_stops_a_prepare(topology: Topology, tmp_path: Path) -
     assert snapshot(nic) == before
 
 
+def holding(code: str) -> subprocess.Popen[str]:
+    """A Python process that runs ``code`` (os and sys imported), says so, and
+    keeps what it opened until its stdin is closed (``communicate("")``)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import os, sys\n{code}\nprint('ready', flush=True)\n"
+         "sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None
+    if holder.stdout.readline().strip() != "ready":
+        holder.kill()
+        pytest.fail(f"the holder did not start: {code}")
+    return holder
+
+
 def test_release_refuses_while_a_process_holds_the_device(
     topology: Topology, tmp_path: Path
 ) -> None:
@@ -268,14 +283,8 @@ def test_release_refuses_while_a_process_holds_the_device(
     before = snapshot(edu0)
     prepare([edu0], "vm1", root=tmp_path)
     group = Host().group_of(edu0).number
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"import os, sys; fd = os.open('/dev/vfio/{group}', os.O_RDWR); "
-         "print('ready', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    holder = holding(f"fd = os.open('/dev/vfio/{group}', os.O_RDWR)")
     try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "ready"
         with pytest.raises(Busy, match=f"pid {holder.pid}"):
             release([edu0], "vm1", root=tmp_path)
         assert driver(edu0) == "vfio-pci"  # untouched, and no hang
@@ -297,19 +306,13 @@ def test_release_refuses_a_device_file_held_after_its_group_was_closed(
     group = Host().group_of(edu0).number
     enable = PCI / edu0 / "enable"
     assert enable.read_text().strip() == "0"  # on vfio-pci, nobody has it open
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import os, sys\n"
-         "from kvmvfio.vfio.container import Container\n"
-         "from kvmvfio.vfio.group import Group\n"
-         f"c = Container(); g = Group({group}); g.set_container(c.fileno()); c.set_iommu()\n"
-         f"d = g.open_device({edu0!r}); fd = os.dup(d.fileno()); d.close(); g.close(); c.close()\n"
-         "print('ready', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    holder = holding(
+        "from kvmvfio.vfio.container import Container\n"
+        "from kvmvfio.vfio.group import Group\n"
+        f"c = Container(); g = Group({group}); g.set_container(c.fileno()); c.set_iommu()\n"
+        f"d = g.open_device({edu0!r}); fd = os.dup(d.fileno()); d.close(); g.close(); c.close()"
+    )
     try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "ready"
         fd_dir = f"/proc/{holder.pid}/fd"
         fds = [os.readlink(f"{fd_dir}/{n}") for n in os.listdir(fd_dir)]
         assert f"/dev/vfio/{group}" not in fds

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 from kvmvfio import uapi
-from kvmvfio.errors import KernelError, NoInterruptRemapping, NotADeviceOfGroup
+from kvmvfio.errors import Busy, KernelError, NoInterruptRemapping, NotADeviceOfGroup
 from kvmvfio.vfio.device import Device
 from kvmvfio.vfio.errors import VfTokenRefused
 from kvmvfio.vfio.files import FdObject, OwnedFd, open_node
@@ -127,8 +126,9 @@ def group_held(node: str | Path) -> bool:
     fails for another reason (those are the callers' other checks).
     """
     try:
-        fd = os.open(node, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as err:
-        return err.errno == errno.EBUSY
-    os.close(fd)
+        open_node(node, f"VFIO group node {node}").close()
+    except Busy:
+        return True
+    except KernelError:
+        return False
     return False

@@ -397,12 +397,13 @@ def test_the_group_probe_opens_and_closes_and_reads_busy_only_as_held(tmp_path: 
 def test_only_the_kernels_busy_means_held(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, held: bool
 ) -> None:
+    from kvmvfio.vfio import files as vfio_files  # noqa: PLC0415
     from kvmvfio.vfio import group as vfio_group  # noqa: PLC0415
 
     def refuse(*_: object) -> int:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(vfio_group.os, "open", refuse)
+    monkeypatch.setattr(vfio_files.os, "open", refuse)
     assert vfio_group.group_held(tmp_path / "7") is held
 
 

@@ -155,18 +155,27 @@ def unnamed_vfio_user(sysfs: str | Path, address: str, proc: str | Path = "/proc
     count = enable_count(sysfs, address)
     if not count:
         return None
+    times = "once" if count == 1 else f"{count} times"
+    return (
+        f"a process that has {address} open by its device file alone (the kernel counts it "
+        f"enabled {times}; {device_file_holders(proc)}), and vfio-pci's unbind would wait "
+        "until it lets go"
+    )
+
+
+def device_file_holders(proc: str | Path = "/proc") -> str:
+    """The processes that may hold a device file /proc cannot tie to its device, as a phrase.
+
+    Every process holding a :data:`VFIO_DEVICE_FILE` is named: the kernel
+    does not say which device each such file is.
+    """
     maybe = holders(VFIO_DEVICE_FILE, proc=proc)
     who = (
         f"the processes holding a VFIO device file: {', '.join(maybe)}"
         if maybe
         else "no process kvmvfio can see holds one: another PID namespace, or this process"
     )
-    times = "once" if count == 1 else f"{count} times"
-    return (
-        f"a process that has {address} open by its device file alone (the kernel counts it "
-        f"enabled {times}; /proc does not say which device such a file is; {who}), and "
-        "vfio-pci's unbind would wait until it lets go"
-    )
+    return f"/proc does not say which device such a file is; {who}"
 
 
 def read_pidfile(path: str | Path) -> int | None:

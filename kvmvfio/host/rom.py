@@ -464,7 +464,7 @@ class RomReport:
 def _in_use_by_vfio(sysfs: str | Path, dev: PciDevice) -> bool:
     if not is_vfio_driver(dev.driver):
         return False
-    return enable_count(os.fspath(sysfs), str(dev.address)) != 0  # unknown: leave it alone
+    return enable_count(sysfs, str(dev.address)) != 0  # unknown: leave it alone
 
 
 def report_rom(sysfs: str | Path, dev: PciDevice) -> RomReport | None:

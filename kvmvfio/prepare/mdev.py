@@ -72,7 +72,7 @@ from kvmvfio.host.mdev import (
     parse_uuid,
     read_mdev,
 )
-from kvmvfio.host.procs import VFIO_DEVICE_FILE, ProcessId, holders
+from kvmvfio.host.procs import ProcessId, device_file_holders, holders
 from kvmvfio.prepare.driver import driver_name_problem
 from kvmvfio.prepare.errors import (
     JournalError,
@@ -439,12 +439,9 @@ def mdev_uses(
         from kvmvfio.vfio.group import group_held  # noqa: PLC0415 (the VFIO layer only here)
 
         if group_held(group_node):
-            maybe = holders(VFIO_DEVICE_FILE, proc=host.procfs)
-            who = f": {', '.join(maybe)}" if maybe else ", none that kvmvfio can see"
             uses.append(
                 f"is open by its device file alone, which keeps IOMMU group {m.group} open in "
-                "the kernel (/proc does not say which device such a file is; the processes "
-                f"holding a VFIO device file{who})"
+                f"the kernel ({device_file_holders(host.procfs)})"
             )
     return tuple(uses)
 

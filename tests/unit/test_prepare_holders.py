@@ -38,8 +38,14 @@ def _host(build_host: BuildHost, enable: bytes) -> Host:
     )
 
 
-def _record(root: Path, driver: str = "e1000e") -> None:
+def _recorded(
+    build_host: BuildHost, tmp_path: Path, enable: bytes, driver: str = "e1000e"
+) -> tuple[Host, Path]:
+    """The tree with ``enable`` written, and a journal (returned) whose record
+    says ``vm1`` took group 7 from ``driver``."""
+    root = tmp_path / "run"
     Journal(root).write(Record(7, "vm1", GONE_PID, devices=[Entry(ADDR, driver, None)]))
+    return _host(build_host, enable), root
 
 
 def _process(host: Host, pid: int, comm: str, *links: str) -> None:
@@ -54,9 +60,7 @@ def _process(host: Host, pid: int, comm: str, *links: str) -> None:
 def test_a_device_file_held_without_its_group_stops_the_release(
     build_host: BuildHost, tmp_path: Path
 ) -> None:
-    host = _host(build_host, b"1\n")
-    root = tmp_path / "run"
-    _record(root)
+    host, root = _recorded(build_host, tmp_path, b"1\n")
     _process(host, 4242, "dpdk-app", "/dev/null", VFIO_DEVICE_FILE)
     _process(host, 4343, "bash", "/dev/pts/0")
     before = tree_files(host.sysfs)
@@ -77,9 +81,7 @@ def test_a_device_file_held_without_its_group_stops_the_release(
 def test_with_no_holder_in_sight_the_count_alone_refuses(
     build_host: BuildHost, tmp_path: Path
 ) -> None:
-    host = _host(build_host, b"2\n")
-    root = tmp_path / "run"
-    _record(root)
+    host, root = _recorded(build_host, tmp_path, b"2\n")
     with pytest.raises(Busy, match=r"enabled 2 times.*no process kvmvfio can see holds one"):
         release([ADDR], "vm1", host=host, root=root)
 
@@ -91,9 +93,7 @@ def test_a_device_nobody_opened_is_given_back(
     """A count of 0, or none readable, is no user: the release goes on (the
     record says vfio-pci was the device's driver before: the fake tree has no
     driver to move it to)."""
-    host = _host(build_host, enable)
-    root = tmp_path / "run"
-    _record(root, "vfio-pci")
+    host, root = _recorded(build_host, tmp_path, enable, "vfio-pci")
     _process(host, 4242, "qemu", VFIO_DEVICE_FILE)  # some other device's file
     (done,) = release([ADDR], "vm1", host=host, root=root)
     assert done.driver == "vfio-pci"
